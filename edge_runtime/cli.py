@@ -1,0 +1,280 @@
+"""`edge-runtime`: watch a video stream and answer questions about everything seen so far.
+
+Three threads, one owner: the source thread reads frames, the stdin thread reads questions, and the main
+thread alone calls the session (llama.cpp contexts are not thread-safe). Questions go before frames, so
+an answer never waits for a backlog of frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
+from edge_runtime.policies import POLICIES, MemoryFull
+from edge_runtime.session import Answer, Session, SessionConfig, Status
+from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
+
+log = logging.getLogger("edge_runtime")
+
+EXIT_ERROR = 2  # bad input: model, mmproj, source or settings
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-runtime",
+        description="Watch a video stream with a vision-language model (llama.cpp) and answer questions "
+                    "about everything it has seen. Questions typed on stdin are answered while frames "
+                    "keep coming.",
+    )
+    src = p.add_argument_group("source (one of)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", type=int, metavar="N", help="OpenCV/V4L2 camera index")
+    src.add_argument("--video", metavar="PATH", help="a video file")
+    src.add_argument("--url", metavar="URL", help="an RTSP or HTTP stream (OpenCV's FFmpeg backend)")
+    src.add_argument("--images", metavar="DIR", help="a folder of images, in name order")
+    src.add_argument("--synthetic", type=int, nargs="?", const=0, metavar="SEED",
+                     help="moving shapes on a background, deterministic from SEED (demos, tests)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of stream (default 1)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace files, folders and synthetic scenes by their timestamps (default: as fast "
+                        "as the model goes)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a URL (default 10)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", type=Path, required=True, help="text model GGUF")
+    m.add_argument("--mmproj", type=Path, required=True, help="multimodal projector GGUF of that model")
+    m.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, allocated once (8192)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    m.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    m.add_argument("--cpu", action="store_true", help="do not offload to a GPU even if llama.cpp has one")
+    m.add_argument("--policy", choices=sorted(POLICIES), default="full",
+                   help="what to do when the video memory is full (default: full, stop like llama.cpp)")
+
+    q = p.add_argument_group("questions")
+    q.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                   help="ask this at the end of the stream (repeatable); disables stdin questions")
+    q.add_argument("--ask-every", type=float, metavar="SECONDS",
+                   help="also ask the --ask questions every SECONDS of stream time (a watch prompt)")
+    q.add_argument("--system-prompt", default=SessionConfig.system_prompt)
+    q.add_argument("--max-answer-tokens", type=int, default=SessionConfig.max_answer_tokens)
+    q.add_argument("--question-room", type=int, default=SessionConfig.question_room,
+                   help="KV cells kept free for a question, its history and its answer")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    q.add_argument("--seed", type=int, default=0)
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true",
+                   help="one JSON object per line on stdout for every status and answer")
+    o.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
+    return p
+
+
+def source_spec(args: argparse.Namespace) -> str:
+    if args.camera is not None:
+        return str(args.camera)
+    if args.synthetic is not None:
+        return f"synthetic:{args.synthetic}"
+    return args.video or args.url or args.images
+
+
+class Output:
+    """Everything the user sees: a live status line on a terminal, or JSON lines for programs."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.live = not as_json and sys.stderr.isatty()
+        self._status_shown = False
+
+    def emit(self, event: str, **data: object) -> None:
+        print(json.dumps({"event": event, **data}), flush=True)
+
+    def status(self, status: Status) -> None:
+        if self.as_json:
+            self.emit("status", **asdict(status))
+        elif self.live:
+            line = (f"frames {status.frames} | memory {status.frames_in_memory} frames, "
+                    f"{status.video_tokens}/{status.capacity} tokens, KV {status.kv_bytes / 2**20:.1f} MB | "
+                    f"RSS {status.rss_mb:.0f} MB | {status.frames_per_s:.2f} frames/s")
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+            self._status_shown = True
+
+    def break_status_line(self) -> None:
+        if self._status_shown:
+            sys.stderr.write("\n")
+            self._status_shown = False
+
+    def answer_start(self, question: str) -> None:
+        if not self.as_json:
+            self.break_status_line()
+            print(f"Q: {question}\nA: ", end="", flush=True)
+
+    def token(self, piece: str) -> None:
+        if not self.as_json:
+            print(piece, end="", flush=True)
+
+    def answer_end(self, answer: Answer) -> None:
+        if self.as_json:
+            self.emit("answer", **asdict(answer))
+        else:
+            print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
+
+    def notice(self, message: str) -> None:
+        if self.as_json:
+            self.emit("notice", message=message)
+        else:
+            self.break_status_line()
+            print(message, file=sys.stderr, flush=True)
+
+
+_END = object()  # a queue sentinel: the producer is done
+
+
+def read_frames(source: FrameSource, frames: queue.Queue, stop: threading.Event, ended: list[str]) -> None:
+    """Source thread: push frames until the source ends, fails or we are told to stop."""
+    reason = "the source ended"
+    try:
+        for frame in source:
+            while not stop.is_set():
+                try:
+                    frames.put(frame, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                reason = "stopped"
+                break
+    except SourceError as e:
+        reason = f"the source failed: {e}"
+    except Exception as e:  # a dying camera driver must not take the memory with it
+        reason = f"the source failed: {type(e).__name__}: {e}"
+    finally:
+        ended.append(reason)
+        frames.put(_END)
+
+
+def read_questions(questions: queue.Queue) -> None:
+    """Stdin thread: every non-empty line is a question; end of input ends the session's questions."""
+    for line in sys.stdin:
+        if line.strip():
+            questions.put(line.strip())
+    questions.put(_END)
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
+    model = VisionLanguageModel(ModelConfig(
+        model_path=args.model, mmproj_path=args.mmproj, n_ctx=args.ctx, flash_attn=args.flash_attn,
+        use_gpu=not args.cpu, verbose=args.verbose,
+        **({"n_threads": args.threads} if args.threads else {})))
+    session = Session(model, SessionConfig(
+        system_prompt=args.system_prompt, question_room=args.question_room,
+        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed),
+        policy=POLICIES[args.policy]())
+    log.info("model %s, context %d tokens, %d for video", model.description, model.n_ctx,
+             session.memory.capacity)
+
+    def ask(question: str) -> None:
+        out.answer_start(question)
+        out.answer_end(session.ask(question, on_token=out.token))
+
+    frames: queue.Queue = queue.Queue(maxsize=2)
+    questions: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    ended: list[str] = []
+    threading.Thread(target=read_frames, args=(source, frames, stop, ended), daemon=True).start()
+    interactive = not args.ask
+    if interactive:
+        threading.Thread(target=read_questions, args=(questions,), daemon=True).start()
+    next_watch = args.ask_every
+    stdin_open = interactive
+    try:
+        while True:
+            while stdin_open and not questions.empty():  # questions first: they do not wait for frames
+                item = questions.get()
+                if item is _END:
+                    stdin_open = False
+                else:
+                    ask(item)
+            try:
+                frame = frames.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if frame is _END:
+                break
+            assert isinstance(frame, Frame)
+            try:
+                session.insert_frame(frame)
+            except MemoryFull as e:
+                ended.append(str(e))
+                break
+            out.status(session.status())
+            if next_watch is not None and frame.timestamp >= next_watch:
+                for question in args.ask:
+                    ask(question)
+                while next_watch <= frame.timestamp:
+                    next_watch += args.ask_every
+            if args.max_frames and session.frames_seen >= args.max_frames:
+                ended.append(f"reached --max-frames {args.max_frames}")
+                break
+        stop.set()
+        source.close()
+        reason = ended[-1] if ended else "the source ended"
+        out.notice(f"stream stopped ({reason}); {session.frames_seen} frames seen, "
+                   f"{session.memory.video_tokens} video tokens kept in memory")
+        for question in args.ask:
+            ask(question)
+        while stdin_open:  # the memory stays queryable until the user closes stdin
+            item = questions.get()
+            if item is _END:
+                break
+            ask(item)
+        return 0
+    except KeyboardInterrupt:
+        stop.set()
+        source.close()
+        out.notice(f"interrupted; {session.frames_seen} frames seen")
+        return EXIT_INTERRUPTED
+    finally:
+        out.break_status_line()
+        status = session.status()
+        if args.json:
+            out.emit("summary", **asdict(status))
+        else:
+            print(f"summary: {status.frames} frames, {status.video_tokens} video tokens in memory, "
+                  f"KV {status.kv_bytes / 2**20:.1f} MB, peak RSS {status.peak_rss_mb:.0f} MB, "
+                  f"{status.frames_per_s:.2f} frames/s", file=sys.stderr)
+        model.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ask_every is not None and not args.ask:
+        parser.error('--ask-every needs a question: add --ask "..."')
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="edge-runtime: %(levelname)s: %(message)s")
+    out = Output(args.json)
+    try:
+        return run(args, out)
+    except (ModelError, SourceError, MemoryFull) as e:
+        out.break_status_line()
+        if args.json:
+            out.emit("error", message=str(e))
+        print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("edge-runtime: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""The llama.cpp layer: one text GGUF, its mmproj, one context, and the few calls a session needs.
+
+Everything that touches llama-cpp-python's ctypes handles lives here, so the session above it speaks in
+tokens, positions and numpy arrays. We use the low-level API on purpose: the high-level `Llama` chat
+handlers re-evaluate the whole prompt and fail with "Prompt exceeds n_ctx" instead of letting us manage
+the KV cache ourselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SEQ = 0  # the video memory lives in sequence 0; nothing else is ever decoded into another sequence
+GGUF_MAGIC = b"GGUF"
+_NO_POST_DECODE = mtmd.mtmd_helper_post_decode_callback()  # a NULL callback: ctypes refuses None
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or run; str() is one line that says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    model_path: Path
+    mmproj_path: Path
+    n_ctx: int = 8192  # allocated once; the compression budget lives inside it
+    n_batch: int = 512  # also n_ubatch: non-causal image decoders need a whole image in one ubatch
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    flash_attn: str = "auto"  # auto | on | off; decides the V layout of the KV state (off: transposed)
+    use_gpu: bool = True  # offload layers and the projector when llama.cpp was built with a GPU backend
+    verbose: bool = False  # llama.cpp's own log on stderr
+
+
+@dataclass
+class EncodedFrame:
+    """One frame after the projector, ready to decode: mtmd's chunks plus what we record about them."""
+
+    chunks: int  # mtmd_input_chunks*, freed by VisionLanguageModel.free_frame
+    n_tokens: int  # KV cells the frame takes (image tokens + any wrapper text tokens)
+    n_pos: int  # positions it takes: fewer than n_tokens on M-RoPE models
+    nx: int  # patch grid of the image tokens
+    ny: int
+    encode_ms: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# llama.cpp's log: quiet by default, but its last errors are kept so a failure can say why in one line.
+
+
+class _NativeLog:
+    # ggml's levels in this version: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+    LEVEL_ERROR, LEVEL_CONT = 4, 5
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.errors: deque[str] = deque(maxlen=20)
+        self._last_level = 0
+        self._lock = threading.Lock()
+        # The ctypes callback must stay referenced for as long as llama.cpp may call it.
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if level == self.LEVEL_CONT:
+            level = self._last_level
+        self._last_level = level
+        message = text.decode("utf-8", errors="replace")
+        if self.verbose:
+            sys.stderr.write(message)
+        if level == self.LEVEL_ERROR and message.strip():
+            with self._lock:
+                self.errors.append(message.strip().splitlines()[0])
+
+    def install(self, verbose: bool) -> None:
+        self.verbose = verbose
+        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
+        mtmd.mtmd_log_set(self.callback, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(self.callback, ctypes.c_void_p(0))
+
+    def first_error(self, latest: bool = False) -> str:
+        """The root cause: llama.cpp logs the first failure, then each caller's "failed" on top of it.
+
+        While streaming nobody clears the log, so failures there ask for the `latest` line instead.
+        """
+        with self._lock:
+            if not self.errors:
+                return "llama.cpp gave no reason (rerun with --verbose)"
+            message = self.errors[-1] if latest else self.errors[0]
+        # Drop "function_name: " and "error: " prefixes: the user needs the reason, not the call stack.
+        while re.match(r"^[A-Za-z_][\w:]*: ", message):
+            message = message.split(": ", 1)[1]
+        return message
+
+    def clear(self) -> None:
+        with self._lock:
+            self.errors.clear()
+
+
+NATIVE_LOG = _NativeLog()
+_BACKEND_READY = False
+
+
+def _check_gguf(path: Path, what: str, flag: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"{what} not found: {path} (pass an existing GGUF file with {flag})")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"{what} {path} is not a GGUF file (bad magic); re-download or re-convert it")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class VisionLanguageModel:
+    """A text model + mmproj pair with one llama context, allocated once."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        global _BACKEND_READY
+        self.config = config
+        self.model = self.ctx = self.mtmd_ctx = None
+        _check_gguf(Path(config.model_path), "text model", "--model")
+        _check_gguf(Path(config.mmproj_path), "mmproj", "--mmproj")
+        NATIVE_LOG.install(config.verbose)
+        NATIVE_LOG.clear()
+        if not _BACKEND_READY:
+            llama_cpp.llama_backend_init()
+            _BACKEND_READY = True
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if config.use_gpu else 0
+        self.model = llama_cpp.llama_model_load_from_file(str(config.model_path).encode(), mparams)
+        if not self.model:
+            raise ModelError(
+                f"llama.cpp could not load the text model {config.model_path}: {NATIVE_LOG.first_error()}"
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+
+        NATIVE_LOG.clear()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = cparams.n_ubatch = config.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = config.n_threads
+        cparams.flash_attn_type = {
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[config.flash_attn]
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            self.close()
+            raise ModelError(
+                f"llama.cpp could not create a context of {config.n_ctx} tokens: {NATIVE_LOG.first_error()}"
+                " (try a smaller --ctx)"
+            )
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+
+        tparams = mtmd.mtmd_context_params_default()
+        tparams.use_gpu = config.use_gpu
+        tparams.n_threads = config.n_threads
+        tparams.print_timings = False
+        tparams.warmup = False  # a warm-up encode costs seconds on a Pi; the first frame pays instead
+        NATIVE_LOG.clear()
+        self.mtmd_ctx = mtmd.mtmd_init_from_file(str(config.mmproj_path).encode(), self.model, tparams)
+        if not self.mtmd_ctx:
+            reason = NATIVE_LOG.first_error()
+            self.close()
+            raise ModelError(
+                f"could not use the mmproj {config.mmproj_path} with the text model {config.model_path}: {reason}"
+                " (pass the mmproj made for this text model)"
+            )
+        if not mtmd.mtmd_support_vision(self.mtmd_ctx):
+            self.close()
+            raise ModelError(f"the mmproj {config.mmproj_path} has no vision encoder (audio-only?)")
+        self.marker = mtmd.mtmd_default_marker()
+        self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self.mtmd_ctx))
+
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self.chat_template = llama_cpp.llama_model_chat_template(self.model, None)
+        self.description = self._describe()
+
+    def _describe(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode(errors="replace")
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        data = text.encode()
+        n_max = len(data) + 8
+        tokens = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, True)
+        if n < 0:  # buffer too small: llama.cpp returns minus the count it needs
+            n_max = -n
+            tokens = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, True)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[: max(n, 0)]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def decode_tokens(self, tokens: list[int], pos0: int) -> None:
+        """Decode `tokens` into sequence 0 at positions pos0.., keeping logits of the last one only."""
+        b = self._batch
+        step = self.config.n_batch
+        for start in range(0, len(tokens), step):
+            part = tokens[start : start + step]
+            b.n_tokens = len(part)
+            for i, tok in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = SEQ
+                b.logits[i] = 0
+            if start + len(part) == len(tokens):
+                b.logits[len(part) - 1] = 1
+            self._decode(b, len(part))
+
+    def _decode(self, batch: llama_cpp.llama_batch, n: int) -> None:
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc == 1:
+            raise ModelError(f"the context of {self.n_ctx} tokens is full ({n} more did not fit)")
+        if rc != 0:
+            raise ModelError(f"llama_decode failed ({rc}): {NATIVE_LOG.first_error(latest=True)}")
+
+    def logits(self) -> np.ndarray:
+        """Next-token logits of the last decoded token (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def chat_prompt(self, messages: list[tuple[str, str]], add_assistant: bool) -> str:
+        """Render (role, content) messages with the chat template stored in the model's GGUF."""
+        if self.chat_template is None:
+            raise ModelError("the text model has no chat template (tokenizer.chat_template); use a chat model")
+        arr = (llama_cpp.llama_chat_message * len(messages))()
+        keep = []  # the C strings must outlive the call
+        for i, (role, content) in enumerate(messages):
+            keep += [role.encode(), content.encode()]
+            arr[i].role, arr[i].content = keep[-2], keep[-1]
+        size = 4 * sum(len(c) for _, c in messages) + 1024
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(self.chat_template, arr, len(messages), add_assistant,
+                                                    buf, size)
+            if n < 0:
+                raise ModelError("llama.cpp does not know this model's chat template; use a model whose "
+                                 "template it supports (ChatML, Llama 3, Gemma, Qwen, ...)")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+        raise ModelError("chat template output kept growing")  # pragma: no cover
+
+    # -- the KV cache --------------------------------------------------------------------------------
+
+    def remove_positions(self, pos0: int, pos1: int = -1) -> None:
+        """Drop the cells of sequence 0 with positions in [pos0, pos1) (pos1 = -1: to the end)."""
+        if not llama_cpp.llama_memory_seq_rm(self.memory, SEQ, pos0, pos1):
+            raise ModelError(f"llama.cpp refused to remove positions [{pos0}, {pos1})")
+
+    def max_position(self) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
+
+    def state_bytes(self) -> bytes:
+        """Sequence 0's KV state as llama.cpp serialises it (cells, K and V)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
+        return bytes(buf[:n])
+
+    def state_size(self) -> int:
+        return llama_cpp.llama_state_seq_get_size(self.ctx, SEQ)
+
+    # -- frames --------------------------------------------------------------------------------------
+
+    def encode_frame(self, rgb: np.ndarray) -> EncodedFrame:
+        """Run the projector on one contiguous H x W x 3 RGB frame; the embeddings stay in mtmd."""
+        h, w = rgb.shape[:2]
+        bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            text = mtmd.mtmd_input_text(self.marker, len(self.marker), False, True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise ModelError(f"mtmd could not tokenize a {w}x{h} frame (code {rc})")
+        except BaseException:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        frame = EncodedFrame(chunks=chunks, n_tokens=0, n_pos=0, nx=0, ny=0)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            frame.n_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            frame.n_pos += mtmd.mtmd_input_chunk_get_n_pos(chunk)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                image = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+                frame.nx = mtmd.mtmd_image_tokens_get_nx(image)
+                frame.ny = mtmd.mtmd_image_tokens_get_ny(image)
+        return frame
+
+    def decode_frame(self, frame: EncodedFrame, pos0: int) -> tuple[float, float]:
+        """Encode (projector) and decode (language model) a frame at pos0; returns (encode_ms, decode_ms).
+
+        Chunks are walked one by one rather than through mtmd_helper_eval_chunks so that the projector
+        and the language model are timed separately.
+        """
+        encode_ms = decode_ms = 0.0
+        pos = pos0
+        for i in range(mtmd.mtmd_input_chunks_size(frame.chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(frame.chunks, i)
+            kind = mtmd.mtmd_input_chunk_get_type(chunk)
+            if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                t0 = time.perf_counter()
+                if n.value:
+                    self.decode_tokens(list(ptr[: n.value]), pos)
+                decode_ms += (time.perf_counter() - t0) * 1e3
+                pos += n.value
+                continue
+            t0 = time.perf_counter()
+            if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                raise ModelError(f"the projector failed on a frame: {NATIVE_LOG.first_error(latest=True)}")
+            embd = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
+            t1 = time.perf_counter()
+            new_pos = llama_cpp.llama_pos(0)
+            rc = mtmd.mtmd_helper_decode_image_chunk(
+                self.mtmd_ctx, self.ctx, chunk, embd, pos, SEQ, self.config.n_batch,
+                ctypes.byref(new_pos), _NO_POST_DECODE, None,
+            )
+            t2 = time.perf_counter()
+            if rc != 0:
+                raise ModelError(f"decoding a frame failed ({rc}): {NATIVE_LOG.first_error(latest=True)}")
+            encode_ms += (t1 - t0) * 1e3
+            decode_ms += (t2 - t1) * 1e3
+            pos = new_pos.value
+        return encode_ms, decode_ms
+
+    @staticmethod
+    def free_frame(frame: EncodedFrame) -> None:
+        if frame.chunks:
+            mtmd.mtmd_input_chunks_free(frame.chunks)
+            frame.chunks = 0
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def make_sampler(self, temperature: float, seed: int) -> int:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def sample(self, sampler: int) -> int:
+        return llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
+
+    @staticmethod
+    def free_sampler(sampler: int) -> None:
+        llama_cpp.llama_sampler_free(sampler)
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self.mtmd_ctx:
+            mtmd.mtmd_free(self.mtmd_ctx)
+            self.mtmd_ctx = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> VisionLanguageModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

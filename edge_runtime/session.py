@@ -1,0 +1,250 @@
+"""The streaming API: insert a frame, ask a question, read the status.
+
+The KV cache of sequence 0 holds, in order: the chat template's opening (system prompt and the start of
+the user turn), then every frame the policy has kept. A question is decoded on top, answered, and
+removed again, so the video memory after a question is exactly what it was before. Everything the
+compression pass will need (which positions hold which frame, its patch grid) is recorded here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import cv2
+
+from edge_runtime.model import ModelError, VisionLanguageModel
+from edge_runtime.policies import FullCache, MemoryFull, Policy
+from edge_runtime.sources import Frame
+
+log = logging.getLogger(__name__)
+
+VIDEO_MARK = "<__edge_runtime_video__>"  # stands for the video in the rendered chat template
+
+
+@dataclass
+class SessionConfig:
+    system_prompt: str = (
+        "You are watching a live video stream, one frame at a time. "
+        "Answer questions about what you have seen briefly and precisely."
+    )
+    question_room: int = 512  # KV cells kept free for a question, its history and the answer
+    max_answer_tokens: int = 128
+    history_tokens: int = 256  # earlier turns given back as text, newest first, up to this many tokens
+    temperature: float = 0.0  # greedy: the same memory and question give the same answer
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One frame in the KV cache: the cells at positions [pos0, pos0 + n_pos) of sequence 0."""
+
+    index: int
+    timestamp: float
+    pos0: int
+    n_tokens: int  # cells (tokens) the frame holds
+    n_pos: int  # positions it spans; fewer than n_tokens on M-RoPE models
+    nx: int  # patch grid of its image tokens
+    ny: int
+
+
+@dataclass
+class VideoMemory:
+    """What a policy sees: the frames in memory and the room they may take."""
+
+    capacity: int  # video tokens that fit: context minus the opening and the question room
+    prefix_tokens: int
+    next_pos: int  # where the next frame (or a question) starts
+    records: list[FrameRecord] = field(default_factory=list)
+    video_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class IngestTiming:
+    prepare_ms: float  # colour conversion + mtmd's preprocessing (resize, normalise)
+    encode_ms: float  # the vision encoder and projector
+    decode_ms: float  # the language model writing the frame into its KV cache
+    policy_ms: float  # making room (compression), zero when nothing was done
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str
+    ttft_ms: float
+    total_ms: float
+    n_tokens: int
+    tokens_per_s: float
+    frames: int
+    video_tokens: int
+
+
+@dataclass(frozen=True)
+class Status:
+    frames: int  # frames ingested since the start
+    frames_in_memory: int
+    video_tokens: int
+    kv_bytes: int  # bytes of sequence 0's state (cells + K + V) as llama.cpp serialises it
+    rss_mb: float
+    peak_rss_mb: float
+    frames_per_s: float
+    capacity: int
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB, read from the OS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / 2**20, peak
+    except OSError:  # not Linux: the peak is the best we have
+        return peak, peak
+
+
+class Session:
+    """One video memory on one model. Not thread-safe: call it from one thread."""
+
+    def __init__(self, model: VisionLanguageModel, config: SessionConfig | None = None,
+                 policy: Policy | None = None) -> None:
+        self.model = model
+        self.config = config or SessionConfig()
+        self.policy = policy or FullCache()
+        self.history: list[tuple[str, str]] = []
+        self.frames_seen = 0
+        self._started = time.perf_counter()
+
+        opening = model.chat_prompt([("system", self.config.system_prompt), ("user", VIDEO_MARK)], False)
+        self._opening_text = opening.split(VIDEO_MARK)[0]
+        prefix = model.tokenize(self._opening_text, add_special=True)
+        capacity = model.n_ctx - len(prefix) - self.config.question_room
+        if capacity <= 0:
+            raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
+                             f"prompt ({len(prefix)}) and the question room ({self.config.question_room})")
+        model.remove_positions(0)  # a fresh memory, also when a model is reused
+        model.decode_tokens(prefix, 0)
+        self.memory = VideoMemory(capacity=capacity, prefix_tokens=len(prefix), next_pos=len(prefix))
+
+    # -- frames --------------------------------------------------------------------------------------
+
+    def insert_frame(self, frame: Frame) -> tuple[FrameRecord, IngestTiming]:
+        """Encode one frame and append it to the video memory, making room first if the policy must."""
+        t0 = time.perf_counter()
+        rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)  # mtmd wants contiguous RGB bytes
+        encoded = self.model.encode_frame(rgb)
+        try:
+            t1 = time.perf_counter()
+            if encoded.n_tokens > self.memory.capacity:
+                raise MemoryFull(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
+                                 f"{self.memory.capacity}: raise --ctx or lower --question-room")
+            self.policy.make_room(self.memory, encoded.n_tokens)
+            t2 = time.perf_counter()
+            mem = self.memory
+            encode_ms, decode_ms = self.model.decode_frame(encoded, mem.next_pos)
+        finally:
+            self.model.free_frame(encoded)
+        record = FrameRecord(index=frame.index, timestamp=frame.timestamp, pos0=mem.next_pos,
+                             n_tokens=encoded.n_tokens, n_pos=encoded.n_pos, nx=encoded.nx, ny=encoded.ny)
+        mem.records.append(record)
+        mem.video_tokens += record.n_tokens
+        mem.next_pos += record.n_pos
+        self.frames_seen += 1
+        timing = IngestTiming(prepare_ms=(t1 - t0) * 1e3, encode_ms=encode_ms, decode_ms=decode_ms,
+                              policy_ms=(t2 - t1) * 1e3)
+        return record, timing
+
+    # -- questions -----------------------------------------------------------------------------------
+
+    def question_prompt(self, question: str) -> str:
+        """The chat after the video: earlier turns (newest first, within the history budget), then this one.
+
+        The video sits at the start of the first user turn, so the template is rendered whole and cut
+        at the video's mark; the part before the mark is already in the cache.
+        """
+        turns = list(self.history)
+        n_question = len(self.model.tokenize(question))
+        while True:
+            messages = [("system", self.config.system_prompt)]
+            for q, a in turns:
+                messages += [("user", q), ("assistant", a)]
+            messages.append(("user", question))
+            messages[1] = ("user", VIDEO_MARK + "\n" + messages[1][1])
+            opening, _, rest = self.model.chat_prompt(messages, True).partition(VIDEO_MARK)
+            if opening != self._opening_text:
+                log.warning("the chat template renders its opening differently with history; "
+                            "answers may be less accurate")
+            if not turns or len(self.model.tokenize(rest)) - n_question <= self.config.history_tokens:
+                return rest
+            turns.pop(0)  # oldest turn first
+
+    def ask(self, question: str, on_token: Callable[[str], None] | None = None,
+            max_tokens: int | None = None) -> Answer:
+        """Answer `question` from the video memory, streaming text pieces to `on_token`.
+
+        The question and answer are removed from the cache afterwards: the video memory is unchanged.
+        """
+        model, mem = self.model, self.memory
+        max_tokens = self.config.max_answer_tokens if max_tokens is None else max_tokens
+        t0 = time.perf_counter()
+        tokens = model.tokenize(self.question_prompt(question))
+        room = model.n_ctx - mem.prefix_tokens - mem.video_tokens
+        if len(tokens) + max_tokens > room:
+            raise ModelError(f"the question needs {len(tokens) + max_tokens} tokens but only {room} are free; "
+                             "ask a shorter question or raise --question-room")
+        pos_q = mem.next_pos
+        sampler = model.make_sampler(self.config.temperature, self.config.seed)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        ttft_ms = 0.0
+        n_out = 0
+        try:
+            model.decode_tokens(tokens, pos_q)
+            pos = pos_q + len(tokens)
+            t_first = t0
+            for n_out in range(1, max_tokens + 1):  # noqa: B007 - n_out is read after the loop
+                token = model.sample(sampler)
+                if n_out == 1:
+                    t_first = time.perf_counter()
+                    ttft_ms = (t_first - t0) * 1e3
+                if model.is_end_of_generation(token):
+                    n_out -= 1
+                    break
+                piece = utf8.decode(model.token_bytes(token))
+                if piece:
+                    pieces.append(piece)
+                    if on_token:
+                        on_token(piece)
+                if n_out == max_tokens:
+                    break
+                model.decode_tokens([token], pos)
+                pos += 1
+        finally:
+            model.free_sampler(sampler)
+            model.remove_positions(pos_q)  # the question and answer leave; the video memory stays
+        tail = utf8.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_token:
+                on_token(tail)
+        t_end = time.perf_counter()
+        text = "".join(pieces).strip()
+        self.history.append((question, text))
+        gen_s = t_end - t_first
+        return Answer(question=question, text=text, ttft_ms=ttft_ms, total_ms=(t_end - t0) * 1e3,
+                      n_tokens=n_out, tokens_per_s=(n_out - 1) / gen_s if n_out > 1 and gen_s > 0 else 0.0,
+                      frames=self.frames_seen, video_tokens=mem.video_tokens)
+
+    # -- status --------------------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        now, peak = rss_mb()
+        elapsed = time.perf_counter() - self._started
+        return Status(frames=self.frames_seen, frames_in_memory=len(self.memory.records),
+                      video_tokens=self.memory.video_tokens, kv_bytes=self.model.state_size(),
+                      rss_mb=round(now, 1), peak_rss_mb=round(peak, 1),
+                      frames_per_s=round(self.frames_seen / elapsed, 3) if elapsed > 0 else 0.0,
+                      capacity=self.memory.capacity)

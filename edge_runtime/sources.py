@@ -1,0 +1,610 @@
+"""Frame sources: where the video comes from.
+
+Every source yields `Frame`s already sampled to the rate the model can afford (``fps``, usually about one
+frame a second), so the rest of the runtime never sees the native frame rate:
+
+- live sources (`CameraSource`, `UrlSource`) drain the device on a background thread and hand out the
+  freshest frame every 1/fps seconds of wall time, however slow the consumer is;
+- recorded sources (`VideoFileSource`, `ImageFolderSource`, `SyntheticScene`) sample by media time and
+  run as fast as possible, or, with ``realtime=True``, paced against the wall clock as if they were live
+  (reproducible demos of the streaming behaviour).
+
+`open_source` turns a CLI spec ("0", "rtsp://...", "clip.mp4", "frames/", "synthetic:3") into one of them.
+Errors a user can fix (a wrong index, a dead URL, a corrupt file) are `SourceError`s with a one-line
+message; a stream that dies mid-way just ends, with a warning logged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+import threading
+import time
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SOURCE_HELP = (
+    "a camera index (0), an rtsp:// or http(s):// URL, an image folder, 'synthetic[:SEED]' or a video file"
+)
+URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# Media timestamps come in milliseconds and are rounded; a frame this close to a sampling point counts as
+# on it (otherwise 0.9999 s would miss the 1 s sample and the next frame, 0.1 s later, would take it).
+_EPS_S = 1e-3
+
+
+class SourceError(Exception):
+    """A frame source that cannot be opened or read; str() is one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int  # 0-based index among the frames this source yielded (after sampling)
+    timestamp: float  # seconds: media time for files, wall time since start for live sources
+    image: np.ndarray  # H x W x 3 uint8, BGR as OpenCV gives it
+
+
+_S = TypeVar("_S", bound="FrameSource")
+
+
+class FrameSource(ABC):
+    """Yields sampled frames; iterating ends when the source ends."""
+
+    description: str  # e.g. "camera 0", "video clip.mp4", "synthetic scene (seed 3)"
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        # An Event rather than a bool so that paced waits (realtime, live sampling) wake up on close().
+        self._closed = threading.Event()
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None:
+        """Release the device or file; safe to call more than once."""
+        self._closed.set()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise SourceError(f"{self.description} is closed: open the source again to read from it")
+
+    def _pace(self, deadline: float) -> bool:
+        """Wait until time.monotonic() reaches deadline; False if the source was closed meanwhile."""
+        return not self._closed.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _check_fps(fps: float) -> None:
+    if not fps > 0:  # also rejects NaN
+        raise SourceError(f"fps must be a positive number of frames per second, got {fps}")
+
+
+def _read(cap: cv2.VideoCapture, description: str) -> np.ndarray | None:
+    """The next decoded frame, or None when there is none.
+
+    Most backends report a decode failure as a False return, but some raise cv2.error instead; either
+    way the stream is over for us.
+    """
+    try:
+        ok, image = cap.read()
+    except cv2.error as exc:
+        logger.warning("%s: decoding failed: %s", description, str(exc).strip())
+        return None
+    return image if ok and image is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Live sources: a camera or a network stream.
+
+
+class _LiveSource(FrameSource):
+    """A capture that produces frames in real time whether or not anyone is reading them.
+
+    If nobody grabs, the driver (or the network socket) queues frames and the next read returns one from
+    seconds ago; with a VLM that takes seconds per frame that would be the normal case. So a background
+    thread grabs continuously, and decodes (retrieve) only the first frame grabbed after the consumer asks
+    for one: fresh frames, and no CPU spent converting the ones that are thrown away.
+    """
+
+    def __init__(self, cap: cv2.VideoCapture, description: str, fps: float, stop_timeout_s: float) -> None:
+        super().__init__(description)
+        self.fps = fps
+        self._cap = cap
+        self._stop_timeout_s = stop_timeout_s
+        self._t0 = time.monotonic()  # timestamps are wall time since the source was opened
+        self._index = 0
+        self._cond = threading.Condition()
+        self._wanted = False  # the consumer waits for the next grabbed frame
+        self._delivered: tuple[float, np.ndarray] | None = None
+        self._ended = False
+        self._thread = threading.Thread(target=self._drain, name=f"drain {description}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        # OpenCV captures are not thread-safe: from here on only this thread touches self._cap, and it
+        # releases it on the way out.
+        reason = "it stopped delivering frames"
+        try:
+            while not self._closed.is_set():
+                if not self._cap.grab():
+                    break
+                grabbed_at = time.monotonic() - self._t0
+                with self._cond:
+                    wanted = self._wanted
+                if not wanted:
+                    continue
+                ok, image = self._cap.retrieve()
+                if not ok or image is None:
+                    reason = "a frame could not be decoded"
+                    break
+                with self._cond:
+                    self._delivered = (grabbed_at, image)
+                    self._wanted = False
+                    self._cond.notify_all()
+        except cv2.error as exc:
+            reason = f"capture error: {str(exc).strip()}"
+        finally:
+            if not self._closed.is_set():
+                logger.warning("%s ended: %s", self.description, reason)
+            self._cap.release()
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _take_frame(self) -> tuple[float, np.ndarray] | None:
+        """The next frame the drain thread grabs, as (timestamp, image); None once the stream is over."""
+        with self._cond:
+            self._wanted = True
+            self._cond.wait_for(lambda: self._delivered is not None or self._ended or self._closed.is_set())
+            delivered, self._delivered = self._delivered, None
+            return delivered
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        next_due = time.monotonic()
+        while self._pace(next_due):
+            taken = self._take_frame()
+            if taken is None:
+                return
+            timestamp, image = taken
+            index, self._index = self._index, self._index + 1
+            yield Frame(index, timestamp, image)
+            # A consumer slower than fps gets the freshest frame as soon as it asks again, never a burst
+            # of frames that queued up while it was busy.
+            next_due = max(next_due + 1.0 / self.fps, time.monotonic())
+
+    def close(self) -> None:
+        super().close()
+        with self._cond:
+            self._cond.notify_all()
+        # Wait for the drain thread to release the device, so it can be reopened right after; it can be
+        # stuck in a grab for up to the read time-out.
+        self._thread.join(self._stop_timeout_s)
+        if self._thread.is_alive():
+            logger.warning("%s: capture still busy after close; it will be released when it returns", self)
+
+
+class CameraSource(_LiveSource):
+    """An OpenCV camera device (/dev/videoN on Linux), sampled at fps by wall clock."""
+
+    def __init__(self, index: int, fps: float = 1.0) -> None:
+        _check_fps(fps)
+        cap = cv2.VideoCapture(index)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(
+                f"camera {index} could not be opened: check the index (ls /dev/video*) "
+                "and that no other program holds it"
+            )
+        # Some devices open but never deliver (held by another program, unsupported pixel format):
+        # better to say so now than to end the stream silently on the first read.
+        if _read(cap, f"camera {index}") is None:
+            cap.release()
+            raise SourceError(
+                f"camera {index} opened but gave no frame: check that no other program holds it "
+                "and that it streams a format OpenCV can read"
+            )
+        self.index = index
+        # A camera grab returns within a frame interval, or within the driver's time-out (10 s in V4L2).
+        super().__init__(cap, f"camera {index}", fps, stop_timeout_s=11.0)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs and messages (IP camera URLs often carry one)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class UrlSource(_LiveSource):
+    """An RTSP/HTTP stream through OpenCV's FFmpeg backend; behaves like a live camera.
+
+    FFmpeg's own defaults wait for a silent server forever, so the open and every read get a time-out
+    (OpenCV implements them with an FFmpeg interrupt callback).
+    """
+
+    def __init__(self, url: str, fps: float = 1.0, timeout_s: float = 10.0) -> None:
+        _check_fps(fps)
+        if not timeout_s > 0:
+            raise SourceError(f"timeout_s must be a positive number of seconds, got {timeout_s}")
+        self.url = url
+        shown = _redact(url)
+        if not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+            raise SourceError(
+                f"cannot open {shown}: this OpenCV build has no FFmpeg backend; "
+                "install opencv-python-headless from PyPI"
+            )
+        timeout_ms = max(1, round(timeout_s * 1000))
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        started = time.monotonic()
+        cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+        if not cap.isOpened():
+            cap.release()
+            # A refused connection fails at once, a silent server only at the time-out: say which.
+            if time.monotonic() - started >= 0.9 * timeout_s:
+                raise SourceError(
+                    f"{shown} did not answer within {timeout_s:g} s: "
+                    "check that the stream is running and reachable from this machine"
+                )
+            raise SourceError(
+                f"{shown} could not be opened: check the host, port, path and credentials "
+                "(the connection was refused or it is not a video stream)"
+            )
+        if _read(cap, shown) is None:
+            cap.release()
+            raise SourceError(
+                f"{shown} opened but sent no frame within {timeout_s:g} s: check the stream is live"
+            )
+        super().__init__(cap, f"stream {shown}", fps, stop_timeout_s=timeout_s + 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recorded sources: a video file, a folder of images, a synthetic scene.
+
+
+class VideoFileSource(FrameSource):
+    """A video file sampled by media time: one frame per 1/fps seconds of video, the first at t=0.
+
+    Each iteration starts again from the beginning of the file.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 1.0, realtime: bool = False) -> None:
+        _check_fps(fps)
+        self.path = Path(path)
+        super().__init__(f"video {self.path.name}")
+        self.fps = fps
+        self.realtime = realtime
+        # The CLI closes a source from one thread while another iterates it; releasing a capture in the
+        # middle of its read() would crash in native code, so reads and the release take turns.
+        self._cap_lock = threading.Lock()
+        self._cap: cv2.VideoCapture | None = None
+        if not self.path.exists():
+            raise SourceError(
+                f"video file {self.path} does not exist: check the path (a source is {SOURCE_HELP})"
+            )
+        if self.path.is_dir():
+            raise SourceError(f"{self.path} is a folder, not a video file: open it as an image folder")
+        # Decode the first frame now, so that a bad file fails at open time rather than mid-run.
+        cap = self._open()
+        first = _read(cap, self.description)
+        cap.release()
+        if first is None:
+            raise SourceError(
+                f"video file {self.path} has no decodable frame: it is empty, truncated "
+                "or in a codec this OpenCV build lacks"
+            )
+
+    def _open(self) -> cv2.VideoCapture:
+        # CAP_ANY, not CAP_FFMPEG: OpenCV builds on some boards (Jetson) only have GStreamer.
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(
+                f"video file {self.path} could not be opened: it is corrupt, truncated "
+                "or not a video format this OpenCV build can read"
+            )
+        return cap
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        cap = self._open()
+        with self._cap_lock:
+            self._cap = cap  # so that close() releases it even while a consumer holds this generator
+        try:
+            yield from self._sample(cap)
+        finally:
+            with self._cap_lock:
+                cap.release()
+
+    def _sample(self, cap: cv2.VideoCapture) -> Iterator[Frame]:
+        native_fps = cap.get(cv2.CAP_PROP_FPS)
+        # When the container gives no usable timestamps, frames are assumed one native frame apart; with
+        # no native rate either, every frame is one sample.
+        frame_step = 1.0 / native_fps if 0 < native_fps < 1000 else 1.0 / self.fps
+        expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # an estimate for some containers, 0 if unknown
+        wall_start = time.monotonic()
+        first_pos: float | None = None
+        t = 0.0
+        next_due = 0.0
+        decoded = 0
+        index = 0
+        while True:
+            with self._cap_lock:
+                # Checked under the lock: once close() has released the capture, it must not be read.
+                if self._closed.is_set():
+                    break
+                image = _read(cap, self.description)
+            if image is None:
+                break
+            decoded += 1
+            # POS_MSEC (the media time of the frame just read) is the truth while it advances; some
+            # backends report 0 or repeat it, and then we step by one native frame. Counting from the
+            # first frame makes a stream that starts at a non-zero PTS still start at t=0.
+            pos = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            if first_pos is None:
+                first_pos = pos
+            elif pos - first_pos > t:
+                t = pos - first_pos
+            else:
+                t += frame_step
+            # Realtime paces every decoded frame, not just the sampled ones, so the stream also ends when
+            # the media does, as a live one would.
+            if self.realtime and not self._pace(wall_start + t):
+                return
+            if t >= next_due - _EPS_S:
+                yield Frame(index, t, image)
+                index += 1
+                # The next sampling point after this frame; a gap in the video skips the points it covers
+                # instead of emitting the same frame several times.
+                next_due = (math.floor((t + _EPS_S) * self.fps) + 1) / self.fps
+        # OpenCV cannot tell the end of a file from a decode error, but a file that stops well short of
+        # its announced frame count is truncated or damaged. The slack absorbs estimated counts.
+        if not self._closed.is_set() and decoded < expected - max(1, expected // 20):
+            logger.warning(
+                "%s ended after %d of %d frames: the file is probably truncated or damaged",
+                self.description,
+                decoded,
+                expected,
+            )
+
+    def close(self) -> None:
+        super().close()
+        with self._cap_lock:
+            if self._cap is not None:
+                self._cap.release()  # releasing twice is harmless in OpenCV
+                self._cap = None
+
+
+def _natural_key(path: Path) -> list[str | int]:
+    """Sort key that puts frame_2.png before frame_10.png."""
+    # re.split with a capture group alternates text and digits, so keys compare str with str, int with int.
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+class ImageFolderSource(FrameSource):
+    """The images in a folder, in natural name order, as consecutive frames at timestamps i / fps."""
+
+    def __init__(self, directory: str | Path, fps: float = 1.0, realtime: bool = False) -> None:
+        _check_fps(fps)
+        self.directory = Path(directory)
+        super().__init__(f"image folder {self.directory.name or self.directory}")
+        self.fps = fps
+        self.realtime = realtime
+        if not self.directory.is_dir():
+            raise SourceError(
+                f"image folder {self.directory} does not exist: check the path (a source is {SOURCE_HELP})"
+            )
+        self.paths = sorted(
+            (p for p in self.directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            key=_natural_key,
+        )
+        if not self.paths:
+            raise SourceError(
+                f"image folder {self.directory} contains no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "put frames there or give a video file"
+            )
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        wall_start = time.monotonic()
+        index = 0
+        for position, path in enumerate(self.paths):
+            # The timestamp follows the file's position, so a skipped image leaves a gap in time, like a
+            # dropped frame, rather than shifting every later frame earlier.
+            t = position / self.fps
+            if self.realtime and not self._pace(wall_start + t):
+                return
+            if self._closed.is_set():
+                return
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey or RGBA files come back as BGR
+            if image is None:
+                logger.warning("%s: skipping %s: not a readable image", self.description, path.name)
+                continue
+            yield Frame(index, t, image)
+            index += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic scene.
+
+
+@dataclass(frozen=True)
+class _Shape:
+    kind: str  # "circle", "square" or "triangle"
+    color: tuple[int, int, int]  # BGR
+    radius: float  # circumradius, pixels
+    start: tuple[float, float]  # centre at t=0, pixels
+    velocity: tuple[float, float]  # pixels per second
+    spin: float  # radians per second (circles ignore it)
+
+
+# Vivid BGR colours that stand out from the muted background and that a VLM can name.
+_PALETTE = (
+    (40, 40, 220),  # red
+    (40, 180, 40),  # green
+    (220, 80, 30),  # blue
+    (30, 220, 240),  # yellow
+    (200, 40, 200),  # magenta
+    (30, 140, 255),  # orange
+    (245, 245, 245),  # white
+    (20, 20, 20),  # black
+)
+
+
+def _bounce(x: float, low: float, high: float) -> float:
+    """Where a point moving freely from `low` ends up if it reflects off `low` and `high`.
+
+    Closed form (a triangle wave), so render(t) needs no state from earlier frames.
+    """
+    span = high - low
+    if span <= 0:
+        return (low + high) / 2
+    u = (x - low) % (2 * span)
+    return low + (u if u <= span else 2 * span - u)
+
+
+class SyntheticScene(FrameSource):
+    """Coloured circles, squares and triangles bouncing over a textured static background.
+
+    Everything, camera noise included, is a function of (seed, t): the same seed gives identical frames.
+    For demos and tests where no camera or video is at hand.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        fps: float = 1.0,
+        size: tuple[int, int] = (320, 240),
+        n_frames: int | None = None,
+        realtime: bool = False,
+    ) -> None:
+        _check_fps(fps)
+        if seed < 0:
+            raise SourceError(f"synthetic seed must be a non-negative integer, got {seed}")
+        width, height = size
+        if width < 16 or height < 16:
+            raise SourceError(f"synthetic scene size must be at least 16 x 16 pixels, got {width} x {height}")
+        super().__init__(f"synthetic scene (seed {seed})")
+        self.seed = seed
+        self.fps = fps
+        self.size = (width, height)  # OpenCV order: width, height
+        self.n_frames = n_frames  # None: endless
+        self.realtime = realtime
+        rng = np.random.default_rng(seed)
+        self._background = self._make_background(rng)
+        # One of each kind so every scene has all three, plus a random extra.
+        kinds = ["circle", "square", "triangle", str(rng.choice(["circle", "square", "triangle"]))]
+        self._shapes = [self._make_shape(rng, kind) for kind in kinds]
+
+    def _make_background(self, rng: np.random.Generator) -> np.ndarray:
+        width, height = self.size
+        # A muted base colour modulated by soft light/dark blotches (coarse noise blown up), a diagonal
+        # light gradient and fine grain: enough texture to look like a scene and to make motion
+        # estimation non-trivial, and it never moves.
+        base = rng.uniform(90, 170, size=3)
+        coarse = rng.uniform(0.6, 1.3, size=(height // 24 + 2, width // 24 + 2)).astype(np.float32)
+        shade = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
+        yy, xx = np.mgrid[0:height, 0:width]
+        gradient = ((xx / width + yy / height) * 30 - 30)[..., None]
+        grain = rng.normal(0.0, 6.0, size=(height, width, 1))
+        return np.clip(base * shade + gradient + grain, 0, 255).astype(np.uint8)
+
+    def _make_shape(self, rng: np.random.Generator, kind: str) -> _Shape:
+        width, height = self.size
+        radius = float(rng.uniform(0.07, 0.13) * min(width, height))
+        speed = float(rng.uniform(0.15, 0.35) * width)  # a good part of the frame per second
+        heading = float(rng.uniform(0, 2 * math.pi))
+        return _Shape(
+            kind=kind,
+            color=_PALETTE[int(rng.integers(len(_PALETTE)))],
+            radius=radius,
+            start=(float(rng.uniform(radius, width - radius)), float(rng.uniform(radius, height - radius))),
+            velocity=(speed * math.cos(heading), speed * math.sin(heading)),
+            spin=float(rng.uniform(-2.0, 2.0)),
+        )
+
+    def render(self, t: float) -> np.ndarray:
+        """The frame at time t seconds (H x W x 3 uint8, BGR)."""
+        width, height = self.size
+        image = self._background.copy()
+        for shape in self._shapes:
+            r = shape.radius
+            cx = _bounce(shape.start[0] + shape.velocity[0] * t, r, width - r)
+            cy = _bounce(shape.start[1] + shape.velocity[1] * t, r, height - r)
+            if shape.kind == "circle":
+                cv2.circle(image, (round(cx), round(cy)), round(r), shape.color, -1, cv2.LINE_AA)
+                continue
+            corners = 4 if shape.kind == "square" else 3
+            angles = shape.spin * t + 2 * math.pi * np.arange(corners) / corners
+            points = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+            cv2.fillPoly(image, [np.round(points).astype(np.int32)], shape.color, cv2.LINE_AA)
+        # Sensor noise, seeded by (seed, t in ms) so that it, too, is reproducible.
+        noise_rng = np.random.default_rng([self.seed, round(t * 1000)])
+        noise = noise_rng.normal(0.0, 2.0, size=image.shape)
+        return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        wall_start = time.monotonic()
+        indices = itertools.count() if self.n_frames is None else range(self.n_frames)
+        for i in indices:
+            t = i / self.fps
+            if self.realtime and not self._pace(wall_start + t):
+                return
+            if self._closed.is_set():
+                return
+            yield Frame(i, t, self.render(t))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def open_source(spec: str, fps: float = 1.0, realtime: bool = False, timeout_s: float = 10.0) -> FrameSource:
+    """The source a CLI spec names: a camera index, a URL, an image folder, 'synthetic[:SEED]' or a video.
+
+    `realtime` applies to recorded sources (live ones always run in real time); `timeout_s` to URLs.
+    """
+    text = spec.strip()
+    if not text:
+        raise SourceError(f"no source given: give {SOURCE_HELP}")
+    if text.isascii() and text.isdigit():
+        return CameraSource(int(text), fps)
+    if text.lower().startswith(URL_SCHEMES):
+        return UrlSource(text, fps, timeout_s)
+    if text == "synthetic" or text.startswith("synthetic:"):
+        seed_text = text.partition(":")[2] or "0"
+        if not (seed_text.isascii() and seed_text.isdigit()):
+            raise SourceError(
+                f"bad synthetic seed {seed_text!r}: use 'synthetic' or 'synthetic:SEED', SEED >= 0"
+            )
+        return SyntheticScene(seed=int(seed_text), fps=fps, realtime=realtime)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ImageFolderSource(path, fps, realtime)
+    return VideoFileSource(path, fps, realtime)

