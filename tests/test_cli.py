@@ -1,0 +1,170 @@
+"""The `edge-runtime` command end to end, as a user runs it, on the tiny real models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime import cli
+from edge_runtime.sources import Frame, FrameSource, SourceError, SyntheticScene
+
+CMD = [sys.executable, "-m", "edge_runtime"]
+
+
+def models(fixtures: dict[str, Path], mmproj: str = "mmproj") -> list[str]:
+    return ["--model", str(fixtures["model"]), "--mmproj", str(fixtures[mmproj]), "--threads", "2",
+            "--max-answer-tokens", "4", "--ctx", "2048"]
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def write_video(path: Path, seconds: int = 5, fps: int = 10) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (96, 64))
+    assert writer.isOpened()
+    for k in range(seconds * fps):
+        image = np.full((64, 96, 3), (k * 5) % 255, np.uint8)
+        cv2.circle(image, (10 + k, 32), 8, (0, 0, 255), -1)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def test_video_file_to_json_answers_and_statuses(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4")
+    run = subprocess.run([*CMD, "--video", str(video), *models(fixtures), "--ask", "What moved?",
+                          "--ask", "Which colour?", "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    evs = events(run.stdout)
+    statuses = [e for e in evs if e["event"] == "status"]
+    assert [s["frames"] for s in statuses] == [1, 2, 3, 4, 5]  # 5 s of video sampled at 1 frame/s
+    assert [s["video_tokens"] for s in statuses] == [16, 32, 48, 64, 80]
+    assert all(a["kv_bytes"] < b["kv_bytes"] for a, b in zip(statuses, statuses[1:], strict=False))
+    assert all(s["rss_mb"] > 0 for s in statuses)
+    answers = [e for e in evs if e["event"] == "answer"]
+    assert [a["question"] for a in answers] == ["What moved?", "Which colour?"]
+    assert all(isinstance(a["answer"], str) and a["ttft_ms"] > 0 for a in answers)
+    assert evs[-1]["event"] == "summary" and evs[-1]["frames"] == 5
+    assert "Traceback" not in run.stderr
+
+
+def test_watch_prompt_asks_every_n_seconds_of_stream(fixtures: dict[str, Path]) -> None:
+    run = subprocess.run([*CMD, "--synthetic", "1", "--max-frames", "10", *models(fixtures),
+                          "--ask", "Anything new?", "--ask-every", "3", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    answers = [e for e in events(run.stdout) if e["event"] == "answer"]
+    # frames at t = 0..9 s: watch answers after t = 3, 6, 9, then the final answer at the end
+    assert [a["frames"] for a in answers] == [4, 7, 10, 10]
+
+
+def test_stdin_questions_are_answered_while_frames_keep_coming(fixtures: dict[str, Path]) -> None:
+    proc = subprocess.Popen([*CMD, "--synthetic", "--realtime", "--fps", "10", *models(fixtures), "--json"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin and proc.stdout
+    try:
+        def next_event(kind: str) -> dict:
+            for line in proc.stdout:
+                ev = json.loads(line)
+                if ev["event"] == kind:
+                    return ev
+            raise AssertionError(f"no {kind} event; stderr: {proc.stderr.read() if proc.stderr else ''}")
+
+        next_event("status")
+        proc.stdin.write("What is moving?\n")
+        proc.stdin.flush()
+        answer = next_event("answer")
+        assert answer["question"] == "What is moving?"
+        later = next_event("status")
+        assert later["frames"] > answer["frames"]  # the stream went on after the answer
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit with a summary
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_INTERRUPTED
+    assert events(rest)[-1]["event"] == "summary"
+    assert "Traceback" not in err
+
+
+class DyingCamera(FrameSource):
+    """A real source that delivers three frames and then loses its device, as an unplugged camera does."""
+
+    def __init__(self) -> None:
+        super().__init__("dying camera")
+
+    def __iter__(self) -> Iterator[Frame]:
+        yield from SyntheticScene(seed=2, n_frames=3)
+        raise SourceError("camera 0 stopped delivering frames")
+
+
+def test_a_source_that_dies_keeps_the_memory_queryable(fixtures: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli.build_parser().parse_args(["--camera", "0", *models(fixtures), "--ask", "What was there?",
+                                          "--json"])
+    assert cli.run(args, cli.Output(as_json=True), source=DyingCamera()) == 0
+    evs = events(capsys.readouterr().out)
+    notice = next(e for e in evs if e["event"] == "notice")
+    assert "camera 0 stopped delivering frames" in notice["message"]
+    answer = next(e for e in evs if e["event"] == "answer")
+    assert answer["frames"] == 3 and answer["video_tokens"] == 48
+
+
+def test_full_memory_stops_the_stream_and_still_answers(fixtures: dict[str, Path]) -> None:
+    run = subprocess.run([*CMD, "--synthetic", *models(fixtures)[:-2], "--ctx", "256", "--question-room", "64",
+                          "--ask", "What was there?", "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    evs = events(run.stdout)
+    assert "video memory full after 9 frames" in next(e for e in evs if e["event"] == "notice")["message"]
+    assert next(e for e in evs if e["event"] == "answer")["frames"] == 9
+
+
+# case: (source arguments, --model, --mmproj, what the one line must say)
+BAD_INPUT = {
+    "missing model": (["--synthetic"], "{tmp}/nope.gguf", "{mmproj}", "text model not found"),
+    "garbage model": (["--synthetic"], "{tmp}/garbage.gguf", "{mmproj}", "is not a GGUF file"),
+    "truncated model": (["--synthetic"], "{tmp}/truncated.gguf", "{mmproj}", "could not load the text model"),
+    "mismatched mmproj": (["--synthetic"], "{model}", "{mmproj_mismatched}",
+                          "mismatch between text model (n_embd = 64) and mmproj (n_embd = 32)"),
+    "text model as mmproj": (["--synthetic"], "{model}", "{model}", "could not use the mmproj"),
+    "missing camera": (["--camera", "99"], "{model}", "{mmproj}", "camera 99"),
+    "missing video": (["--video", "{tmp}/nope.mp4"], "{model}", "{mmproj}", "nope.mp4"),
+    "corrupt video": (["--video", "{tmp}/garbage.mp4"], "{model}", "{mmproj}", "garbage.mp4"),
+    "silent url": (["--url", "http://127.0.0.1:9/live.mp4", "--timeout", "2"], "{model}", "{mmproj}",
+                   "127.0.0.1:9"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_clear_line(case: str, fixtures: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "garbage.gguf").write_bytes(b"not a model at all" * 100)
+    (tmp_path / "truncated.gguf").write_bytes(fixtures["model"].read_bytes()[:100_000])
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00\x01 not a video" * 1000)
+    source, model, mmproj, expected = BAD_INPUT[case]
+    names = {"tmp": tmp_path, **fixtures}
+    argv = [*CMD, *(a.format(**names) for a in source), "--model", model.format(**names),
+            "--mmproj", mmproj.format(**names), "--ask", "hi"]
+    t0 = time.monotonic()
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30  # a time-out, never a hang
+    assert run.returncode == cli.EXIT_ERROR
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("edge-runtime: error: ") and expected in lines[0], lines[0]
+
+
+def test_ask_every_without_a_question_is_a_usage_error(fixtures: dict[str, Path]) -> None:
+    run = subprocess.run([*CMD, "--synthetic", *models(fixtures), "--ask-every", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--ask-every needs a question" in run.stderr
+    assert "Traceback" not in run.stderr
