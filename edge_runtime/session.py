@@ -13,12 +13,15 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
+import numpy as np
 
+from edge_runtime import _native
+from edge_runtime.memory import FrameRecord, SlotTable, VideoMemory
 from edge_runtime.model import ModelError, VisionLanguageModel
-from edge_runtime.policies import FullCache, MemoryFull, Policy
+from edge_runtime.policies import FullCache, MemoryFull, Policy, SettingsError
 from edge_runtime.sources import Frame
 
 log = logging.getLogger(__name__)
@@ -37,30 +40,9 @@ class SessionConfig:
     history_tokens: int = 256  # earlier turns given back as text, newest first, up to this many tokens
     temperature: float = 0.0  # greedy: the same memory and question give the same answer
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class FrameRecord:
-    """One frame in the KV cache: the cells at positions [pos0, pos0 + n_pos) of sequence 0."""
-
-    index: int
-    timestamp: float
-    pos0: int
-    n_tokens: int  # cells (tokens) the frame holds
-    n_pos: int  # positions it spans; fewer than n_tokens on M-RoPE models
-    nx: int  # patch grid of its image tokens
-    ny: int
-
-
-@dataclass
-class VideoMemory:
-    """What a policy sees: the frames in memory and the room they may take."""
-
-    capacity: int  # video tokens that fit: context minus the opening and the question room
-    prefix_tokens: int
-    next_pos: int  # where the next frame (or a question) starts
-    records: list[FrameRecord] = field(default_factory=list)
-    video_tokens: int = 0
+    budget: int | None = None  # |M| video tokens; None: all the context holds (the full cache's limit)
+    keep_fraction: float = 0.75  # |C| = 0.75 |M| (the paper's default), rounded down to whole frames
+    positions: str = "reindex"  # reindex: compact positions, keys re-rotated; keep: original rotations
 
 
 @dataclass(frozen=True)
@@ -68,7 +50,7 @@ class IngestTiming:
     prepare_ms: float  # colour conversion + mtmd's preprocessing (resize, normalise)
     encode_ms: float  # the vision encoder and projector
     decode_ms: float  # the language model writing the frame into its KV cache
-    policy_ms: float  # making room (compression), zero when nothing was done
+    compress_ms: float  # the compression pass, zero when none ran before this frame
 
 
 @dataclass(frozen=True)
@@ -93,6 +75,9 @@ class Status:
     peak_rss_mb: float
     frames_per_s: float
     capacity: int
+    budget: int
+    passes: int  # compression passes so far
+    next_pos: int  # the position the next frame takes: bounded in reindex mode
 
 
 def rss_mb() -> tuple[float, float]:
@@ -125,37 +110,109 @@ class Session:
         if capacity <= 0:
             raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
                              f"prompt ({len(prefix)}) and the question room ({self.config.question_room})")
+        budget = self._check_settings(capacity, len(prefix))
         model.remove_positions(0)  # a fresh memory, also when a model is reused
         model.decode_tokens(prefix, 0)
-        self.memory = VideoMemory(capacity=capacity, prefix_tokens=len(prefix), next_pos=len(prefix))
+        self.geometry = model.kv_geometry()
+        slots = SlotTable(self.geometry.n_layer, self.geometry.n_head_kv, capacity)
+        self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
+                                  next_pos=len(prefix), slots=slots)
+        self._pass: _native.KVPass | None = None  # made at the first compression, sized for the budget
+
+    def _check_settings(self, capacity: int, n_prefix: int) -> int:
+        cfg = self.config
+        if cfg.budget is None:
+            return capacity
+        if cfg.budget > capacity:
+            raise SettingsError(f"a budget of {cfg.budget} video tokens needs a context of at least "
+                                f"{cfg.budget + n_prefix + cfg.question_room} tokens (--ctx), not {self.model.n_ctx}")
+        if not 0.0 < cfg.keep_fraction < 1.0:
+            raise SettingsError(f"|C| must be smaller than |M|: the keep fraction must be in (0, 1), not "
+                                f"{cfg.keep_fraction}")
+        if cfg.positions not in ("keep", "reindex"):
+            raise SettingsError(f"positions must be keep or reindex, not {cfg.positions}")
+        geometry = self.model.kv_geometry()
+        if cfg.positions == "reindex" and self.policy.compresses:
+            if geometry.rope_type not in (0, 2) or geometry.scaling_type not in ("", "none", "linear"):
+                raise SettingsError(
+                    f"{geometry.architecture} models (RoPE type {geometry.rope_type}, scaling "
+                    f"'{geometry.scaling_type or 'none'}') cannot be re-indexed yet: use --positions keep")
+        return cfg.budget
 
     # -- frames --------------------------------------------------------------------------------------
 
     def insert_frame(self, frame: Frame) -> tuple[FrameRecord, IngestTiming]:
-        """Encode one frame and append it to the video memory, making room first if the policy must."""
+        """Encode one frame and append it to the video memory, compressing first if it would pass |M|."""
         t0 = time.perf_counter()
         rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)  # mtmd wants contiguous RGB bytes
         encoded = self.model.encode_frame(rgb)
+        mem = self.memory
         try:
             t1 = time.perf_counter()
-            if encoded.n_tokens > self.memory.capacity:
+            if encoded.n_tokens > mem.budget:
                 raise MemoryFull(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
-                                 f"{self.memory.capacity}: raise --ctx or lower --question-room")
-            self.policy.make_room(self.memory, encoded.n_tokens)
+                                 f"{mem.budget}: raise --budget or --ctx, or lower --question-room")
+            if self.policy.compresses and encoded.n_tokens != encoded.nx * encoded.ny:
+                raise ModelError(f"this model wraps each frame in {encoded.n_tokens - encoded.nx * encoded.ny} "
+                                 "text tokens, which compression does not handle yet: use --policy full")
+            if mem.video_tokens + encoded.n_tokens > mem.budget:
+                if not self.policy.compresses:
+                    raise MemoryFull(
+                        f"video memory full after {len(mem.records)} frames ({mem.video_tokens} tokens of "
+                        f"{mem.budget}); allocate more with --ctx or cap it with a compression --policy")
+                self._compress()
             t2 = time.perf_counter()
-            mem = self.memory
             encode_ms, decode_ms = self.model.decode_frame(encoded, mem.next_pos)
         finally:
             self.model.free_frame(encoded)
-        record = FrameRecord(index=frame.index, timestamp=frame.timestamp, pos0=mem.next_pos,
+        record = FrameRecord(index=self.frames_seen, timestamp=frame.timestamp, pos0=mem.next_pos,
                              n_tokens=encoded.n_tokens, n_pos=encoded.n_pos, nx=encoded.nx, ny=encoded.ny)
         mem.records.append(record)
-        mem.video_tokens += record.n_tokens
+        mem.slots.append(record.index, record.n_tokens, record.pos0)
         mem.next_pos += record.n_pos
+        mem.frames_since_pass += 1
         self.frames_seen += 1
         timing = IngestTiming(prepare_ms=(t1 - t0) * 1e3, encode_ms=encode_ms, decode_ms=decode_ms,
-                              policy_ms=(t2 - t1) * 1e3)
+                              compress_ms=(t2 - t1) * 1e3)
         return record, timing
+
+    def _compress(self) -> None:
+        """One pass: |M| video tokens down to |C|, chosen by the policy, carried out by the native pass."""
+        mem, geo = self.memory, self.geometry
+        p = mem.tokens_per_frame
+        keep = int(self.config.keep_fraction * mem.budget) // p * p
+        if keep < p:
+            raise SettingsError(f"|C| = {self.config.keep_fraction} x {mem.budget} tokens is less than one frame "
+                                f"({p} tokens): raise --budget")
+        self.policy.check(mem, keep)
+        if self._pass is None:
+            self._pass = _native.KVPass(
+                self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
+                geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
+                mem.prefix_tokens + mem.budget, self.model.n_ctx)
+        kv = self._pass
+        kv.read()
+        if kv.n_slots != mem.video_tokens:
+            raise RuntimeError(f"the KV cache holds {kv.n_slots} video cells, the bookkeeping {mem.video_tokens}")
+        kept = self.policy.select(mem, kv, keep)
+        # Cells get compact positions either way; a cell's position only orders it before the question.
+        # reindex: right after the prompt, keys re-rotated to match; keep: ending just below the next
+        # frame (llama.cpp wants new tokens at the highest position + 1), keys keep their rotation.
+        reindex = self.config.positions == "reindex"
+        first = mem.prefix_tokens if reindex else mem.next_pos - keep
+        new_pos = np.arange(first, first + keep, dtype=np.int32)
+        _, _, rot_pos = mem.slots.arrays()
+        try:
+            kv.apply(kept, new_pos, rot_pos, reindex)
+        except RuntimeError as e:
+            raise ModelError(str(e)) from None
+        mem.slots.keep(kept, new_pos if reindex else None)
+        if reindex:
+            mem.next_pos = mem.prefix_tokens + keep
+        present = set(mem.slots.frames_present().tolist())
+        mem.records = [r for r in mem.records if r.index in present]
+        mem.frames_since_pass = 0
+        mem.passes += 1
 
     # -- questions -----------------------------------------------------------------------------------
 
@@ -243,8 +300,8 @@ class Session:
     def status(self) -> Status:
         now, peak = rss_mb()
         elapsed = time.perf_counter() - self._started
-        return Status(frames=self.frames_seen, frames_in_memory=len(self.memory.records),
-                      video_tokens=self.memory.video_tokens, kv_bytes=self.model.state_size(),
-                      rss_mb=round(now, 1), peak_rss_mb=round(peak, 1),
+        mem = self.memory
+        return Status(frames=self.frames_seen, frames_in_memory=len(mem.records), video_tokens=mem.video_tokens,
+                      kv_bytes=self.model.state_size(), rss_mb=round(now, 1), peak_rss_mb=round(peak, 1),
                       frames_per_s=round(self.frames_seen / elapsed, 3) if elapsed > 0 else 0.0,
-                      capacity=self.memory.capacity)
+                      capacity=mem.capacity, budget=mem.budget, passes=mem.passes, next_pos=mem.next_pos)

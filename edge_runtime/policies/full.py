@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edge_runtime.policies.base import MemoryFull, Policy
+import numpy as np
+
+from edge_runtime.policies.base import Policy
 
 if TYPE_CHECKING:
-    from edge_runtime.session import VideoMemory
+    from edge_runtime._native import KVPass
+    from edge_runtime.memory import VideoMemory
 
 
 class FullCache(Policy):
     """No cap: memory grows with the stream until the context is full, then the stream stops."""
 
     name = "full"
+    compresses = False
 
-    def make_room(self, memory: VideoMemory, n_incoming: int) -> None:
-        if memory.video_tokens + n_incoming > memory.capacity:
-            raise MemoryFull(
-                f"video memory full after {len(memory.records)} frames ({memory.video_tokens} tokens of "
-                f"{memory.capacity}); allocate more with --ctx or cap it with a compression policy"
-            )
+    def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
+        raise NotImplementedError("the full cache never compresses")

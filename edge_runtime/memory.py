@@ -1,0 +1,91 @@
+"""The video memory's bookkeeping: which frame, patch and rotation each KV slot of each head holds.
+
+Before the first compression every (layer, KV head) holds the same tokens, one per KV cell. A pass lets
+each head keep its own |C| tokens, so afterwards cell j of head h holds the j-th kept token of head h:
+cells become slots, and what a slot holds is recorded here per (layer, head). Slots are always in time
+order (a pass keeps them sorted, new frames come after), which the native pass relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One ingested frame: where it went in the KV cache when it was decoded."""
+
+    index: int
+    timestamp: float
+    pos0: int
+    n_tokens: int  # cells (tokens) the frame took
+    n_pos: int  # positions it spans; fewer than n_tokens on M-RoPE models
+    nx: int  # patch grid of its image tokens
+    ny: int
+
+
+class SlotTable:
+    """Per (layer, head, slot): frame index, patch index (y * nx + x) and the position its key is rotated at."""
+
+    def __init__(self, n_layer: int, n_head_kv: int, capacity: int) -> None:
+        shape = (n_layer, n_head_kv, capacity)
+        self.frame = np.zeros(shape, np.int32)
+        self.patch = np.zeros(shape, np.int32)
+        self.rot_pos = np.zeros(shape, np.int32)
+        self.n = 0
+
+    def append(self, frame_index: int, n_tokens: int, pos0: int) -> None:
+        end = self.n + n_tokens
+        if end > self.frame.shape[2]:
+            raise ValueError(f"slot table full ({self.frame.shape[2]} slots)")
+        self.frame[:, :, self.n:end] = frame_index
+        self.patch[:, :, self.n:end] = np.arange(n_tokens, dtype=np.int32)
+        self.rot_pos[:, :, self.n:end] = np.arange(pos0, pos0 + n_tokens, dtype=np.int32)
+        self.n = end
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Contiguous [L, H, n] copies for the native pass."""
+        n = self.n
+        return (np.ascontiguousarray(self.frame[:, :, :n]), np.ascontiguousarray(self.patch[:, :, :n]),
+                np.ascontiguousarray(self.rot_pos[:, :, :n]))
+
+    def keep(self, kept: np.ndarray, new_rot_pos: np.ndarray | None) -> None:
+        """Slot j of head (l, h) becomes the old slot kept[l, h, j]; keys re-rotated to new_rot_pos if given."""
+        c = kept.shape[2]
+        for table in (self.frame, self.patch, self.rot_pos):
+            table[:, :, :c] = np.take_along_axis(table[:, :, :self.n], kept, axis=2)
+        if new_rot_pos is not None:
+            self.rot_pos[:, :, :c] = new_rot_pos
+        self.n = c
+
+    def frames_present(self) -> np.ndarray:
+        """Frame indices with at least one token left in some head."""
+        return np.unique(self.frame[:, :, :self.n])
+
+
+@dataclass
+class VideoMemory:
+    """What a policy sees: the frames in memory, their slots, and the room they may take."""
+
+    capacity: int  # video tokens the context can hold: context minus the opening and the question room
+    budget: int  # |M|: video tokens that trigger a compression pass (= capacity for the full cache)
+    prefix_tokens: int
+    next_pos: int  # where the next frame (or a question) starts
+    slots: SlotTable
+    records: list[FrameRecord] = field(default_factory=list)
+    frames_since_pass: int = 0  # trailing frames no pass has touched: whole in every head
+    passes: int = 0
+
+    @property
+    def video_tokens(self) -> int:
+        return self.slots.n
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.records[-1].nx, self.records[-1].ny) if self.records else (0, 0)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.records[-1].n_tokens if self.records else 0

@@ -1,0 +1,70 @@
+"""InfiniPot-V and its two halves (Kim et al., NeurIPS 2025, https://arxiv.org/abs/2506.15745).
+
+Scores per (layer, KV head), never averaged across them:
+- TaR (temporal-axis redundancy) on keys: minus the mean cosine of a past token's key to the keys of the
+  same patch in the r most recent frames. Keys are compared un-rotated (at position 0): with 1-D RoPE the
+  same patch sits at a different position in every frame, and the rotation would hide the redundancy.
+- VaN (value norm): the L2 norm of the token's value, optionally averaged over a k x k window of its frame
+  (k = 7, 5, 3, 1 from the first to the last quarter of layers).
+Selection: the r recent frames always stay; alpha |C| tokens (recent ones included) go to the highest TaR,
+the rest of |C| to the highest VaN. Ties go to the older slot. The scoring runs in native code
+(native/kv_pass.cpp); tests/reference_infinipot_v.py is the NumPy oracle it is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_runtime.policies.base import Policy, SettingsError, recent_frames
+
+if TYPE_CHECKING:
+    from edge_runtime._native import KVPass
+    from edge_runtime.memory import VideoMemory
+
+
+class InfiniPotV(Policy):
+    """TaR + VaN, the paper's method."""
+
+    name = "infinipot-v"
+    use_tar = True
+    use_van = True
+
+    def __init__(self, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise SettingsError(f"alpha must be in [0, 1], not {alpha}")
+        if not 0.0 < recent_fraction <= 1.0:
+            raise SettingsError(f"the recent-frame fraction must be in (0, 1], not {recent_fraction}")
+        self.alpha = alpha  # share of |C| chosen by TaR; the paper finds 0.4-0.6 best
+        self.recent_fraction = recent_fraction  # r = 0.125 f in the paper; its public code uses 0.25
+        self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
+
+    def check(self, memory: VideoMemory, keep: int) -> None:
+        p = memory.tokens_per_frame
+        r = min(max(1, round(self.recent_fraction * memory.budget / p)), memory.frames_since_pass)
+        protected = math.floor(self.alpha * keep) if self.use_tar and self.use_van else keep
+        if protected < r * p:
+            raise SettingsError(f"|C| = {keep} tokens with alpha {self.alpha} cannot hold the {r} recent frames "
+                                f"({r * p} tokens): raise --alpha or --budget, or lower the recent fraction")
+
+    def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
+        frame, patch, rot_pos = memory.slots.arrays()
+        nx, ny = memory.grid
+        return kv.select(frame, patch, rot_pos, nx, ny, recent_frames(memory, self.recent_fraction), keep,
+                         self.alpha, self.pool, self.use_tar, self.use_van)
+
+
+class TaR(InfiniPotV):
+    """TaR alone: keep the recent frames and the past tokens least like them (the paper's ablation)."""
+
+    name = "tar"
+    use_van = False
+
+
+class VaN(InfiniPotV):
+    """VaN alone: keep the recent frames and the past tokens with the largest value norms (ablation)."""
+
+    name = "van"
+    use_tar = False
