@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size in tokens, allocated once (default: 8192, or what --budget needs)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     m.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    m.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16",
+                   help="KV cache type (q8_0 halves it but cannot be compressed yet)")
     m.add_argument("--cpu", action="store_true", help="do not offload to a GPU even if llama.cpp has one")
 
     c = p.add_argument_group("memory budget and compression")
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
     n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
     model = VisionLanguageModel(ModelConfig(
         model_path=args.model, mmproj_path=args.mmproj, n_ctx=n_ctx, flash_attn=args.flash_attn,
-        use_gpu=not args.cpu, verbose=args.verbose,
+        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type,
         **({"n_threads": args.threads} if args.threads else {})))
     session = Session(model, SessionConfig(
         system_prompt=args.system_prompt, question_room=args.question_room,

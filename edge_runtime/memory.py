@@ -46,10 +46,9 @@ class SlotTable:
         self.n = end
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Contiguous [L, H, n] copies for the native pass."""
+        """Contiguous [L, H, n] copies (never views: a pass rewrites the tables while callers hold these)."""
         n = self.n
-        return (np.ascontiguousarray(self.frame[:, :, :n]), np.ascontiguousarray(self.patch[:, :, :n]),
-                np.ascontiguousarray(self.rot_pos[:, :, :n]))
+        return tuple(np.array(t[:, :, :n], order="C", copy=True) for t in (self.frame, self.patch, self.rot_pos))
 
     def keep(self, kept: np.ndarray, new_rot_pos: np.ndarray | None) -> None:
         """Slot j of head (l, h) becomes the old slot kept[l, h, j]; keys re-rotated to new_rot_pos if given."""

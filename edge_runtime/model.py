@@ -45,6 +45,7 @@ class ModelConfig:
     flash_attn: str = "auto"  # auto | on | off; decides the V layout of the KV state (off: transposed)
     use_gpu: bool = True  # offload layers and the projector when llama.cpp was built with a GPU backend
     verbose: bool = False  # llama.cpp's own log on stderr
+    cache_type: str = "f16"  # K and V cache type: f16 (compressible), f32, or q8_0 (half the memory, not yet)
 
 
 @dataclass(frozen=True)
@@ -202,12 +203,15 @@ class VisionLanguageModel:
             "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[config.flash_attn]
         cparams.no_perf = True
+        cache_types = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type values
+        if config.cache_type not in cache_types:
+            raise ModelError(f"unknown cache type {config.cache_type}; use one of {', '.join(cache_types)}")
+        cparams.type_k = cparams.type_v = cache_types[config.cache_type]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
             raise ModelError(
                 f"llama.cpp could not create a context of {config.n_ctx} tokens: {NATIVE_LOG.first_error()}"
-                " (try a smaller --ctx)"
             )
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)

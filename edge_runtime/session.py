@@ -150,7 +150,7 @@ class Session:
         try:
             t1 = time.perf_counter()
             if encoded.n_tokens > mem.budget:
-                raise MemoryFull(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
+                raise SettingsError(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
                                  f"{mem.budget}: raise --budget or --ctx, or lower --question-room")
             if self.policy.compresses and encoded.n_tokens != encoded.nx * encoded.ny:
                 raise ModelError(f"this model wraps each frame in {encoded.n_tokens - encoded.nx * encoded.ny} "
@@ -176,22 +176,30 @@ class Session:
                               compress_ms=(t2 - t1) * 1e3)
         return record, timing
 
+    def kv_pass(self) -> _native.KVPass:
+        """The native pass over this session's KV cache; its buffers are sized once, for the budget."""
+        if self._pass is None:
+            mem, geo = self.memory, self.geometry
+            self._pass = _native.KVPass(
+                self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
+                geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
+                mem.prefix_tokens + mem.budget, self.model.n_ctx)
+        return self._pass
+
     def _compress(self) -> None:
         """One pass: |M| video tokens down to |C|, chosen by the policy, carried out by the native pass."""
-        mem, geo = self.memory, self.geometry
+        mem = self.memory
         p = mem.tokens_per_frame
         keep = int(self.config.keep_fraction * mem.budget) // p * p
         if keep < p:
             raise SettingsError(f"|C| = {self.config.keep_fraction} x {mem.budget} tokens is less than one frame "
                                 f"({p} tokens): raise --budget")
         self.policy.check(mem, keep)
-        if self._pass is None:
-            self._pass = _native.KVPass(
-                self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
-                geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                mem.prefix_tokens + mem.budget, self.model.n_ctx)
-        kv = self._pass
-        kv.read()
+        kv = self.kv_pass()
+        try:
+            kv.read()
+        except RuntimeError as e:  # a KV layout the pass cannot rewrite: say which, keep the memory
+            raise ModelError(f"cannot compress this KV cache: {e}") from None
         if kv.n_slots != mem.video_tokens:
             raise RuntimeError(f"the KV cache holds {kv.n_slots} video cells, the bookkeeping {mem.video_tokens}")
         kept = self.policy.select(mem, kv, keep)

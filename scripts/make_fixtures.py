@@ -126,17 +126,19 @@ def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return (rng.standard_normal(shape) * WEIGHT_STD).astype(np.float32)
 
 
-def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerField, ...]) -> None:
+def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerField, ...],
+                     n_layer: int = N_LAYER, n_head_kv: int = N_HEAD_KV, n_head: int = N_HEAD) -> None:
+    head_dim = N_EMBD // n_head
     rng = np.random.default_rng([seed, 0])
     writer = gguf.GGUFWriter(None, "llama")
     writer.add_name("edge-runtime tiny llama (random weights, test fixture)")
     writer.add_uint32("llama.context_length", N_CTX_TRAIN)
     writer.add_uint32("llama.embedding_length", N_EMBD)
-    writer.add_uint32("llama.block_count", N_LAYER)
+    writer.add_uint32("llama.block_count", n_layer)
     writer.add_uint32("llama.feed_forward_length", N_FF)
-    writer.add_uint32("llama.attention.head_count", N_HEAD)
-    writer.add_uint32("llama.attention.head_count_kv", N_HEAD_KV)
-    writer.add_uint32("llama.rope.dimension_count", HEAD_DIM)
+    writer.add_uint32("llama.attention.head_count", n_head)
+    writer.add_uint32("llama.attention.head_count_kv", n_head_kv)
+    writer.add_uint32("llama.rope.dimension_count", head_dim)
     writer.add_float32("llama.rope.freq_base", ROPE_FREQ_BASE)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", RMS_EPS)
     n_vocab = next(len(value) for key, _, value, _ in tokenizer_fields if key == "tokenizer.ggml.tokens")
@@ -147,14 +149,14 @@ def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerFie
     # token_embd is the only big tensor (49152 x 64): f16 halves the file, and with no output.weight
     # llama.cpp ties the output head to it.
     writer.add_tensor("token_embd.weight", normal(rng, n_vocab, N_EMBD).astype(np.float16))
-    n_embd_kv = N_HEAD_KV * HEAD_DIM
-    for il in range(N_LAYER):
+    n_embd_kv = n_head_kv * head_dim
+    for il in range(n_layer):
         blk = f"blk.{il}"
         writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{blk}.attn_q.weight", normal(rng, N_HEAD * HEAD_DIM, N_EMBD))
+        writer.add_tensor(f"{blk}.attn_q.weight", normal(rng, n_head * head_dim, N_EMBD))
         writer.add_tensor(f"{blk}.attn_k.weight", normal(rng, n_embd_kv, N_EMBD))
         writer.add_tensor(f"{blk}.attn_v.weight", normal(rng, n_embd_kv, N_EMBD))
-        writer.add_tensor(f"{blk}.attn_output.weight", normal(rng, N_EMBD, N_HEAD * HEAD_DIM))
+        writer.add_tensor(f"{blk}.attn_output.weight", normal(rng, N_EMBD, n_head * head_dim))
         writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(f"{blk}.ffn_gate.weight", normal(rng, N_FF, N_EMBD))
         writer.add_tensor(f"{blk}.ffn_up.weight", normal(rng, N_FF, N_EMBD))
@@ -238,6 +240,19 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     write_mmproj(paths["mmproj_mismatched"], seed, out_width=N_EMBD // 2)
     write_mmproj(paths["smollm2_mmproj"], seed, out_width=SMOLLM2_N_EMBD, image_size=SMOLLM2_IMAGE_SIZE)
     return paths
+
+
+def make_text_model(path: Path, n_layer: int, n_head_kv: int, n_head: int = N_HEAD, seed: int = 0) -> Path:
+    """A variant of the tiny llama with another depth, number of (KV) heads or head size (tests of KV shapes)."""
+    write_text_model(Path(path), seed, read_tokenizer_fields(smollm2_path()), n_layer=n_layer, n_head_kv=n_head_kv,
+                     n_head=n_head)
+    return Path(path)
+
+
+def make_mmproj(path: Path, image_size: int, seed: int = 0) -> Path:
+    """A variant of the tiny projector for the tiny llama: (image_size / 16)^2 tokens a frame."""
+    write_mmproj(Path(path), seed, out_width=N_EMBD, image_size=image_size)
+    return Path(path)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
-from edge_runtime.policies import MemoryFull
+from edge_runtime.policies import MemoryFull, SettingsError
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import Frame, SyntheticScene
 
@@ -132,7 +132,7 @@ def test_context_too_small_for_any_video(fixtures: dict[str, Path]) -> None:
         with pytest.raises(ModelError, match="leaves no room for video"):
             Session(model, SessionConfig(question_room=256))
         session = Session(model, SessionConfig(question_room=256 - 40))  # 7 cells for video
-        with pytest.raises(MemoryFull, match="one frame needs 16 tokens but the video memory holds 7"):
+        with pytest.raises(SettingsError, match="one frame needs 16 tokens but the video memory holds 7"):
             stream(session, 1)
 
 

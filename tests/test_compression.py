@@ -1,0 +1,285 @@
+"""The compression pass on real llama.cpp KV states: the tokens it keeps, the bytes it moves, the logits after."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from types import ModuleType
+
+import cv2
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
+import pytest
+import reference_infinipot_v as ref
+
+from edge_runtime.memory import VideoMemory
+from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
+from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, make_policy
+from edge_runtime.policies.base import recent_frames
+from edge_runtime.session import Session, SessionConfig
+from edge_runtime.sources import SyntheticScene
+
+
+@pytest.fixture(scope="session")
+def variants(make_fixtures_module: ModuleType, fixtures: dict[str, Path],
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Text models of other depths and KV heads, projectors of other patch grids."""
+    out = tmp_path_factory.mktemp("variants")
+    files = {"llama-2x2": fixtures["model"], "mmproj-4x4": fixtures["mmproj"]}
+    for n_layer, n_head_kv in [(1, 1), (3, 4), (1, 2)]:
+        files[f"llama-{n_layer}x{n_head_kv}"] = make_fixtures_module.make_text_model(
+            out / f"llama-{n_layer}x{n_head_kv}.gguf", n_layer=n_layer, n_head_kv=n_head_kv)
+    # q8_0 blocks are 32 wide: a quantized cache needs heads of 32 dimensions
+    files["llama-2x2-d32"] = make_fixtures_module.make_text_model(out / "llama-d32.gguf", n_layer=2, n_head_kv=2,
+                                                                  n_head=2)
+    for size in (32, 96):
+        grid = size // 16
+        files[f"mmproj-{grid}x{grid}"] = make_fixtures_module.make_mmproj(out / f"mmproj-{grid}.gguf", size)
+    return files
+
+
+def open_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object) -> VisionLanguageModel:
+    return VisionLanguageModel(ModelConfig(variants[model], variants[mmproj], n_ctx=2048, n_threads=2, **kw))
+
+
+def probe_logits(model: VisionLanguageModel, pos: int) -> np.ndarray:
+    token = model.tokenize(" the")[0]
+    model.decode_tokens([token], pos)
+    logits = model.logits()
+    model.remove_positions(pos)
+    return logits
+
+
+class CheckedInfiniPotV(InfiniPotV):
+    """InfiniPot-V that checks every selection against the NumPy reference and keeps what it saw."""
+
+    def __init__(self, use_tar: bool = True, use_van: bool = True, **kw: object) -> None:
+        super().__init__(**kw)
+        self.use_tar, self.use_van = use_tar, use_van
+        self.geometry = None  # the session's KVGeometry, set once the session exists
+        self.seen: list[dict[str, np.ndarray]] = []
+
+    def select(self, memory: VideoMemory, kv: object, keep: int) -> np.ndarray:
+        kept = super().select(memory, kv, keep)
+        frame, patch, rot_pos = memory.slots.arrays()
+        keys = np.stack([kv.keys(layer) for layer in range(kv.n_layer)])
+        values = np.stack([kv.values(layer) for layer in range(kv.n_layer)])
+        geo = self.geometry
+        unrotated = ref.rope_rotate(keys, -rot_pos, geo.freq_base, geo.n_rot, neox=geo.rope_type == 2)
+        oldest = recent_frames(memory, self.recent_fraction)
+        recent = sorted({int(f) for f in frame[0, 0] if f >= oldest})
+        expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
+                                     pool=self.pool, use_tar=self.use_tar, use_van=self.use_van)
+        np.testing.assert_array_equal(kept, expected)
+        self.seen.append({"keys": keys, "values": values, "kept": kept, "rot_pos": rot_pos})
+        return kept
+
+
+CASES = [  # model, projector, flash attention, positions, policy flags (tar, van, pool)
+    ("llama-2x2", "mmproj-4x4", "on", "reindex", (True, True, False)),
+    ("llama-2x2", "mmproj-4x4", "off", "keep", (True, True, True)),
+    ("llama-1x1", "mmproj-2x2", "off", "reindex", (True, True, True)),
+    ("llama-3x4", "mmproj-6x6", "on", "keep", (True, True, False)),
+    ("llama-3x4", "mmproj-2x2", "off", "reindex", (True, False, False)),
+    ("llama-1x2", "mmproj-6x6", "on", "reindex", (False, True, True)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c[:4])) for c in CASES])
+def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tuple, variants: dict[str, Path]) -> None:
+    model_name, mmproj, flash_attn, positions, (use_tar, use_van, pool) = case
+    with open_model(variants, model_name, mmproj, flash_attn=flash_attn) as model:
+        probe = model.encode_frame(np.zeros((8, 8, 3), np.uint8))
+        p = probe.n_tokens
+        model.free_frame(probe)
+        policy = CheckedInfiniPotV(use_tar=use_tar, use_van=use_van, pool=pool)
+        session = Session(model, SessionConfig(budget=16 * p, positions=positions, question_room=128), policy)
+        policy.geometry = session.geometry
+        kv = session.kv_pass()
+        for frame in SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1):  # passes before frames 16, 20, 24, 28
+            passes = session.memory.passes
+            session.insert_frame(frame)
+            if session.memory.passes == passes:
+                continue
+            # The pass just ran, then the new frame went in after the kept slots: check what moved.
+            seen = policy.seen[-1]
+            kept, keep = seen["kept"], seen["kept"].shape[2]
+            kv.read()
+            for layer in range(kv.n_layer):
+                new_keys, new_values = kv.keys(layer)[:, :keep], kv.values(layer)[:, :keep]
+                old_keys = np.take_along_axis(seen["keys"][layer], kept[layer][..., None], axis=1)
+                old_values = np.take_along_axis(seen["values"][layer], kept[layer][..., None], axis=1)
+                np.testing.assert_array_equal(new_values, old_values)
+                if positions == "keep":
+                    np.testing.assert_array_equal(new_keys, old_keys)
+                else:  # re-rotated from where each key was to its compact slot, in fp16
+                    geo = session.geometry
+                    old_pos = np.take_along_axis(seen["rot_pos"][layer], kept[layer], axis=1)
+                    delta = session.memory.prefix_tokens + np.arange(keep) - old_pos
+                    expected = ref.rope_rotate(old_keys, delta, geo.freq_base, geo.n_rot, neox=False)
+                    np.testing.assert_allclose(new_keys, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+        assert len(policy.seen) == 4
+        assert session.memory.video_tokens <= 16 * p
+        if positions == "reindex":
+            assert session.memory.next_pos == session.memory.prefix_tokens + 12 * p + p
+        assert session.ask("What happened?", max_tokens=4).n_tokens > 0
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_keeping_everything_leaves_the_logits_bit_identical(variants: dict[str, Path], positions: str,
+                                                            flash_attn: str) -> None:
+    with open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as model:
+        session = Session(model, SessionConfig(budget=256, positions=positions, question_room=128),
+                          make_policy("infinipot-v"))
+        for frame in SyntheticScene(seed=4, n_frames=8):
+            session.insert_frame(frame)
+        before = probe_logits(model, session.memory.next_pos)
+        kv = session.kv_pass()
+        kv.read()
+        n = kv.n_slots
+        everything = np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int32), (2, 2, n)))
+        _, _, rot_pos = session.memory.slots.arrays()
+        kv.apply(everything, kv.slot_positions(), rot_pos, positions == "reindex")
+        assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
+
+
+def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> None:
+    with open_model(variants, "llama-2x2", "mmproj-4x4") as model:
+        session = Session(model, SessionConfig(budget=256, question_room=128), make_policy("infinipot-v"))
+        for frame in SyntheticScene(seed=5, n_frames=6):
+            session.insert_frame(frame)
+        state = model.state_bytes()
+        kv = session.kv_pass()
+        kv.read()
+        with pytest.raises(RuntimeError, match="restored as it was"):
+            kv.apply_truncated_for_test()
+        assert model.state_bytes() == state
+
+
+def frame_embeddings(model: VisionLanguageModel, image: np.ndarray) -> np.ndarray:
+    """The projector's output for one frame: [tokens, n_embd]."""
+    encoded = model.encode_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    try:
+        chunk = next(mtmd.mtmd_input_chunks_get(encoded.chunks, i) for i in range(mtmd.mtmd_input_chunks_size(
+            encoded.chunks)) if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(encoded.chunks, i)) == 1)
+        assert mtmd.mtmd_encode_chunk(model.mtmd_ctx, chunk) == 0
+        ptr = mtmd.mtmd_get_output_embd(model.mtmd_ctx)
+        return np.ctypeslib.as_array(ptr, shape=(encoded.n_tokens, model.n_embd)).copy()
+    finally:
+        model.free_frame(encoded)
+
+
+def decode_embeddings(model: VisionLanguageModel, embd: np.ndarray, positions: np.ndarray) -> None:
+    batch = llama_cpp.llama_batch_init(len(embd), model.n_embd, 1)
+    try:
+        batch.n_tokens = len(embd)
+        flat = np.ascontiguousarray(embd, np.float32).ravel()
+        ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+        for i, pos in enumerate(positions):
+            batch.pos[i] = int(pos)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        assert llama_cpp.llama_decode(model.ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_one_head_drops_equal_a_cache_that_only_held_the_kept_tokens(variants: dict[str, Path],
+                                                                    positions: str) -> None:
+    """With one layer and one KV head a token's K and V depend on it alone, so the compressed cache must
+    equal one built from the kept tokens only: at their old positions (keep) or at the compact ones."""
+    frames = list(SyntheticScene(seed=6, n_frames=10))
+    with open_model(variants, "llama-1x1", "mmproj-4x4") as model:
+        policy = CheckedInfiniPotV()
+        session = Session(model, SessionConfig(budget=128, positions=positions, question_room=128), policy)
+        policy.geometry = session.geometry
+        for frame in frames:
+            session.insert_frame(frame)
+        assert session.memory.passes == 1  # at frame 9: 8 frames of 16 tokens down to 6
+        compressed = probe_logits(model, session.memory.next_pos)
+        seen = policy.seen[0]
+        prefix, next_pos = session.memory.prefix_tokens, session.memory.next_pos
+    with open_model(variants, "llama-1x1", "mmproj-4x4") as model:
+        fresh = Session(model, SessionConfig(question_room=128))
+        embd = np.concatenate([frame_embeddings(model, f.image) for f in frames])
+        kept = seen["kept"][0, 0]
+        old_pos = seen["rot_pos"][0, 0]
+        if positions == "keep":  # llama.cpp decodes only at max + 1: decode all, then drop the rest
+            decode_embeddings(model, embd[:len(old_pos)], old_pos)
+            for pos in np.setdiff1d(old_pos, old_pos[kept]):
+                model.remove_positions(int(pos), int(pos) + 1)
+        else:
+            decode_embeddings(model, embd[kept], prefix + np.arange(len(kept)))
+        last = embd[len(seen["rot_pos"][0, 0]):]  # the frame decoded after the pass
+        decode_embeddings(model, last, np.arange(next_pos - len(last), next_pos))
+        assert fresh.memory.prefix_tokens == prefix
+        np.testing.assert_allclose(probe_logits(model, next_pos), compressed, rtol=1e-3, atol=1e-3)
+
+
+def test_a_stream_of_twenty_contexts_stays_within_budget(fixtures: dict[str, Path]) -> None:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512, n_threads=2)) as model:
+        assert model.n_ctx_train == 1024
+        session = Session(model, SessionConfig(budget=128, question_room=128), make_policy("infinipot-v"))
+        most_tokens = most_pos = 0
+        for frame in SyntheticScene(seed=7, n_frames=20 * 1024 // 16):
+            session.insert_frame(frame)
+            most_tokens = max(most_tokens, session.memory.video_tokens)
+            most_pos = max(most_pos, session.memory.next_pos)
+        assert session.frames_seen * 16 == 20 * 1024
+        assert most_tokens <= 128
+        assert most_pos <= session.memory.prefix_tokens + 128 + 16
+        assert session.ask("What did you see?", max_tokens=4).n_tokens > 0
+
+
+def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
+        frame = next(iter(SyntheticScene(n_frames=1)))
+        with pytest.raises(SettingsError, match="one frame needs 16 tokens but the video memory holds 8"):
+            Session(model, SessionConfig(budget=8, question_room=128), make_policy("infinipot-v")).insert_frame(frame)
+        with pytest.raises(SettingsError, match=r"\|C\| must be smaller than \|M\|"):
+            Session(model, SessionConfig(budget=128, keep_fraction=1.0, question_room=128), make_policy("infinipot-v"))
+        with pytest.raises(SettingsError, match="alpha must be in"):
+            make_policy("infinipot-v", alpha=1.5)
+        with pytest.raises(SettingsError, match="needs a context of at least"):
+            Session(model, SessionConfig(budget=4096, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(budget=64, question_room=128), make_policy("infinipot-v", alpha=0.1))
+        with pytest.raises(SettingsError, match="cannot hold the 1 recent frames"):
+            for frame in SyntheticScene(n_frames=6):
+                session.insert_frame(frame)
+
+
+def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dict[str, Path]) -> None:
+    with open_model(variants, "llama-2x2-d32", "mmproj-4x4", cache_type="q8_0", flash_attn="on") as model:
+        session = Session(model, SessionConfig(budget=64, question_room=128), make_policy("infinipot-v"))
+        with pytest.raises(ModelError, match="the KV cache is q8_0; compression supports f16 and f32"):
+            for frame in SyntheticScene(n_frames=6):
+                session.insert_frame(frame)
+        assert session.memory.video_tokens == 64
+        assert session.ask("What?", max_tokens=2).n_tokens > 0
+
+
+@pytest.mark.parametrize("name", ["sliding-window", "uniform", "random", "tar", "van", "infinipot-v"])
+def test_every_policy_keeps_the_budget(fixtures: dict[str, Path], name: str) -> None:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
+        session = Session(model, SessionConfig(budget=128, question_room=128), make_policy(name))
+        for frame in SyntheticScene(seed=8, n_frames=40):
+            session.insert_frame(frame)
+            assert session.memory.video_tokens <= 128
+        assert session.memory.passes == 16
+        if name in ("sliding-window", "uniform"):  # whole-frame baselines: every head holds the same
+            frames = session.memory.slots.frame[:, :, :session.memory.video_tokens]
+            assert (frames == frames[0, 0]).all()
+        assert session.ask("What?", max_tokens=2).n_tokens > 0
+
+
+def test_sliding_window_keeps_the_sinks_and_the_newest(fixtures: dict[str, Path]) -> None:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
+        session = Session(model, SessionConfig(budget=128, question_room=128), SlidingWindow(sink_tokens=4))
+        for frame in SyntheticScene(seed=8, n_frames=20):
+            session.insert_frame(frame)
+        frame_of = session.memory.slots.frame[0, 0, :session.memory.video_tokens]
+        assert list(frame_of[:4]) == [0, 0, 0, 0] and frame_of[-1] == 19
