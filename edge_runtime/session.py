@@ -118,6 +118,7 @@ class Session:
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots)
         self._pass: _native.KVPass | None = None  # made at the first compression, sized for the budget
+        self.last_pass: dict[str, float] = {}  # the last pass's timings (read, select, apply) and bytes
 
     def _check_settings(self, capacity: int, n_prefix: int) -> int:
         cfg = self.config
@@ -147,11 +148,12 @@ class Session:
         rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)  # mtmd wants contiguous RGB bytes
         encoded = self.model.encode_frame(rgb)
         mem = self.memory
+        t1 = time.perf_counter()
+        compress_ms = 0.0
         try:
-            t1 = time.perf_counter()
             if encoded.n_tokens > mem.budget:
                 raise SettingsError(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
-                                 f"{mem.budget}: raise --budget or --ctx, or lower --question-room")
+                                    f"{mem.budget}: raise --budget or --ctx, or lower --question-room")
             if self.policy.compresses and encoded.n_tokens != encoded.nx * encoded.ny:
                 raise ModelError(f"this model wraps each frame in {encoded.n_tokens - encoded.nx * encoded.ny} "
                                  "text tokens, which compression does not handle yet: use --policy full")
@@ -161,7 +163,7 @@ class Session:
                         f"video memory full after {len(mem.records)} frames ({mem.video_tokens} tokens of "
                         f"{mem.budget}); allocate more with --ctx or cap it with a compression --policy")
                 self._compress()
-            t2 = time.perf_counter()
+                compress_ms = (time.perf_counter() - t1) * 1e3
             encode_ms, decode_ms = self.model.decode_frame(encoded, mem.next_pos)
         finally:
             self.model.free_frame(encoded)
@@ -173,7 +175,7 @@ class Session:
         mem.frames_since_pass += 1
         self.frames_seen += 1
         timing = IngestTiming(prepare_ms=(t1 - t0) * 1e3, encode_ms=encode_ms, decode_ms=decode_ms,
-                              compress_ms=(t2 - t1) * 1e3)
+                              compress_ms=compress_ms)
         return record, timing
 
     def kv_pass(self) -> _native.KVPass:
@@ -183,7 +185,7 @@ class Session:
             self._pass = _native.KVPass(
                 self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
                 geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                mem.prefix_tokens + mem.budget, self.model.n_ctx)
+                mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads)
         return self._pass
 
     def _compress(self) -> None:
@@ -196,13 +198,16 @@ class Session:
                                 f"({p} tokens): raise --budget")
         self.policy.check(mem, keep)
         kv = self.kv_pass()
+        t0 = time.perf_counter()
         try:
             kv.read()
         except RuntimeError as e:  # a KV layout the pass cannot rewrite: say which, keep the memory
             raise ModelError(f"cannot compress this KV cache: {e}") from None
         if kv.n_slots != mem.video_tokens:
             raise RuntimeError(f"the KV cache holds {kv.n_slots} video cells, the bookkeeping {mem.video_tokens}")
+        t1 = time.perf_counter()
         kept = self.policy.select(mem, kv, keep)
+        t2 = time.perf_counter()
         # Cells get compact positions either way; a cell's position only orders it before the question.
         # reindex: right after the prompt, keys re-rotated to match; keep: ending just below the next
         # frame (llama.cpp wants new tokens at the highest position + 1), keys keep their rotation.
@@ -214,6 +219,9 @@ class Session:
             kv.apply(kept, new_pos, rot_pos, reindex)
         except RuntimeError as e:
             raise ModelError(str(e)) from None
+        t3 = time.perf_counter()
+        self.last_pass = {"read_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "apply_ms": (t3 - t2) * 1e3,
+                          "state_bytes": kv.state_bytes}
         mem.slots.keep(kept, new_pos if reindex else None)
         if reindex:
             mem.next_pos = mem.prefix_tokens + keep

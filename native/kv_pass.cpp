@@ -19,6 +19,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ggml.h"
@@ -56,12 +57,44 @@ void top_k(int32_t *idx, size_t n, size_t k, const double *score) {
 
 }  // namespace
 
+// Everything one worker needs for one layer, sized once (for the budget) and reused by every pass.
+struct Scratch {
+    std::vector<float> kf, vf;          // the layer's K and V as float, in blob layout
+    std::vector<float> unit;            // [N][D] un-rotated unit keys of one head
+    std::vector<float> row;             // one output row (all heads) before converting back to f16
+    std::vector<double> sum, tar, van, pooled, grid;
+    std::vector<int32_t> idx;
+    std::vector<uint8_t> mark, present;
+};
+
+// Run f(layer, scratch) for every layer on `n` threads (layers split round-robin); rethrow the first error.
+template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scratch, F &&f) {
+    const size_t n = std::min(scratch.size(), n_layer);
+    if (n <= 1) {
+        for (size_t l = 0; l < n_layer; ++l) f(l, scratch[0]);
+        return;
+    }
+    std::vector<std::exception_ptr> errors(n);
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < n; ++t)
+        threads.emplace_back([&, t] {
+            try {
+                for (size_t l = t; l < n_layer; l += n) f(l, scratch[t]);
+            } catch (...) {
+                errors[t] = std::current_exception();
+            }
+        });
+    for (auto &th : threads) th.join();
+    for (auto &e : errors)
+        if (e) std::rethrow_exception(e);
+}
+
 class KVPass {
   public:
     KVPass(uintptr_t ctx, int n_prefix, int n_head_kv, int head_dim_k, int head_dim_v, bool mrope, int rope_type,
-           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position)
+           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads)
         : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
-          dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells) {
+          dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
         rope_.type = rope_type;
         rope_.n_rot = n_rot;
         rope_.freq_base = freq_base;
@@ -69,47 +102,59 @@ class KVPass {
         // cos/sin of every position a reindexed cache can hold, for un-rotating and re-rotating keys;
         // positions past the table (keep mode on long streams) are computed directly.
         table_n_ = std::max(max_position, 1);
-        int half = std::max(n_rot / 2, 1);
-        cos_.resize(size_t(table_n_) * half);
-        sin_.resize(size_t(table_n_) * half);
+        half_ = std::max(n_rot / 2, 1);
+        cos_.resize(size_t(table_n_) * half_);
+        sin_.resize(size_t(table_n_) * half_);
         for (int p = 0; p < table_n_; ++p)
-            for (int i = 0; i < half; ++i) {
+            for (int i = 0; i < half_; ++i) {
                 double th = angle(p, i);
-                cos_[size_t(p) * half + i] = std::cos(th);
-                sin_[size_t(p) * half + i] = std::sin(th);
+                cos_[size_t(p) * half_ + i] = float(std::cos(th));
+                sin_[size_t(p) * half_ + i] = float(std::sin(th));
             }
     }
 
-    // Copy the sequence's state into buffer A and parse it; sizes both buffers on the first call.
+    // Copy the sequence's state into buffer A and parse it; sizes every buffer on the first call.
     void read() {
         size_t size = llama_state_seq_get_size(ctx_, 0);
         if (a_.empty()) {
             a_.resize(size);
-            size_t got = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
-            view_ = edge::parse_state(a_.data(), got, mrope_);
+            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
+            edge::parse_state(a_.data(), size_a_, mrope_, view_);
             check_layout();
-            size_t cap = edge::state_size_for(view_, size_t(max_cells_));
-            cap = std::max(cap, size);
+            size_t cap = std::max(edge::state_size_for(view_, size_t(max_cells_)), size);
             a_.resize(cap);
             b_.resize(cap);
-            size_a_ = got;
+            size_t cells = size_t(max_cells_), hk = size_t(n_head_) * dk_, hv = size_t(n_head_) * dv_;
+            for (auto &S : scratch_) {
+                S.kf.resize(cells * hk);
+                S.vf.resize(cells * hv);
+                S.unit.resize(cells * dk_);
+                S.row.resize(std::max(hk, hv));
+                for (auto *v : {&S.tar, &S.van, &S.pooled}) v->resize(cells);
+                S.idx.resize(cells);
+                S.mark.resize(cells);
+            }
+            view_.pos.reserve(cells);
+            view_.cell_offset.reserve(cells);
+            prefix_cells_.reserve(cells);
+            slot_cells_.reserve(cells);
         } else {
             if (size > a_.size())
                 throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
                                          std::to_string(a_.size()) + " (more cells than the budget?)");
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), 0);
-            view_ = edge::parse_state(a_.data(), size_a_, mrope_);
+            edge::parse_state(a_.data(), size_a_, mrope_, view_);
         }
+        if (view_.cell_count > uint32_t(max_cells_))
+            throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
         // Cells below n_prefix are the system prompt: never touched. The rest, by position, are the slots.
         prefix_cells_.clear();
         slot_cells_.clear();
         for (uint32_t c = 0; c < view_.cell_count; ++c)
             (view_.pos[c] < n_prefix_ ? prefix_cells_ : slot_cells_).push_back(int32_t(c));
-        std::sort(slot_cells_.begin(), slot_cells_.end(),
-                  [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; });
-        std::sort(prefix_cells_.begin(), prefix_cells_.end(),
-                  [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; });
-        ensure_scratch(slot_cells_.size());
+        auto by_pos = [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; };
+        std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
+        std::sort(prefix_cells_.begin(), prefix_cells_.end(), by_pos);
     }
 
     size_t n_slots() const { return slot_cells_.size(); }
@@ -126,8 +171,8 @@ class KVPass {
     }
 
     // [H, N, D] float32 keys / values of one layer in slot order, as stored (tests and diagnostics).
-    py::array_t<float> keys(int layer) const { return rows(layer, true); }
-    py::array_t<float> values(int layer) const { return rows(layer, false); }
+    py::array_t<float> keys(int layer) { return rows(layer, true); }
+    py::array_t<float> values(int layer) { return rows(layer, false); }
 
     // InfiniPot-V selection (or its TaR-only / VaN-only ablations) for every (layer, head).
     // slot_frame, slot_patch, rot_pos: [L, H, N] int32 bookkeeping (frame id, patch y*nx+x, the position
@@ -139,17 +184,26 @@ class KVPass {
         check_bookkeeping(slot_patch, L, H, N);
         check_bookkeeping(rot_pos, L, H, N);
         if (keep <= 0 || size_t(keep) > N) throw std::invalid_argument("keep must be in [1, slots]");
+        if (nx <= 0 || ny <= 0) throw std::invalid_argument("empty patch grid");
         const int32_t *F = slot_frame.data(), *P = slot_patch.data(), *R = rot_pos.data();
         I32Array out({py::ssize_t(L), py::ssize_t(H), py::ssize_t(keep)});
         int32_t *o = out.mutable_data();
-        ensure_grid(p);
-        for (size_t l = 0; l < L; ++l) {
-            int kernel = pool ? pool_kernel(l, L) : 1;
-            for (size_t h = 0; h < H; ++h) {
-                const size_t base = (l * H + h) * N;
-                select_head(l, h, F + base, P + base, R + base, nx, p, recent_min_frame, size_t(keep), alpha, kernel,
-                            use_tar, use_van, o + (l * H + h) * size_t(keep));
-            }
+        for (auto &S : scratch_) {
+            if (S.sum.size() < p * dk_) S.sum.resize(p * dk_);
+            if (S.grid.size() < p) S.grid.resize(p), S.present.resize(p);
+        }
+        {
+            py::gil_scoped_release nogil;
+            for_layers(L, scratch_, [&](size_t l, Scratch &S) {
+                if (use_tar) layer_to_float(l, true, S.kf.data());
+                if (use_van) layer_to_float(l, false, S.vf.data());
+                const int kernel = pool ? pool_kernel(l, L) : 1;
+                for (size_t h = 0; h < H; ++h) {
+                    const size_t base = (l * H + h) * N;
+                    select_head(S, l, h, F + base, P + base, R + base, nx, p, recent_min_frame, size_t(keep), alpha,
+                                kernel, use_tar, use_van, o + (l * H + h) * size_t(keep));
+                }
+            });
         }
         return out;
     }
@@ -172,6 +226,7 @@ class KVPass {
         const size_t out_size = edge::state_size_for(view_, cells);
         if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
 
+        py::gil_scoped_release nogil;
         uint8_t *b = b_.data();
         const uint8_t *a = a_.data();
         size_t w = 0;
@@ -184,63 +239,30 @@ class KVPass {
         const size_t rec = (view_.cells_end - view_.cell_offset[0]) / view_.cell_count;
         for (size_t i = 0; i < NP; ++i) put(a + view_.cell_offset[prefix_cells_[i]], rec);
         for (size_t j = 0; j < C; ++j) {
-            size_t start = w;
-            put(a + view_.cell_offset[slot_cells_[K[j]]], rec);  // head (0, 0)'s token: its seq ids
-            std::memcpy(b + start, &NPOS[j], 4);
+            std::memcpy(b + w, a + view_.cell_offset[slot_cells_[K[j]]], rec);  // head (0, 0)'s token: seq ids
+            std::memcpy(b + w, &NPOS[j], 4);
+            w += rec;
         }
         put32(view_.v_trans);
         put32(view_.n_layer);
-        std::vector<float> &tmp = rowf_;
+        // Where each layer's K and V go in B, so that workers can write their layers independently.
+        std::vector<size_t> &k_at = k_at_, &v_at = v_at_;
+        k_at.resize(L);
+        v_at.resize(L);
         for (size_t l = 0; l < L; ++l) {
-            const auto &LV = view_.layers[l];
-            put(&LV.k_type, 4);
-            put(&LV.k_row_bytes, 8);
-            const size_t row = LV.k_row_bytes, hb = row / H;
-            for (size_t i = 0; i < NP; ++i) put(a + LV.k_offset + size_t(prefix_cells_[i]) * row, row);
-            for (size_t j = 0; j < C; ++j) {
-                for (size_t h = 0; h < H; ++h) {
-                    const int32_t slot = K[(l * H + h) * C + j];
-                    const uint8_t *src = a + LV.k_offset + size_t(slot_cells_[slot]) * row + h * hb;
-                    uint8_t *dst = b + w + h * hb;
-                    int delta = NPOS[j] - RP[(l * H + h) * N + slot];
-                    if (rerotate && delta != 0) {
-                        to_float(LV.k_type, src, tmp.data(), size_t(dk_));
-                        rotate(tmp.data(), delta);
-                        from_float(LV.k_type, tmp.data(), dst, size_t(dk_));
-                    } else {
-                        std::memcpy(dst, src, hb);
-                    }
-                }
-                w += row;
-            }
+            k_at[l] = w;
+            w += 12 + view_.layers[l].k_row_bytes * cells;
         }
         for (size_t l = 0; l < L; ++l) {
             const auto &LV = view_.layers[l];
-            put(&LV.v_type, 4);
-            if (!view_.v_trans) {
-                put(&LV.v_row_bytes, 8);
-                const size_t row = LV.v_row_bytes, hb = row / H;
-                for (size_t i = 0; i < NP; ++i) put(a + LV.v_offset + size_t(prefix_cells_[i]) * row, row);
-                for (size_t j = 0; j < C; ++j) {
-                    for (size_t h = 0; h < H; ++h) {
-                        const int32_t slot = K[(l * H + h) * C + j];
-                        std::memcpy(b + w + h * hb, a + LV.v_offset + size_t(slot_cells_[slot]) * row + h * hb, hb);
-                    }
-                    w += row;
-                }
-            } else {
-                put(&LV.v_elem_bytes, 4);
-                put(&LV.n_embd_v, 4);
-                const size_t eb = LV.v_elem_bytes, cc = view_.cell_count, dv = LV.n_embd_v / H;
-                for (size_t d = 0; d < LV.n_embd_v; ++d) {
-                    const uint8_t *run = a + LV.v_offset + d * cc * eb;
-                    for (size_t i = 0; i < NP; ++i) put(run + size_t(prefix_cells_[i]) * eb, eb);
-                    const int32_t *kh = K + (l * H + d / dv) * C;
-                    for (size_t j = 0; j < C; ++j) put(run + size_t(slot_cells_[kh[j]]) * eb, eb);
-                }
-            }
+            v_at[l] = w;
+            w += view_.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
         }
         if (w != out_size) throw std::logic_error("compressed state size mismatch");
+        for_layers(L, scratch_, [&](size_t l, Scratch &S) {
+            write_keys(l, b + k_at[l], K, C, NPOS, RP, N, rerotate, S);
+            write_values(l, b + v_at[l], K, C);
+        });
         if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) {
             // llama.cpp removed the sequence before failing: put the untouched original back.
             if (llama_state_seq_set_data(ctx_, a, size_a_, 0) == 0)
@@ -266,37 +288,37 @@ class KVPass {
         return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
     }
 
-    // Rotate x (head_dim floats) by `delta` positions: x <- R(delta) x.
+    // Rotate x (one head) by `delta` positions: x <- R(delta) x.
     void rotate(float *x, int delta) const {
         const int half = rope_.n_rot / 2;
         const bool neg = delta < 0;
         const int ad = neg ? -delta : delta;
+        const bool neox = rope_.type == LLAMA_ROPE_TYPE_NEOX;
+        const float *ct = ad < table_n_ ? &cos_[size_t(ad) * half_] : nullptr;
+        const float *st = ad < table_n_ ? &sin_[size_t(ad) * half_] : nullptr;
         for (int i = 0; i < half; ++i) {
-            double c, s;
-            if (ad < table_n_) {
-                c = cos_[size_t(ad) * half + i];
-                s = sin_[size_t(ad) * half + i];
+            float c, s;
+            if (ct) {
+                c = ct[i];
+                s = st[i];
             } else {
                 double th = angle(ad, i);
-                c = std::cos(th);
-                s = std::sin(th);
+                c = float(std::cos(th));
+                s = float(std::sin(th));
             }
             if (neg) s = -s;
-            const int i0 = rope_.type == LLAMA_ROPE_TYPE_NEOX ? i : 2 * i;
-            const int i1 = rope_.type == LLAMA_ROPE_TYPE_NEOX ? i + half : 2 * i + 1;
-            const double a = x[i0], b = x[i1];
-            x[i0] = float(a * c - b * s);
-            x[i1] = float(a * s + b * c);
+            const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            const float a = x[i0], b = x[i1];
+            x[i0] = a * c - b * s;
+            x[i1] = a * s + b * c;
         }
     }
 
     static void to_float(int type, const uint8_t *src, float *dst, size_t n) {
         if (type == GGML_TYPE_F16)
             ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(src), dst, int64_t(n));
-        else if (type == GGML_TYPE_F32)
-            std::memcpy(dst, src, n * 4);
         else
-            throw std::runtime_error("unsupported KV type");
+            std::memcpy(dst, src, n * 4);
     }
 
     static void from_float(int type, const float *src, uint8_t *dst, size_t n) {
@@ -306,12 +328,20 @@ class KVPass {
             std::memcpy(dst, src, n * 4);
     }
 
+    // One layer's whole K (or V) block as float, in blob layout: [cells][H*D] (V transposed: [n_embd_v][cells]).
+    void layer_to_float(size_t l, bool keys, float *out) const {
+        const auto &LV = view_.layers[l];
+        const size_t cc = view_.cell_count;
+        if (keys) return to_float(LV.k_type, a_.data() + LV.k_offset, out, cc * size_t(n_head_) * dk_);
+        to_float(LV.v_type, a_.data() + LV.v_offset, out, cc * size_t(n_head_) * dv_);
+    }
+
     void check_layout() const {
         for (const auto &L : view_.layers) {
             for (int t : {L.k_type, L.v_type})
                 if (t != GGML_TYPE_F16 && t != GGML_TYPE_F32)
                     throw std::runtime_error(std::string("the KV cache is ") + ggml_type_name(ggml_type(t)) +
-                                             "; compression supports f16 and f32 caches (drop --cache-type)");
+                                             "; compression supports f16 and f32 caches (use --cache-type f16)");
             if (L.k_row_bytes != size_t(n_head_) * dk_ * ggml_type_size(ggml_type(L.k_type)))
                 throw std::runtime_error("K rows do not match n_head_kv x head_dim");
         }
@@ -330,79 +360,23 @@ class KVPass {
         return 1;
     }
 
-    void ensure_scratch(size_t n) {
-        if (unit_.size() < n * dk_) unit_.resize(std::max(n, size_t(max_cells_)) * dk_);
-        if (tar_.size() < n) {
-            size_t m = std::max(n, size_t(max_cells_));
-            tar_.resize(m);
-            van_.resize(m);
-            pooled_.resize(m);
-            idx_.resize(m);
-            mark_.resize(m);
-        }
-        if (rowf_.size() < size_t(std::max(dk_, dv_))) rowf_.resize(size_t(std::max(dk_, dv_)));
-    }
-
-    void ensure_grid(size_t p) {
-        if (sum_.size() < p * dk_) sum_.resize(p * dk_);
-        if (recent_slot_.size() < p) recent_slot_.resize(p);
-        if (grid_.size() < p) {
-            grid_.resize(p);
-            present_.resize(p);
-        }
-    }
-
-    // The key of slot n, head h of layer l, un-rotated to position 0 and scaled to unit length (into out).
-    void unit_key(size_t l, size_t h, size_t n, int pos, double *out) {
-        const auto &LV = view_.layers[l];
-        const uint8_t *src = a_.data() + LV.k_offset + size_t(slot_cells_[n]) * LV.k_row_bytes +
-                             h * (LV.k_row_bytes / size_t(n_head_));
-        to_float(LV.k_type, src, rowf_.data(), size_t(dk_));
-        if (rope_.n_rot > 0 && pos != 0) rotate(rowf_.data(), -pos);
-        double norm = 0;
-        for (int d = 0; d < dk_; ++d) norm += double(rowf_[d]) * rowf_[d];
-        norm = std::sqrt(norm);
-        const double inv = norm > 1e-12 ? 1.0 / norm : 0.0;  // cos = a.b / max(|a||b|, eps)
-        for (int d = 0; d < dk_; ++d) out[d] = rowf_[d] * inv;
-    }
-
-    double value_norm(size_t l, size_t h, size_t n) {
-        const auto &LV = view_.layers[l];
-        const size_t c = size_t(slot_cells_[n]);
-        double s = 0;
-        if (!view_.v_trans) {
-            const uint8_t *src = a_.data() + LV.v_offset + c * LV.v_row_bytes + h * (LV.v_row_bytes / size_t(n_head_));
-            to_float(LV.v_type, src, rowf_.data(), size_t(dv_));
-            for (int d = 0; d < dv_; ++d) s += double(rowf_[d]) * rowf_[d];
-        } else {
-            const size_t eb = LV.v_elem_bytes, cc = view_.cell_count, dv = LV.n_embd_v / size_t(n_head_);
-            for (size_t d = h * dv; d < (h + 1) * dv; ++d) {
-                float v;
-                to_float(LV.v_type, a_.data() + LV.v_offset + (d * cc + c) * eb, &v, 1);
-                s += double(v) * v;
-            }
-        }
-        return std::sqrt(s);
-    }
-
-    void select_head(size_t l, size_t h, const int32_t *frame, const int32_t *patch, const int32_t *rpos, int nx,
-                     size_t p, int recent_min_frame, size_t keep, double alpha, int kernel, bool use_tar,
-                     bool use_van, int32_t *out) {
-        const size_t N = slot_cells_.size();
+    void select_head(Scratch &S, size_t l, size_t h, const int32_t *frame, const int32_t *patch, const int32_t *rpos,
+                     int nx, size_t p, int recent_min_frame, size_t keep, double alpha, int kernel, bool use_tar,
+                     bool use_van, int32_t *out) const {
+        const size_t N = slot_cells_.size(), D = size_t(dk_), rowk = size_t(n_head_) * dk_;
         // The recent frames: every patch of each must be here, once.
-        std::fill(recent_slot_.begin(), recent_slot_.begin() + long(p), -1);
         size_t n_recent_tokens = 0;
         int n_recent_frames = 0, last_frame = INT32_MIN;
         for (size_t n = 0; n < N; ++n) {
             if (n > 0 && frame[n] < frame[n - 1]) throw std::logic_error("slots are not in time order");
-            mark_[n] = 0;
-            if (frame[n] < recent_min_frame) continue;
             if (patch[n] < 0 || size_t(patch[n]) >= p) throw std::invalid_argument("patch index outside the grid");
+            S.mark[n] = 0;
+            if (frame[n] < recent_min_frame) continue;
             if (frame[n] != last_frame) {
                 last_frame = frame[n];
                 ++n_recent_frames;
             }
-            mark_[n] = 1;
+            S.mark[n] = 1;
             ++n_recent_tokens;
         }
         if (n_recent_tokens != size_t(n_recent_frames) * p)
@@ -414,57 +388,79 @@ class KVPass {
         // TaR: -(1/r) sum over recent frames of cos(k_n, k_{t', patch(n)}) = -(1/r) k̂_n . S_patch(n),
         // with S_q the sum of the recent frames' unit keys at patch q: one dot product per slot.
         if (use_tar) {
-            std::fill(sum_.begin(), sum_.begin() + long(p * dk_), 0.0);
+            std::fill(S.sum.begin(), S.sum.begin() + long(p * D), 0.0);
             for (size_t n = 0; n < N; ++n) {
-                double *u = unit_.data() + n * dk_;
-                unit_key(l, h, n, rpos[n], u);
-                if (mark_[n]) {
-                    double *s = sum_.data() + size_t(patch[n]) * dk_;
-                    for (int d = 0; d < dk_; ++d) s[d] += u[d];
+                float *u = S.unit.data() + n * D;
+                std::memcpy(u, S.kf.data() + size_t(slot_cells_[n]) * rowk + h * D, D * sizeof(float));
+                if (rope_.n_rot > 0 && rpos[n] != 0) rotate(u, -rpos[n]);
+                double norm = 0;
+                for (size_t d = 0; d < D; ++d) norm += double(u[d]) * u[d];
+                norm = std::sqrt(norm);
+                const float inv = norm > 1e-12 ? float(1.0 / norm) : 0.0f;  // cos = a.b / max(|a||b|, eps)
+                for (size_t d = 0; d < D; ++d) u[d] *= inv;
+                if (S.mark[n]) {
+                    double *s = S.sum.data() + size_t(patch[n]) * D;
+                    for (size_t d = 0; d < D; ++d) s[d] += u[d];
                 }
             }
             for (size_t n = 0; n < N; ++n) {
-                if (mark_[n]) continue;
-                if (patch[n] < 0 || size_t(patch[n]) >= p) throw std::invalid_argument("patch index outside the grid");
-                const double *u = unit_.data() + n * dk_, *s = sum_.data() + size_t(patch[n]) * dk_;
+                if (S.mark[n]) continue;
+                const float *u = S.unit.data() + n * D;
+                const double *s = S.sum.data() + size_t(patch[n]) * D;
                 double dot = 0;
-                for (int d = 0; d < dk_; ++d) dot += u[d] * s[d];
-                tar_[n] = -dot / double(r);
+                for (size_t d = 0; d < D; ++d) dot += u[d] * s[d];
+                S.tar[n] = -dot / double(r);
             }
         }
         if (use_van) {
-            for (size_t n = 0; n < N; ++n) van_[n] = value_norm(l, h, n);
-            if (kernel > 1) pool_van(frame, patch, nx, p, kernel);
+            for (size_t n = 0; n < N; ++n) S.van[n] = value_norm(S, h, size_t(slot_cells_[n]));
+            if (kernel > 1) pool_van(S, frame, patch, nx, p, kernel);
         }
 
         // Candidates: the past (non-recent) slots.
         size_t nc = 0;
         for (size_t n = 0; n < N; ++n)
-            if (!mark_[n]) idx_[nc++] = int32_t(n);
+            if (!S.mark[n]) S.idx[nc++] = int32_t(n);
         size_t n_kept_past = keep - rp;
         if (use_tar && use_van) {
             long n_tar = long(std::floor(alpha * double(keep))) - long(rp);
             if (n_tar < 0) throw std::invalid_argument("alpha * |C| must cover the recent frames");
             size_t nt = std::min(size_t(n_tar), nc);
-            top_k(idx_.data(), nc, nt, tar_.data());
-            for (size_t i = 0; i < nt; ++i) mark_[size_t(idx_[i])] = 1;  // protected by TaR
+            top_k(S.idx.data(), nc, nt, S.tar.data());
+            for (size_t i = 0; i < nt; ++i) S.mark[size_t(S.idx[i])] = 1;  // protected by TaR
             // The rest of the room goes to the highest VaN among the unprotected.
-            std::copy(idx_.begin() + long(nt), idx_.begin() + long(nc), idx_.begin());
+            std::copy(S.idx.begin() + long(nt), S.idx.begin() + long(nc), S.idx.begin());
             nc -= nt;
             n_kept_past -= nt;
-            top_k(idx_.data(), nc, n_kept_past, van_.data());
+            top_k(S.idx.data(), nc, n_kept_past, S.van.data());
         } else {
-            top_k(idx_.data(), nc, n_kept_past, use_tar ? tar_.data() : van_.data());
+            top_k(S.idx.data(), nc, n_kept_past, use_tar ? S.tar.data() : S.van.data());
         }
-        for (size_t i = 0; i < std::min(n_kept_past, nc); ++i) mark_[size_t(idx_[i])] = 1;
+        for (size_t i = 0; i < std::min(n_kept_past, nc); ++i) S.mark[size_t(S.idx[i])] = 1;
         size_t k = 0;
         for (size_t n = 0; n < N; ++n)
-            if (mark_[n]) out[k++] = int32_t(n);
+            if (S.mark[n]) out[k++] = int32_t(n);
         if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
     }
 
+    double value_norm(const Scratch &S, size_t h, size_t cell) const {
+        double s = 0;
+        const size_t D = size_t(dv_);
+        if (!view_.v_trans) {
+            const float *v = S.vf.data() + cell * size_t(n_head_) * D + h * D;
+            for (size_t d = 0; d < D; ++d) s += double(v[d]) * v[d];
+        } else {
+            const size_t cc = view_.cell_count;
+            for (size_t d = h * D; d < (h + 1) * D; ++d) {
+                const double v = S.vf[d * cc + cell];
+                s += v * v;
+            }
+        }
+        return std::sqrt(s);
+    }
+
     // Mean of VaN over the k x k window of the same frame, over the slots this head still holds.
-    void pool_van(const int32_t *frame, const int32_t *patch, int nx, size_t p, int kernel) {
+    void pool_van(Scratch &S, const int32_t *frame, const int32_t *patch, int nx, size_t p, int kernel) const {
         const size_t N = slot_cells_.size();
         const int half = kernel / 2, ny = int(p) / nx;
         size_t start = 0;
@@ -472,8 +468,8 @@ class KVPass {
             size_t end = start;
             while (end < N && frame[end] == frame[start]) ++end;
             for (size_t n = start; n < end; ++n) {
-                grid_[size_t(patch[n])] = van_[n];
-                present_[size_t(patch[n])] = 1;
+                S.grid[size_t(patch[n])] = S.van[n];
+                S.present[size_t(patch[n])] = 1;
             }
             for (size_t n = start; n < end; ++n) {
                 const int x = patch[n] % nx, y = patch[n] / nx;
@@ -481,37 +477,108 @@ class KVPass {
                 int cnt = 0;
                 for (int yy = std::max(0, y - half); yy <= std::min(ny - 1, y + half); ++yy)
                     for (int xx = std::max(0, x - half); xx <= std::min(nx - 1, x + half); ++xx)
-                        if (present_[size_t(yy * nx + xx)]) {
-                            s += grid_[size_t(yy * nx + xx)];
+                        if (S.present[size_t(yy * nx + xx)]) {
+                            s += S.grid[size_t(yy * nx + xx)];
                             ++cnt;
                         }
-                pooled_[n] = s / cnt;
+                S.pooled[n] = s / cnt;
             }
-            for (size_t n = start; n < end; ++n) present_[size_t(patch[n])] = 0;
+            for (size_t n = start; n < end; ++n) S.present[size_t(patch[n])] = 0;
             start = end;
         }
-        for (size_t n = 0; n < N; ++n) van_[n] = pooled_[n];
+        std::copy(S.pooled.begin(), S.pooled.begin() + long(N), S.van.begin());
     }
 
-    py::array_t<float> rows(int layer, bool keys) const {
+    // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
+    void write_keys(size_t l, uint8_t *out, const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP,
+                    size_t N, bool rerotate, Scratch &S) const {
+        const auto &LV = view_.layers[l];
+        const size_t H = size_t(n_head_), row = LV.k_row_bytes, hb = row / H, D = size_t(dk_);
+        const uint8_t *src = a_.data() + LV.k_offset;
+        std::memcpy(out, &LV.k_type, 4);
+        std::memcpy(out + 4, &LV.k_row_bytes, 8);
+        out += 12;
+        for (int32_t c : prefix_cells_) {
+            std::memcpy(out, src + size_t(c) * row, row);
+            out += row;
+        }
+        for (size_t j = 0; j < C; ++j, out += row) {
+            bool turned = false;
+            for (size_t h = 0; h < H; ++h) {
+                const int32_t slot = K[(l * H + h) * C + j];
+                const uint8_t *from = src + size_t(slot_cells_[slot]) * row + h * hb;
+                const int delta = NPOS[j] - RP[(l * H + h) * N + slot];
+                float *x = S.row.data() + h * D;
+                to_float(LV.k_type, from, x, D);
+                if (rerotate && delta != 0) {
+                    rotate(x, delta);
+                    turned = true;
+                }
+            }
+            if (turned) {
+                from_float(LV.k_type, S.row.data(), out, H * D);
+            } else {  // bit-exact when nothing turns
+                for (size_t h = 0; h < H; ++h) {
+                    const int32_t slot = K[(l * H + h) * C + j];
+                    std::memcpy(out + h * hb, src + size_t(slot_cells_[slot]) * row + h * hb, hb);
+                }
+            }
+        }
+    }
+
+    // Layer l's V section of B: rows per head like K, or (transposed V) each dimension's run of kept cells.
+    void write_values(size_t l, uint8_t *out, const int32_t *K, size_t C) const {
+        const auto &LV = view_.layers[l];
+        const size_t H = size_t(n_head_);
+        const uint8_t *src = a_.data() + LV.v_offset;
+        std::memcpy(out, &LV.v_type, 4);
+        if (!view_.v_trans) {
+            const size_t row = LV.v_row_bytes, hb = row / H;
+            std::memcpy(out + 4, &LV.v_row_bytes, 8);
+            out += 12;
+            for (int32_t c : prefix_cells_) {
+                std::memcpy(out, src + size_t(c) * row, row);
+                out += row;
+            }
+            for (size_t j = 0; j < C; ++j, out += row)
+                for (size_t h = 0; h < H; ++h)
+                    std::memcpy(out + h * hb, src + size_t(slot_cells_[K[(l * H + h) * C + j]]) * row + h * hb, hb);
+            return;
+        }
+        std::memcpy(out + 4, &LV.v_elem_bytes, 4);
+        std::memcpy(out + 8, &LV.n_embd_v, 4);
+        out += 12;
+        const size_t cc = view_.cell_count, dv = LV.n_embd_v / H;
+        auto runs = [&](auto elem) {
+            using T = decltype(elem);
+            T *o = reinterpret_cast<T *>(out);
+            for (size_t d = 0; d < LV.n_embd_v; ++d) {
+                const T *run = reinterpret_cast<const T *>(src) + d * cc;
+                for (int32_t c : prefix_cells_) *o++ = run[c];
+                const int32_t *kh = K + (l * H + d / dv) * C;
+                for (size_t j = 0; j < C; ++j) *o++ = run[slot_cells_[size_t(kh[j])]];
+            }
+        };
+        if (LV.v_elem_bytes == 2)
+            runs(uint16_t{});
+        else
+            runs(uint32_t{});
+    }
+
+    py::array_t<float> rows(int layer, bool keys) {
         if (layer < 0 || size_t(layer) >= view_.n_layer) throw std::out_of_range("layer");
-        const auto &LV = view_.layers[size_t(layer)];
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(keys ? dk_ : dv_);
+        const size_t cc = view_.cell_count;
+        std::vector<float> all(cc * H * D);
+        layer_to_float(size_t(layer), keys, all.data());
         py::array_t<float> out({py::ssize_t(H), py::ssize_t(N), py::ssize_t(D)});
         float *o = out.mutable_data();
         for (size_t h = 0; h < H; ++h)
             for (size_t n = 0; n < N; ++n) {
                 const size_t c = size_t(slot_cells_[n]);
-                float *dst = o + (h * N + n) * D;
-                if (keys || !view_.v_trans) {
-                    const size_t row = keys ? LV.k_row_bytes : LV.v_row_bytes;
-                    const size_t off = keys ? LV.k_offset : LV.v_offset;
-                    to_float(keys ? LV.k_type : LV.v_type, a_.data() + off + c * row + h * (row / H), dst, D);
-                } else {
-                    const size_t eb = LV.v_elem_bytes, cc = view_.cell_count;
-                    for (size_t d = 0; d < D; ++d)
-                        to_float(LV.v_type, a_.data() + LV.v_offset + ((h * D + d) * cc + c) * eb, dst + d, 1);
-                }
+                for (size_t d = 0; d < D; ++d)
+                    o[(h * N + n) * D + d] = (keys || !view_.v_trans) ? all[c * H * D + h * D + d]
+                                                                      : all[(h * D + d) * cc + c];
             }
         return out;
     }
@@ -521,24 +588,23 @@ class KVPass {
     bool mrope_;
     int max_cells_;
     Rope rope_;
-    int table_n_ = 1;
-    std::vector<double> cos_, sin_;
+    int table_n_ = 1, half_ = 1;
+    std::vector<float> cos_, sin_;
     std::vector<uint8_t> a_, b_;
     size_t size_a_ = 0;
     StateView view_;
-    std::vector<int32_t> prefix_cells_, slot_cells_, idx_, recent_slot_;
-    std::vector<uint8_t> mark_, present_;
-    std::vector<double> unit_, sum_, tar_, van_, grid_, pooled_;
-    std::vector<float> rowf_;
+    std::vector<int32_t> prefix_cells_, slot_cells_;
+    std::vector<size_t> k_at_, v_at_;
+    std::vector<Scratch> scratch_;
 };
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edge-runtime's KV compression pass over llama.cpp's sequence state (InfiniPot-V).";
     py::class_<KVPass>(m, "KVPass")
-        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int>(), py::arg("ctx"),
+        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int>(), py::arg("ctx"),
              py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
              py::arg("mrope"), py::arg("rope_type"), py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale"),
-             py::arg("max_cells"), py::arg("max_position"))
+             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1)
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("n_slots", &KVPass::n_slots)
         .def_property_readonly("n_layer", &KVPass::n_layer)

@@ -70,8 +70,8 @@ class Reader {
     size_t off_ = 0;
 };
 
-inline StateView parse_state(const uint8_t *data, size_t size, bool mrope) {
-    StateView s;
+// Parse into `s`, reusing its vectors: a pass on a warm view allocates nothing.
+inline void parse_state(const uint8_t *data, size_t size, bool mrope, StateView &s) {
     s.mrope = mrope;
     Reader r(data, size);
     if (r.get<uint32_t>() != kStateMagic) throw std::runtime_error("KV state blob has an unknown magic");
@@ -115,7 +115,6 @@ inline StateView parse_state(const uint8_t *data, size_t size, bool mrope) {
     if (s.size != size)
         throw std::runtime_error("KV state blob has " + std::to_string(size - s.size) +
                                  " bytes this parser does not know (sliding-window or recurrent cache?)");
-    return s;
 }
 
 // Bytes of the blob for `cells` cells with the layout of `s`: header, cell records, K and V.
