@@ -265,22 +265,29 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
             if item is _END:
                 break
             ask(item)
+        summarise(session, out, args.json)
         return 0
     except KeyboardInterrupt:
         stop.set()
         source.close()
         out.notice(f"interrupted; {session.frames_seen} frames seen")
+        summarise(session, out, args.json)
         return EXIT_INTERRUPTED
     finally:
-        out.break_status_line()
-        status = session.status()
-        if args.json:
-            out.emit("summary", **asdict(status))
-        else:
-            print(f"summary: {status.frames} frames, {status.video_tokens} video tokens in memory, "
-                  f"KV {status.kv_bytes / 2**20:.1f} MB, peak RSS {status.peak_rss_mb:.0f} MB, "
-                  f"{status.frames_per_s:.2f} frames/s", file=sys.stderr)
+        stop.set()
+        source.close()
         model.close()
+
+
+def summarise(session: Session, out: Output, as_json: bool) -> None:
+    out.break_status_line()
+    status = session.status()
+    if as_json:
+        out.emit("summary", **asdict(status))
+    else:
+        print(f"summary: {status.frames} frames, {status.video_tokens} video tokens in memory "
+              f"({status.passes} compression passes), KV {status.kv_bytes / 2**20:.1f} MB, "
+              f"peak RSS {status.peak_rss_mb:.0f} MB, {status.frames_per_s:.2f} frames/s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 from tqdm import tqdm
 
+from edge_runtime.machine import machine_info
 from edge_runtime.model import SEQ, ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session
 from edge_runtime.sources import SyntheticScene
@@ -49,18 +49,6 @@ def bare_ingest(model: VisionLanguageModel, bgr: np.ndarray, pos: int) -> int:
     if rc != 0:
         raise RuntimeError(f"mtmd_helper_eval_chunks failed ({rc})")
     return new_pos.value
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": sys.version.split()[0],
-            "llama_cpp_python": llama_cpp.__version__,
-            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def main() -> None:
@@ -111,7 +99,7 @@ def main() -> None:
         "settings": {"model": str(model.config.model_path.name), "mmproj": args.mmproj.name,
                      "frames": args.frames, "rounds": args.rounds, "threads": args.threads, "seed": args.seed,
                      "tokens_per_frame": tokens_per_frame},
-        "machine": machine(),
+        "machine": machine_info(),
         "summary": {"runtime_ms_median": round(statistics.median(best_runtime), 2),
                     "bare_ms_median": round(statistics.median(best_bare), 2),
                     "overhead": round(overhead, 4), "target": 0.05, "within_target": overhead <= 0.05,

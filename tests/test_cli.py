@@ -142,6 +142,14 @@ BAD_INPUT = {
     "corrupt video": (["--video", "{tmp}/garbage.mp4"], "{model}", "{mmproj}", "garbage.mp4"),
     "silent url": (["--url", "http://127.0.0.1:9/live.mp4", "--timeout", "2"], "{model}", "{mmproj}",
                    "127.0.0.1:9"),
+    "budget under a frame": (["--synthetic", "--budget", "8"], "{model}", "{mmproj}",
+                             "one frame needs 16 tokens but the video memory holds 8"),
+    "keep everything": (["--synthetic", "--budget", "128", "--keep", "1"], "{model}", "{mmproj}",
+                        "|C| must be smaller than |M|"),
+    "alpha out of range": (["--synthetic", "--budget", "128", "--alpha", "1.5"], "{model}", "{mmproj}",
+                           "alpha must be in [0, 1]"),
+    "policy without budget": (["--synthetic", "--policy", "uniform"], "{model}", "{mmproj}",
+                              "--policy uniform needs a memory budget"),
 }
 
 
@@ -161,6 +169,22 @@ def test_bad_input_is_one_clear_line(case: str, fixtures: dict[str, Path], tmp_p
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("edge-runtime: error: ") and expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("positions", ["reindex", "keep"])
+def test_a_budget_keeps_tokens_flat_over_a_long_stream(fixtures: dict[str, Path], positions: str) -> None:
+    run = subprocess.run([*CMD, "--synthetic", "--max-frames", "200", *models(fixtures)[:-2], "--budget", "128",
+                          "--positions", positions, "--ask", "What was there?", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    statuses = [e for e in events(run.stdout) if e["event"] == "status"]
+    assert len(statuses) == 200
+    assert max(s["video_tokens"] for s in statuses) == 128
+    assert len({s["kv_bytes"] for s in statuses[100:]}) <= 3  # the same few sizes, over and over
+    assert statuses[-1]["passes"] == 96  # 8 frames, then a pass every 2 (128 -> 96 tokens)
+    if positions == "reindex":
+        assert max(s["next_pos"] for s in statuses) <= statuses[0]["next_pos"] - 16 + 128
+    assert next(e for e in events(run.stdout) if e["event"] == "answer")["frames"] == 200
 
 
 def test_ask_every_without_a_question_is_a_usage_error(fixtures: dict[str, Path]) -> None:
