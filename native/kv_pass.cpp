@@ -22,6 +22,12 @@
 #include <thread>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
 #include "ggml.h"
 #include "kv_state.hpp"
 #include "llama.h"
@@ -57,12 +63,38 @@ void top_k(int32_t *idx, size_t n, size_t k, const double *score) {
 
 }  // namespace
 
+// f16 <-> f32 for whole head slices: the hardware conversions where the build CPU has them (x86 F16C,
+// Arm NEON), ggml's scalar ones otherwise. These run for every key and value of a pass.
+inline void f16_to_f32(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+#endif
+    if (i < n) ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(src + i), dst + i, int64_t(n - i));
+}
+
+inline void f32_to_f16(const float *src, uint16_t *dst, size_t n) {
+    size_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), 0));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+#endif
+    if (i < n) ggml_fp32_to_fp16_row(src + i, reinterpret_cast<ggml_fp16_t *>(dst + i), int64_t(n - i));
+}
+
+
 // Everything one worker needs for one layer, sized once (for the budget) and reused by every pass.
 struct Scratch {
-    std::vector<float> kf, vf;          // the layer's K and V as float, in blob layout
-    std::vector<float> unit;            // [N][D] un-rotated unit keys of one head
-    std::vector<float> row;             // one output row (all heads) before converting back to f16
-    std::vector<double> sum, tar, van, pooled, grid;
+    std::vector<float> vf;              // a transposed V layer as float, [n_embd_v][cells]
+    std::vector<float> unit;            // one un-rotated key, then angle scratch
+    std::vector<float> row;             // one row (all heads) as float
+    std::vector<float> sum;             // [p][D] sums of the recent frames' unit keys
+    std::vector<double> tar, van, pooled, grid;
     std::vector<int32_t> idx;
     std::vector<uint8_t> mark, present;
 };
@@ -126,9 +158,8 @@ class KVPass {
             b_.resize(cap);
             size_t cells = size_t(max_cells_), hk = size_t(n_head_) * dk_, hv = size_t(n_head_) * dv_;
             for (auto &S : scratch_) {
-                S.kf.resize(cells * hk);
-                S.vf.resize(cells * hv);
-                S.unit.resize(cells * dk_);
+                if (view_.v_trans) S.vf.resize(cells * hv);
+                S.unit.resize(size_t(dk_) * 4 + size_t(half_) * 4);
                 S.row.resize(std::max(hk, hv));
                 for (auto *v : {&S.tar, &S.van, &S.pooled}) v->resize(cells);
                 S.idx.resize(cells);
@@ -195,8 +226,7 @@ class KVPass {
         {
             py::gil_scoped_release nogil;
             for_layers(L, scratch_, [&](size_t l, Scratch &S) {
-                if (use_tar) layer_to_float(l, true, S.kf.data());
-                if (use_van) layer_to_float(l, false, S.vf.data());
+                if (use_van && view_.v_trans) layer_to_float(l, false, S.vf.data());  // strided otherwise
                 const int kernel = pool ? pool_kernel(l, L) : 1;
                 for (size_t h = 0; h < H; ++h) {
                     const size_t base = (l * H + h) * N;
@@ -288,42 +318,72 @@ class KVPass {
         return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
     }
 
-    // Rotate x (one head) by `delta` positions: x <- R(delta) x.
-    void rotate(float *x, int delta) const {
-        const int half = rope_.n_rot / 2;
-        const bool neg = delta < 0;
-        const int ad = neg ? -delta : delta;
-        const bool neox = rope_.type == LLAMA_ROPE_TYPE_NEOX;
-        const float *ct = ad < table_n_ ? &cos_[size_t(ad) * half_] : nullptr;
-        const float *st = ad < table_n_ ? &sin_[size_t(ad) * half_] : nullptr;
-        for (int i = 0; i < half; ++i) {
-            float c, s;
-            if (ct) {
-                c = ct[i];
-                s = st[i];
-            } else {
-                double th = angle(ad, i);
-                c = float(std::cos(th));
-                s = float(std::sin(th));
-            }
-            if (neg) s = -s;
-            const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-            const float a = x[i0], b = x[i1];
-            x[i0] = a * c - b * s;
-            x[i1] = a * s + b * c;
+    // cos/sin of `ad` = |delta| positions for every rotated pair (table or computed into `tmp`).
+    void angles(int ad, const float *&c, const float *&s, float *tmp) const {
+        if (ad < table_n_) {
+            c = &cos_[size_t(ad) * half_];
+            s = &sin_[size_t(ad) * half_];
+            return;
+        }
+        for (int i = 0; i < half_; ++i) {
+            double th = angle(ad, i);
+            tmp[i] = float(std::cos(th));
+            tmp[half_ + i] = float(std::sin(th));
+        }
+        c = tmp;
+        s = tmp + half_;
+    }
+
+    // Rotate x in "halves" layout (pair i = x[i], x[i + half]) by delta positions. Plain loops that the
+    // compiler vectorises: this runs for every slot of every head in a pass.
+    void rotate_halves(float *x, int delta, float *tmp) const {
+        const float *c, *s;
+        angles(delta < 0 ? -delta : delta, c, s, tmp);
+        const float sign = delta < 0 ? -1.0f : 1.0f;
+        float *lo = x, *hi = x + half_;
+        for (int i = 0; i < half_; ++i) {
+            const float a = lo[i], b = hi[i], si = sign * s[i];
+            lo[i] = a * c[i] - b * si;
+            hi[i] = a * si + b * c[i];
+        }
+    }
+
+    // Normal RoPE rotates adjacent pairs; moving even dims to the front and odd dims after them turns it
+    // into the halves layout. Norms and dot products do not care about the order of dimensions.
+    void to_halves(const float *in, float *out) const {
+        if (rope_.type == LLAMA_ROPE_TYPE_NEOX) {
+            std::memcpy(out, in, size_t(dk_) * sizeof(float));
+            return;
+        }
+        for (int i = 0; i < half_; ++i) {
+            out[i] = in[2 * i];
+            out[half_ + i] = in[2 * i + 1];
+        }
+        for (int d = 2 * half_; d < dk_; ++d) out[d] = in[d];
+    }
+
+    // Rotate one head's key x (stored layout) by delta positions: x <- R(delta) x.
+    void rotate(float *x, int delta, float *tmp) const {
+        if (rope_.type == LLAMA_ROPE_TYPE_NEOX) return rotate_halves(x, delta, tmp);
+        float *h = tmp + 2 * half_;  // after the angle scratch
+        to_halves(x, h);
+        rotate_halves(h, delta, tmp);
+        for (int i = 0; i < half_; ++i) {
+            x[2 * i] = h[i];
+            x[2 * i + 1] = h[half_ + i];
         }
     }
 
     static void to_float(int type, const uint8_t *src, float *dst, size_t n) {
         if (type == GGML_TYPE_F16)
-            ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(src), dst, int64_t(n));
+            f16_to_f32(reinterpret_cast<const uint16_t *>(src), dst, n);
         else
             std::memcpy(dst, src, n * 4);
     }
 
     static void from_float(int type, const float *src, uint8_t *dst, size_t n) {
         if (type == GGML_TYPE_F16)
-            ggml_fp32_to_fp16_row(src, reinterpret_cast<ggml_fp16_t *>(dst), int64_t(n));
+            f32_to_f16(src, reinterpret_cast<uint16_t *>(dst), n);
         else
             std::memcpy(dst, src, n * 4);
     }
@@ -388,32 +448,37 @@ class KVPass {
         // TaR: -(1/r) sum over recent frames of cos(k_n, k_{t', patch(n)}) = -(1/r) k̂_n . S_patch(n),
         // with S_q the sum of the recent frames' unit keys at patch q: one dot product per slot.
         if (use_tar) {
-            std::fill(S.sum.begin(), S.sum.begin() + long(p * D), 0.0);
-            for (size_t n = 0; n < N; ++n) {
-                float *u = S.unit.data() + n * D;
-                std::memcpy(u, S.kf.data() + size_t(slot_cells_[n]) * rowk + h * D, D * sizeof(float));
-                if (rope_.n_rot > 0 && rpos[n] != 0) rotate(u, -rpos[n]);
-                double norm = 0;
-                for (size_t d = 0; d < D; ++d) norm += double(u[d]) * u[d];
+            std::fill(S.sum.begin(), S.sum.begin() + long(p * D), 0.0f);
+            const auto &LV = view_.layers[l];
+            const uint8_t *kbase = a_.data() + LV.k_offset + h * (LV.k_row_bytes / size_t(n_head_));
+            float *raw = S.row.data(), *u = S.unit.data(), *tmp = S.unit.data() + D;
+            // The key of slot n, un-rotated to position 0, in halves layout; returns 1 / max(|k|, eps).
+            auto unit_key = [&](size_t n) {
+                to_float(LV.k_type, kbase + size_t(slot_cells_[n]) * LV.k_row_bytes, raw, D);
+                to_halves(raw, u);
+                if (rope_.n_rot > 0 && rpos[n] != 0) rotate_halves(u, -rpos[n], tmp);
+                float norm = 0;
+                for (size_t d = 0; d < D; ++d) norm += u[d] * u[d];
                 norm = std::sqrt(norm);
-                const float inv = norm > 1e-12 ? float(1.0 / norm) : 0.0f;  // cos = a.b / max(|a||b|, eps)
-                for (size_t d = 0; d < D; ++d) u[d] *= inv;
-                if (S.mark[n]) {
-                    double *s = S.sum.data() + size_t(patch[n]) * D;
-                    for (size_t d = 0; d < D; ++d) s[d] += u[d];
-                }
+                return norm > 1e-12f ? 1.0f / norm : 0.0f;  // cos = a.b / max(|a||b|, eps)
+            };
+            for (size_t n = 0; n < N; ++n) {
+                if (!S.mark[n]) continue;
+                const float inv = unit_key(n);
+                float *sum = S.sum.data() + size_t(patch[n]) * D;
+                for (size_t d = 0; d < D; ++d) sum[d] += u[d] * inv;
             }
             for (size_t n = 0; n < N; ++n) {
                 if (S.mark[n]) continue;
-                const float *u = S.unit.data() + n * D;
-                const double *s = S.sum.data() + size_t(patch[n]) * D;
-                double dot = 0;
-                for (size_t d = 0; d < D; ++d) dot += u[d] * s[d];
-                S.tar[n] = -dot / double(r);
+                const float inv = unit_key(n);
+                const float *sum = S.sum.data() + size_t(patch[n]) * D;
+                float dot = 0;
+                for (size_t d = 0; d < D; ++d) dot += u[d] * sum[d];
+                S.tar[n] = -double(dot) * inv / double(r);
             }
         }
         if (use_van) {
-            for (size_t n = 0; n < N; ++n) S.van[n] = value_norm(S, h, size_t(slot_cells_[n]));
+            for (size_t n = 0; n < N; ++n) S.van[n] = value_norm(S, l, h, size_t(slot_cells_[n]));
             if (kernel > 1) pool_van(S, frame, patch, nx, p, kernel);
         }
 
@@ -443,20 +508,23 @@ class KVPass {
         if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
     }
 
-    double value_norm(const Scratch &S, size_t h, size_t cell) const {
-        double s = 0;
+    double value_norm(Scratch &S, size_t l, size_t h, size_t cell) const {
         const size_t D = size_t(dv_);
+        float sum = 0;
         if (!view_.v_trans) {
-            const float *v = S.vf.data() + cell * size_t(n_head_) * D + h * D;
-            for (size_t d = 0; d < D; ++d) s += double(v[d]) * v[d];
+            const auto &LV = view_.layers[l];
+            float *v = S.row.data();
+            to_float(LV.v_type, a_.data() + LV.v_offset + cell * LV.v_row_bytes + h * (LV.v_row_bytes / size_t(n_head_)),
+                     v, D);
+            for (size_t d = 0; d < D; ++d) sum += v[d] * v[d];
         } else {
             const size_t cc = view_.cell_count;
             for (size_t d = h * D; d < (h + 1) * D; ++d) {
-                const double v = S.vf[d * cc + cell];
-                s += v * v;
+                const float v = S.vf[d * cc + cell];
+                sum += v * v;
             }
         }
-        return std::sqrt(s);
+        return std::sqrt(double(sum));
     }
 
     // Mean of VaN over the k x k window of the same frame, over the slots this head still holds.
@@ -511,7 +579,7 @@ class KVPass {
                 float *x = S.row.data() + h * D;
                 to_float(LV.k_type, from, x, D);
                 if (rerotate && delta != 0) {
-                    rotate(x, delta);
+                    rotate(x, delta, S.unit.data());
                     turned = true;
                 }
             }
