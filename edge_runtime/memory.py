@@ -61,7 +61,11 @@ class SlotTable:
 
     def frames_present(self) -> np.ndarray:
         """Frame indices with at least one token left in some head."""
-        return np.unique(self.frame[:, :, :self.n])
+        frames = self.frame[:, :, :self.n]
+        if not self.n:
+            return np.zeros(0, np.int32)
+        first = int(frames[:, :, 0].min())  # slots are in time order: the oldest frame is in slot 0
+        return (np.flatnonzero(np.bincount((frames - first).ravel())) + first).astype(np.int32)
 
 
 @dataclass
