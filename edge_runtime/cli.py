@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
                 break
         stop.set()
         source.close()
-        reason = ended[-1] if ended else "the source ended"
+        reason = ended[0] if ended else "the source ended"  # the first reason; the source thread may add "stopped"
         out.notice(f"stream stopped ({reason}); {session.frames_seen} frames seen, "
                    f"{session.memory.video_tokens} video tokens kept in memory")
         for question in args.ask:

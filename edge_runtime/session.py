@@ -2,8 +2,9 @@
 
 The KV cache of sequence 0 holds, in order: the chat template's opening (system prompt and the start of
 the user turn), then every frame the policy has kept. A question is decoded on top, answered, and
-removed again, so the video memory after a question is exactly what it was before. Everything the
-compression pass will need (which positions hold which frame, its patch grid) is recorded here.
+removed again, so the video memory after a question is exactly what it was before. When the video
+tokens would pass the budget |M|, the policy picks |C| per layer and KV head and the native pass rewrites
+the cache (the bookkeeping of what each slot holds is in memory.py).
 """
 
 from __future__ import annotations
@@ -110,10 +111,10 @@ class Session:
         if capacity <= 0:
             raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
                              f"prompt ({len(prefix)}) and the question room ({self.config.question_room})")
+        self.geometry = model.kv_geometry()
         budget = self._check_settings(capacity, len(prefix))
         model.remove_positions(0)  # a fresh memory, also when a model is reused
         model.decode_tokens(prefix, 0)
-        self.geometry = model.kv_geometry()
         slots = SlotTable(self.geometry.n_layer, self.geometry.n_head_kv, capacity)
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots)
@@ -132,7 +133,7 @@ class Session:
                                 f"{cfg.keep_fraction}")
         if cfg.positions not in ("keep", "reindex"):
             raise SettingsError(f"positions must be keep or reindex, not {cfg.positions}")
-        geometry = self.model.kv_geometry()
+        geometry = self.geometry
         if cfg.positions == "reindex" and self.policy.compresses:
             if geometry.rope_type not in (0, 2) or geometry.scaling_type not in ("", "none", "linear"):
                 raise SettingsError(
@@ -204,9 +205,13 @@ class Session:
         except RuntimeError as e:  # a KV layout the pass cannot rewrite: say which, keep the memory
             raise ModelError(f"cannot compress this KV cache: {e}") from None
         if kv.n_slots != mem.video_tokens:
-            raise RuntimeError(f"the KV cache holds {kv.n_slots} video cells, the bookkeeping {mem.video_tokens}")
+            raise ModelError(f"the KV cache holds {kv.n_slots} video cells but {mem.video_tokens} were recorded: "
+                             "was the context used by another program?")
         t1 = time.perf_counter()
-        kept = self.policy.select(mem, kv, keep)
+        try:
+            kept = self.policy.select(mem, kv, keep)
+        except ValueError as e:  # the native pass refusing its inputs: a bug or a layout we do not know
+            raise ModelError(f"the {self.policy.name} policy could not select: {e}") from None
         t2 = time.perf_counter()
         # Cells get compact positions either way; a cell's position only orders it before the question.
         # reindex: right after the prompt, keys re-rotated to match; keep: ending just below the next

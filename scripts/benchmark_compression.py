@@ -95,7 +95,7 @@ def main() -> None:
         "read_ms_median": round(statistics.median(q["read_ms"] for q in warm), 2),
         "select_ms_median": round(statistics.median(q["select_ms"] for q in warm), 2),
         "apply_ms_median": round(statistics.median(q["apply_ms"] for q in warm), 2),
-        "memcpy_ms_median": round(statistics.median(q["memcpy_ms"] for q in warm), 2),
+        "memcpy_ms_median": round(statistics.median(q["memcpy_ms"] for q in warm), 4),
         "state_mb": round(warm[0]["state_bytes"] / 2**20, 1),
         "pass_over_memcpy": round(statistics.median(ratio), 2),
         "pass_over_memcpy_target": 3.0,

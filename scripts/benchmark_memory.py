@@ -48,7 +48,7 @@ def make_session(args: argparse.Namespace, policy: str, budget: int | None) -> S
 def run_one(args: argparse.Namespace, policy: str, budget: int | None, position: int) -> dict:
     """One policy over the whole stream, in this process."""
     session = make_session(args, policy, budget)
-    ask_every = max(1, args.frames // 10)
+    ask_every = args.ask_every or max(1, args.frames // 10)
     series: dict[str, list[float]] = {k: [] for k in ("video_tokens", "kv_bytes", "rss_mb", "prepare_ms",
                                                       "encode_ms", "decode_ms", "compress_ms")}
     questions = []
@@ -170,6 +170,8 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=600, help="frames to stream (3600 at 1 frame/s: one hour)")
     p.add_argument("--fps", type=float, default=1.0, help="stream time per frame, for the time axis")
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"policy[@budget],... (default {DEFAULT_RUNS})")
+    p.add_argument("--ask-every", type=int, metavar="FRAMES", help="ask the question every FRAMES frames "
+                   "(default: every tenth of the stream)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "memory.json")
@@ -193,6 +195,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--one", spec, "--position", "0", "--model", str(args.model),
                "--mmproj", str(args.mmproj), "--frames", str(args.frames), "--fps", str(args.fps),
                "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(part)]
+        if args.ask_every:
+            cmd += ["--ask-every", str(args.ask_every)]
         subprocess.run(cmd, check=True)  # one process per run: its peak RSS is its own
         runs.append(json.loads(part.read_text()))
         part.unlink()
@@ -200,7 +204,8 @@ def main() -> int:
     result = {
         "settings": {"model": Path(str(args.model)).name, "mmproj": args.mmproj.name, "frames": args.frames,
                      "fps": args.fps, "runs": args.runs, "threads": args.threads, "seed": args.seed,
-                     "question": QUESTION, "full_cache_ctx": FULL_CTX,
+                     "question": QUESTION, "ask_every": args.ask_every or max(1, args.frames // 10),
+                     "full_cache_ctx": FULL_CTX,
                      "tokens_per_frame": first["series"]["video_tokens"][0] if first["series"]["video_tokens"] else 0},
         "machine": machine_info(),
         "runs": runs,

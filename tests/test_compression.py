@@ -12,6 +12,7 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
+from probes import probe_logits
 
 from edge_runtime.memory import VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
@@ -43,14 +44,6 @@ def open_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object)
     return VisionLanguageModel(ModelConfig(variants[model], variants[mmproj], n_ctx=2048, n_threads=2, **kw))
 
 
-def probe_logits(model: VisionLanguageModel, pos: int) -> np.ndarray:
-    token = model.tokenize(" the")[0]
-    model.decode_tokens([token], pos)
-    logits = model.logits()
-    model.remove_positions(pos)
-    return logits
-
-
 class CheckedInfiniPotV(InfiniPotV):
     """InfiniPot-V that checks every selection against the NumPy reference and keeps what it saw."""
 
@@ -76,20 +69,22 @@ class CheckedInfiniPotV(InfiniPotV):
         return kept
 
 
-CASES = [  # model, projector, flash attention, positions, policy flags (tar, van, pool)
-    ("llama-2x2", "mmproj-4x4", "on", "reindex", (True, True, False)),
-    ("llama-2x2", "mmproj-4x4", "off", "keep", (True, True, True)),
-    ("llama-1x1", "mmproj-2x2", "off", "reindex", (True, True, True)),
-    ("llama-3x4", "mmproj-6x6", "on", "keep", (True, True, False)),
-    ("llama-3x4", "mmproj-2x2", "off", "reindex", (True, False, False)),
-    ("llama-1x2", "mmproj-6x6", "on", "reindex", (False, True, True)),
+CASES = [  # model, projector, flash attention (off: transposed V), positions, cache type, (tar, van, pool)
+    ("llama-2x2", "mmproj-4x4", "on", "reindex", "f16", (True, True, False)),
+    ("llama-2x2", "mmproj-4x4", "off", "keep", "f16", (True, True, True)),
+    ("llama-1x1", "mmproj-2x2", "off", "reindex", "f16", (True, True, True)),
+    ("llama-3x4", "mmproj-6x6", "on", "keep", "f16", (True, True, False)),
+    ("llama-3x4", "mmproj-2x2", "off", "reindex", "f16", (True, False, False)),
+    ("llama-1x2", "mmproj-6x6", "on", "reindex", "f16", (False, True, True)),
+    ("llama-2x2", "mmproj-4x4", "on", "reindex", "f32", (True, True, True)),
+    ("llama-3x4", "mmproj-2x2", "off", "keep", "f32", (True, True, False)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c[:4])) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c[:5])) for c in CASES])
 def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tuple, variants: dict[str, Path]) -> None:
-    model_name, mmproj, flash_attn, positions, (use_tar, use_van, pool) = case
-    with open_model(variants, model_name, mmproj, flash_attn=flash_attn) as model:
+    model_name, mmproj, flash_attn, positions, cache_type, (use_tar, use_van, pool) = case
+    with open_model(variants, model_name, mmproj, flash_attn=flash_attn, cache_type=cache_type) as model:
         probe = model.encode_frame(np.zeros((8, 8, 3), np.uint8))
         p = probe.n_tokens
         model.free_frame(probe)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from probes import probe_logits
 
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, SettingsError
@@ -18,15 +19,6 @@ TOKENS_PER_FRAME = 16  # the tiny mmproj: 64 px frames, 16 px patches
 def stream(session: Session, n: int, seed: int = 0) -> None:
     for frame in SyntheticScene(seed=seed, n_frames=n):
         session.insert_frame(frame)
-
-
-def probe_logits(model: VisionLanguageModel, pos: int) -> np.ndarray:
-    """Next-token logits of one probe token decoded on top of the memory, then removed again."""
-    token = model.tokenize(" the")[0]
-    model.decode_tokens([token], pos)
-    logits = model.logits()
-    model.remove_positions(pos)
-    return logits
 
 
 def test_opening_uses_the_models_chat_template(session: Session) -> None:

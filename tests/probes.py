@@ -1,0 +1,16 @@
+"""Test helpers that look at the KV cache through the model's own eyes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_runtime.model import VisionLanguageModel
+
+
+def probe_logits(model: VisionLanguageModel, pos: int) -> np.ndarray:
+    """Next-token logits of one probe token decoded on top of the memory at `pos`, then removed again."""
+    token = model.tokenize(" the")[0]
+    model.decode_tokens([token], pos)
+    logits = model.logits()
+    model.remove_positions(pos)
+    return logits

@@ -1,0 +1,51 @@
+"""The benchmark scripts run end to end (on the tiny models, in seconds), so their figures can be rerun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def tiny(fixtures: dict[str, Path]) -> list[str]:
+    return ["--model", str(fixtures["model"]), "--mmproj", str(fixtures["mmproj"]), "--threads", "2"]
+
+
+def test_memory_benchmark_compares_policies(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    run_script("benchmark_memory.py", *tiny(fixtures), "--frames", "40",
+               "--runs", "full,sliding-window@128,infinipot-v@128", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert [r["policy"] for r in result["runs"]] == ["full", "sliding-window", "infinipot-v"]
+    full, _, capped = result["runs"]
+    assert full["summary"]["frames"] == 40 and full["summary"]["passes"] == 0
+    assert max(capped["series"]["video_tokens"]) == 128 and capped["summary"]["passes"] == 16
+    assert capped["summary"]["kv_mb_at_end"] < full["summary"]["kv_mb_at_end"]
+    assert len(capped["questions"]) == 10 and all(q["ttft_ms"] > 0 for q in capped["questions"])
+    assert result["machine"]["cores"] >= 1
+
+
+def test_compression_benchmark_reports_the_pass(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "pass.json"
+    run_script("benchmark_compression.py", *tiny(fixtures), "--budget", "128", "--passes", "3", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["pass_ms_median"] > 0 and summary["memcpy_ms_median"] > 0
+    assert 0 < summary["pass_over_freed_room_ingest"] < 10
+
+
+def test_ingest_benchmark_compares_with_bare_mtmd(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    run_script("benchmark_ingest.py", *tiny(fixtures), "--frames", "4", "--rounds", "1", "--out", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["runtime_ms_median"] > 0 and summary["bare_ms_median"] > 0
