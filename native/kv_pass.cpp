@@ -423,7 +423,7 @@ class KVPass {
     void select_head(Scratch &S, size_t l, size_t h, const int32_t *frame, const int32_t *patch, const int32_t *rpos,
                      int nx, size_t p, int recent_min_frame, size_t keep, double alpha, int kernel, bool use_tar,
                      bool use_van, int32_t *out) const {
-        const size_t N = slot_cells_.size(), D = size_t(dk_), rowk = size_t(n_head_) * dk_;
+        const size_t N = slot_cells_.size(), D = size_t(dk_);
         // The recent frames: every patch of each must be here, once.
         size_t n_recent_tokens = 0;
         int n_recent_frames = 0, last_frame = INT32_MIN;

@@ -92,6 +92,8 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
         session = Session(model, SessionConfig(budget=16 * p, positions=positions, question_room=128), policy)
         policy.geometry = session.geometry
         kv = session.kv_pass()
+        kv.read()
+        assert kv.v_trans == (flash_attn == "off")  # llamacpp-notes: no flash attention, transposed V
         for frame in SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1):  # passes before frames 16, 20, 24, 28
             passes = session.memory.passes
             session.insert_frame(frame)
