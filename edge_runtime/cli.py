@@ -222,6 +222,8 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
     interactive = not args.ask
     if interactive:
         threading.Thread(target=read_questions, args=(questions,), daemon=True).start()
+        if sys.stdin.isatty() and not args.json:
+            out.notice("watching: type a question and press Enter (Ctrl-D: no more questions, Ctrl-C: stop)")
     next_watch = args.ask_every
     stdin_open = interactive
     try:
