@@ -104,6 +104,10 @@ def source_spec(args: argparse.Namespace) -> str:
     return args.video or args.url or args.images
 
 
+def human_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
 class Output:
     """Everything the user sees: a live status line on a terminal, or JSON lines for programs."""
 
@@ -120,7 +124,7 @@ class Output:
             self.emit("status", **asdict(status))
         elif self.live:
             line = (f"frames {status.frames} | memory {status.frames_in_memory} frames, "
-                    f"{status.video_tokens}/{status.budget} tokens, KV {status.kv_bytes / 2**20:.1f} MB, "
+                    f"{status.video_tokens}/{status.budget} tokens, KV {human_bytes(status.kv_bytes)}, "
                     f"{status.passes} passes | "
                     f"RSS {status.rss_mb:.0f} MB | {status.frames_per_s:.2f} frames/s")
             sys.stderr.write("\r\x1b[K" + line)
@@ -288,7 +292,7 @@ def summarise(session: Session, out: Output, as_json: bool) -> None:
         out.emit("summary", **asdict(status))
     else:
         print(f"summary: {status.frames} frames, {status.video_tokens} video tokens in memory "
-              f"({status.passes} compression passes), KV {status.kv_bytes / 2**20:.1f} MB, "
+              f"({status.passes} compression passes), KV {human_bytes(status.kv_bytes)}, "
               f"peak RSS {status.peak_rss_mb:.0f} MB, {status.frames_per_s:.2f} frames/s", file=sys.stderr)
 
 
