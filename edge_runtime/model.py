@@ -71,14 +71,13 @@ class KVGeometry:
 
 @dataclass
 class EncodedFrame:
-    """One frame after the projector, ready to decode: mtmd's chunks plus what we record about them."""
+    """One frame as mtmd prepared it (resized, normalised, tokenized), ready to encode and decode."""
 
     chunks: int  # mtmd_input_chunks*, freed by VisionLanguageModel.free_frame
     n_tokens: int  # KV cells the frame takes (image tokens + any wrapper text tokens)
     n_pos: int  # positions it takes: fewer than n_tokens on M-RoPE models
     nx: int  # patch grid of the image tokens
     ny: int
-    encode_ms: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

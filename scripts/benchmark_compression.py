@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.machine import machine_info
+from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
@@ -46,19 +44,15 @@ def memcpy_ms(n_bytes: int, repeats: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="text model GGUF (default: SmolLM2-135M from its wheel)")
-    p.add_argument("--mmproj", type=Path, default=ROOT / "fixtures" / "smollm2-mmproj-random.gguf",
-                   help="mmproj (default: the random 64-token projector of scripts/make_fixtures.py)")
+    add_model_arguments(p, ROOT / "fixtures")
     p.add_argument("--budget", type=int, default=4096)
     p.add_argument("--policy", default="infinipot-v")
     p.add_argument("--positions", choices=["reindex", "keep"], default="reindex")
     p.add_argument("--passes", type=int, default=6)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "compression_pass.json")
     args = p.parse_args()
-    if not args.mmproj.exists():
-        sys.exit(f"{args.mmproj} not found: run python scripts/make_fixtures.py first")
+    check_model_arguments(args)
 
     config = SessionConfig(budget=args.budget, positions=args.positions)
     model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads,

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.machine import machine_info
+from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
 from edge_runtime.model import SEQ, ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session
 from edge_runtime.sources import SyntheticScene
@@ -53,17 +51,13 @@ def bare_ingest(model: VisionLanguageModel, bgr: np.ndarray, pos: int) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="text model GGUF (default: SmolLM2-135M from its wheel)")
-    p.add_argument("--mmproj", type=Path, default=ROOT / "fixtures" / "smollm2-mmproj-random.gguf",
-                   help="mmproj (default: the random 64-token projector of scripts/make_fixtures.py)")
+    add_model_arguments(p, ROOT / "fixtures")
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "ingest_overhead.json")
     args = p.parse_args()
-    if not args.mmproj.exists():
-        sys.exit(f"{args.mmproj} not found: run python scripts/make_fixtures.py first")
+    check_model_arguments(args)
 
     frames = list(SyntheticScene(seed=args.seed, n_frames=args.frames))
     model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=8192, n_threads=args.threads))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.machine import machine_info
+from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, make_policy
 from edge_runtime.session import Session, SessionConfig, rss_mb
@@ -164,15 +163,12 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="text model GGUF (default: SmolLM2-135M from its wheel)")
-    p.add_argument("--mmproj", type=Path, default=ROOT / "fixtures" / "smollm2-mmproj-random.gguf",
-                   help="mmproj (default: the random 64-token projector of scripts/make_fixtures.py)")
+    add_model_arguments(p, ROOT / "fixtures")
     p.add_argument("--frames", type=int, default=600, help="frames to stream (3600 at 1 frame/s: one hour)")
     p.add_argument("--fps", type=float, default=1.0, help="stream time per frame, for the time axis")
     p.add_argument("--runs", default=DEFAULT_RUNS, help=f"policy[@budget],... (default {DEFAULT_RUNS})")
     p.add_argument("--ask-every", type=int, metavar="FRAMES", help="ask the question every FRAMES frames "
                    "(default: every tenth of the stream)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "memory.json")
     p.add_argument("--soak", type=float, metavar="MINUTES", help="soak test instead: exit 1 if RSS grows")
@@ -180,8 +176,7 @@ def main() -> int:
     p.add_argument("--one", metavar="POLICY@BUDGET", help=argparse.SUPPRESS)  # a child process: one run
     p.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not args.mmproj.exists():
-        sys.exit(f"{args.mmproj} not found: run python scripts/make_fixtures.py first")
+    check_model_arguments(args)
     if args.soak:
         return soak(args)
     if args.one:

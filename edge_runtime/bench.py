@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: the model pair they run, and the machine they record beside every figure."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import llama_cpp
+
+DEMO_MMPROJ = "smollm2-mmproj-random.gguf"  # written by scripts/make_fixtures.py
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, fixtures: Path) -> None:
+    """--model, --mmproj and --threads, defaulting to SmolLM2-135M behind the random 64-token projector."""
+    parser.add_argument("--model", default="smollm2", help="text model GGUF (default: SmolLM2-135M from its wheel)")
+    parser.add_argument("--mmproj", type=Path, default=fixtures / DEMO_MMPROJ,
+                        help="mmproj (default: the random 64-token projector of scripts/make_fixtures.py)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    if not args.mmproj.exists():
+        sys.exit(f"{args.mmproj} not found: run python scripts/make_fixtures.py first")
+
+
+
+def machine_info() -> dict[str, object]:
+    """CPU, cores and the llama.cpp build: the context a timing needs to be read."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": sys.version.split()[0],
+            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
