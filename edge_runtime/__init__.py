@@ -1,6 +1,10 @@
 """edge-runtime: streaming video understanding on small devices, in a KV memory that does not grow."""
 
+from __future__ import annotations
+
+import importlib
 import os
+from typing import Any
 
 # OpenCV and FFmpeg write warnings straight to stderr, past `logging`; a failed open would print three
 # lines of noise above our one-line error. They read these once, before cv2 is imported; the user's
@@ -8,9 +12,19 @@ import os
 os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
-from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel  # noqa: E402
-from edge_runtime.session import Answer, FrameRecord, Session, SessionConfig, Status  # noqa: E402
-
-__all__ = ["Answer", "FrameRecord", "ModelConfig", "ModelError", "Session", "SessionConfig", "Status",
-           "VisionLanguageModel"]
+# The public names load on first use, so that the pure-NumPy modules (edge_runtime.scenes) import on a
+# training machine that has neither llama.cpp nor OpenCV.
+_EXPORTS = {
+    "ModelConfig": "edge_runtime.model", "ModelError": "edge_runtime.model",
+    "VisionLanguageModel": "edge_runtime.model",
+    "Answer": "edge_runtime.session", "FrameRecord": "edge_runtime.session", "Session": "edge_runtime.session",
+    "SessionConfig": "edge_runtime.session", "Status": "edge_runtime.session",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
