@@ -5,7 +5,7 @@ frame a second), so the rest of the runtime never sees the native frame rate:
 
 - live sources (`CameraSource`, `UrlSource`) drain the device on a background thread and hand out the
   freshest frame every 1/fps seconds of wall time, however slow the consumer is;
-- recorded sources (`VideoFileSource`, `ImageFolderSource`, `SyntheticScene`) sample by media time and
+- recorded sources (`VideoFileSource`, `ImageFolderSource`, `SyntheticScene`, `SceneSource`) sample by media time and
   run as fast as possible, or, with ``realtime=True``, paced against the wall clock as if they were live
   (reproducible demos of the streaming behaviour).
 
@@ -32,6 +32,8 @@ from typing import TypeVar
 
 import cv2
 import numpy as np
+
+from edge_runtime.scenes import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -580,6 +582,32 @@ class SyntheticScene(FrameSource):
             if self._closed.is_set():
                 return
             yield Frame(i, t, self.render(t))
+
+
+class SceneSource(FrameSource):
+    """The frames of a `scenes.Stream` (objects coming and going, questions with known answers).
+
+    Frame t has media time t / fps; with realtime=True they are paced by it, as a recorded file is.
+    Each iteration starts again from frame 0.
+    """
+
+    def __init__(self, stream: Stream, fps: float = 1.0, realtime: bool = False) -> None:
+        _check_fps(fps)
+        super().__init__(f"scene stream (seed {stream.seed}, {stream.n_frames} frames)")
+        self.stream = stream
+        self.fps = fps
+        self.realtime = realtime
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        wall_start = time.monotonic()
+        for i in range(self.stream.n_frames):
+            t = i / self.fps
+            if self.realtime and not self._pace(wall_start + t):
+                return
+            if self._closed.is_set():
+                return
+            yield Frame(i, t, self.stream.frame(i))
 
 
 # --------------------------------------------------------------------------------------------------
