@@ -437,6 +437,28 @@ class VisionLanguageModel:
             pos = new_pos.value
         return encode_ms, decode_ms
 
+    def frame_embeddings(self, rgb: np.ndarray) -> np.ndarray:
+        """The projector's output for one H x W x 3 RGB uint8 frame: [n_tokens, n_embd] float32 (a copy).
+
+        Only the vision encoder runs; nothing is decoded and the KV cache is untouched. This is how an
+        exported mmproj is checked against the PyTorch model it came from (scripts/check_mmproj.py).
+        """
+        frame = self.encode_frame(np.ascontiguousarray(rgb, dtype=np.uint8))
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(frame.chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(frame.chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue  # the marker's wrapper text, if the model has any
+                if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                    raise ModelError(f"the projector failed on a frame: {NATIVE_LOG.first_error(latest=True)}")
+                n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                embd = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
+                # The buffer belongs to mtmd and the next encode overwrites it: copy it out.
+                return np.ctypeslib.as_array(embd, shape=(n_tokens, self.n_embd)).copy()
+            raise ModelError("mtmd made no image chunk from the frame")
+        finally:
+            self.free_frame(frame)
+
     @staticmethod
     def free_frame(frame: EncodedFrame) -> None:
         if frame.chunks:
