@@ -1,0 +1,368 @@
+"""Train the edge-vlm: a small ViT + projector (and a LoRA) that lets SmolLM2-135M see the synthetic scenes.
+
+Two steps, on two machines:
+
+    # here (llama.cpp installed): pack the text model and the prompt tokens for the training machine
+    python scripts/vlm_text.py pack --out train_cache
+    python scripts/train_vlm.py prepare --cache train_cache
+    # on the GPU machine (torch, no llama.cpp, no OpenCV): train, then export mmproj.gguf and lora.gguf
+    python scripts/train_vlm.py train --cache train_cache --out OUT --minutes 8 --seed 0
+
+The training examples are exactly what the runtime decodes: the session's opening (system prompt, start
+of the user turn), the frames' embeddings one after another, then the chat turns as Session.question_prompt
+renders them, questions and answers of edge_runtime.scenes, several per clip (multi-turn, like the
+benchmark). The loss is on the answer tokens and the end-of-turn token. An auxiliary loss on the encoder's
+pooled output (is an object there, its kind, colour, digit) gives the ViT a direct signal from the first
+step; it is not exported. Clips are short (1 to --max-frames frames, a curriculum from single frames up);
+the benchmark evaluates on streams ten times longer, with seeds training never uses (training seeds are
+>= 10^6, see TRAIN_SEED_BASE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from edge_runtime import scenes  # noqa: E402
+
+log = logging.getLogger("train_vlm")
+
+TRAIN_SEED_BASE = 1_000_000  # training streams use seeds from here on; benchmarks use small seeds
+TOKENS_FILE = "tokens.json"
+
+
+# -- prompt tokens (here) ---------------------------------------------------------------------------------
+
+def prepare(cache: Path, n_streams: int = 4000) -> Path:
+    """Token ids of every prompt piece the trainer composes, checked against Session.question_prompt."""
+    from edge_runtime.model import ModelConfig, VisionLanguageModel, resolve_model
+    from edge_runtime.session import Session, SessionConfig
+
+    model = VisionLanguageModel(ModelConfig(resolve_model("smollm2"), ROOT / "fixtures" / "smollm2-mmproj-random.gguf",
+                                            n_ctx=2048))
+    session = Session(model, SessionConfig())
+    questions: set[str] = set()
+    answers: set[str] = set()
+    rng = np.random.default_rng(0)
+    for i in range(n_streams):  # every wording and answer the scenes produce, by sampling them
+        stream = scenes.make_stream(TRAIN_SEED_BASE + i, int(rng.integers(1, 121)))
+        for q in stream.questions():
+            questions.add(q.text)
+            answers.add(q.answer)
+    end = "<|im_end|>"
+    first = {q: model.tokenize(f"\n{q}{end}\n<|im_start|>assistant\n") for q in sorted(questions)}
+    later = {q: model.tokenize(f"\n<|im_start|>user\n{q}{end}\n<|im_start|>assistant\n") for q in sorted(questions)}
+    answer = {a: model.tokenize(f"{a}{end}") for a in sorted(answers)}
+    # The pieces must join into exactly what the runtime decodes, history included.
+    qs, ans = sorted(questions), sorted(answers)
+    for k in range(200):
+        turns = [(qs[(7 * k + j) % len(qs)], ans[(3 * k + j) % len(ans)]) for j in range(k % 4)]
+        q = qs[(11 * k) % len(qs)]
+        session.history = list(turns)
+        want = model.tokenize(session.question_prompt(q))
+        got: list[int] = []
+        for j, (tq, ta) in enumerate(turns):
+            got += (later if j else first)[tq] + answer[ta]
+        got += (later if turns else first)[q]
+        if got != want:
+            raise SystemExit(f"prompt pieces do not join into the runtime's prompt for {turns} + {q!r}")
+    out = {"prefix": model.tokenize(session._opening_text, add_special=True), "first": first, "later": later,
+           "answer": answer}
+    path = cache / TOKENS_FILE
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    log.info("%d questions, %d answers, prefix of %d tokens -> %s", len(first), len(answer), len(out["prefix"]), path)
+    return path
+
+
+# -- examples (there, in data-loader workers) -------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    minutes: float = 8.0
+    batch: int = 96
+    max_frames: int = 12  # the benchmark's streams are 120 frames: ten times the longest clip
+    single_frame_fraction: float = 0.15  # curriculum: the first steps see one frame, then 1..max_frames
+    turns: int = 3  # questions per clip, answered one after another from one memory
+    lr_vision: float = 1e-3  # the encoder starts from scratch
+    lr_lora: float = 5e-4
+    lora_rank: int = 8  # 0: frozen text model
+    aux_weight: float = 0.3
+    warmup_steps: int = 100
+    workers: int = 12
+    eval_every: int = 200
+    eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
+
+
+OBJECT_LABELS = {  # the auxiliary targets: index 0 means "no object in this frame"
+    "kind": (None, *scenes.SHAPES),
+    "colour": (None, *scenes.COLOURS),
+    "digit": (None, *range(10)),
+}
+
+
+def frame_labels(stream: scenes.Stream, t: int) -> list[int]:
+    event = stream.event_at(t)
+    if event is None:
+        return [0, 0, 0]
+    obj = event.obj
+    return [OBJECT_LABELS["kind"].index(obj.kind), OBJECT_LABELS["colour"].index(obj.colour),
+            OBJECT_LABELS["digit"].index(obj.digit) if obj.digit is not None else 0]
+
+
+def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int) -> dict:
+    """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), frames."""
+    stream = scenes.make_stream(seed, n_frames)
+    rng = random.Random(seed)
+    by_kind: dict[str, list[scenes.Question]] = defaultdict(list)
+    for q in stream.questions():
+        if q.text in tokens["first"] and q.answer in tokens["answer"]:
+            by_kind[q.kind].append(q)
+    chosen = []
+    kinds = list(by_kind)
+    for _ in range(min(n_turns, sum(len(v) for v in by_kind.values()))):
+        kind = rng.choice(kinds)  # kinds balanced: "now" and "count" would otherwise swamp the rest
+        chosen.append(by_kind[kind].pop(rng.randrange(len(by_kind[kind]))))
+        if not by_kind[kind]:
+            kinds.remove(kind)
+    ids = list(tokens["prefix"]) + [-1] * (n_frames * tokens_per_frame)
+    labels = [-100] * len(ids)
+    for j, q in enumerate(chosen):
+        head = (tokens["later"] if j else tokens["first"])[q.text]
+        ans = tokens["answer"][q.answer]
+        ids += head + ans
+        labels += [-100] * len(head) + ans
+    return {"ids": ids, "labels": labels, "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
+            "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
+            "kinds": [q.kind for q in chosen]}
+
+
+# -- training (there) -------------------------------------------------------------------------------------
+
+def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None:
+    import torch
+    from torch.nn import functional as F
+    from vlm_text import LoraConfig, build_text_model, load_weights
+    from vlm_vision import VisionConfig, VisionEncoder
+
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tokens = json.loads((cache / TOKENS_FILE).read_text())
+    vcfg = VisionConfig()
+    tpf = (vcfg.image_size // vcfg.patch_size) ** 2
+    hparams, weights = load_weights(cache, device)
+    lora = LoraConfig(rank=cfg.lora_rank, alpha=float(cfg.lora_rank)) if cfg.lora_rank else None
+    text = build_text_model(hparams, weights, lora, dtype)
+    del weights
+    vision = VisionEncoder(vcfg).to(device)
+    # The aux heads read what the language model will read: the frame's embeddings, mean- and max-pooled.
+    width = 2 * vcfg.out_width
+    aux = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in OBJECT_LABELS.items()}).to(device)
+    groups = [{"params": list(vision.parameters()) + list(aux.parameters()), "lr": cfg.lr_vision}]
+    if lora:
+        groups.append({"params": text.lora_parameters(), "lr": cfg.lr_lora})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    step0 = 0
+    if resume and resume.exists():
+        ck = torch.load(resume, map_location=device)
+        vision.load_state_dict(ck["vision"])
+        aux.load_state_dict(ck["aux"])
+        if lora:
+            for p, v in zip(text.lora_parameters(), ck["lora"], strict=True):
+                p.data.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        step0 = ck["step"]
+        log.info("resumed from %s at step %d", resume, step0)
+
+    def batches(worker_seed: int):
+        rng = np.random.default_rng(worker_seed)
+        k = 0
+        while True:
+            single = rng.random() < cfg.single_frame_fraction
+            n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
+            yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf)
+            k += 1
+
+    class Examples(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid = info.id if info else 0
+            return batches(cfg.seed * 1000 + step0 + wid)
+
+    def collate(items: list[dict]) -> dict:
+        T = max(len(x["ids"]) for x in items)
+        ids = torch.full((len(items), T), 0, dtype=torch.long)
+        img = torch.zeros((len(items), T), dtype=torch.bool)
+        labels = torch.full((len(items), T), -100, dtype=torch.long)
+        for i, x in enumerate(items):
+            t = torch.tensor(x["ids"])
+            ids[i, :len(t)] = t.clamp(min=0)
+            img[i, :len(t)] = t < 0
+            labels[i, :len(t)] = torch.tensor(x["labels"])
+        return {"ids": ids, "img": img, "labels": labels,
+                "frames": torch.from_numpy(np.concatenate([x["frames"] for x in items])),
+                "frame_labels": torch.tensor([fl for x in items for fl in x["frame_labels"]]),
+                "kinds": [x["kinds"] for x in items]}
+
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=cfg.batch, collate_fn=collate,
+                                         num_workers=cfg.workers, prefetch_factor=4, persistent_workers=True)
+    heldout = [collate([make_example(10 * TRAIN_SEED_BASE + i * 97 + j, n, cfg.turns, tokens, tpf)
+                        for j in range(cfg.eval_size)]) for i, n in enumerate((1, cfg.max_frames))]
+
+    def forward(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        frames = b["frames"].to(device, non_blocking=True)
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            emb = vision(frames)  # [n_frames, tpf, n_embd]
+            pooled = torch.cat([emb.mean(1), emb.amax(1)], -1)
+            x = text.embed(b["ids"].to(device))
+            x = x.masked_scatter(b["img"].to(device)[..., None], emb.to(x.dtype))
+            h = text(x)
+            labels = b["labels"].to(device)
+            sel = labels[:, 1:] != -100
+            logits = text.logits(h[:, :-1][sel]).float()
+            target = labels[:, 1:][sel]
+            loss = F.cross_entropy(logits, target)
+            fl = b["frame_labels"].to(device)
+            aux_loss = sum(F.cross_entropy(aux[k](pooled.float()), fl[:, i]) for i, k in enumerate(OBJECT_LABELS))
+        return loss, aux_loss, logits.argmax(-1) == target, sel
+
+    def evaluate() -> dict[str, float]:
+        vision.eval()
+        res: dict[str, list[bool]] = defaultdict(list)
+        with torch.no_grad():
+            for name, b in zip(("1 frame", f"{cfg.max_frames} frames"), heldout, strict=True):
+                _, _, right, sel = forward(b)
+                # one answer = the tokens of one turn's label run; all must be right
+                right = right.cpu().tolist()
+                sel_cpu = sel.cpu()
+                k = 0
+                for row, kinds in enumerate(b["kinds"]):
+                    pos = sel_cpu[row].nonzero().flatten().tolist()
+                    runs: list[list[int]] = []
+                    for p in pos:
+                        if runs and p == runs[-1][-1] + 1:
+                            runs[-1].append(p)
+                        else:
+                            runs.append([p])
+                    for kind, run in zip(kinds, runs, strict=True):
+                        ok = all(right[k + i] for i in range(len(run)))
+                        k += len(run)
+                        res[f"{name}/{kind}"].append(ok)
+                        res[name].append(ok)
+        vision.train()
+        return {k: round(sum(v) / len(v), 3) for k, v in sorted(res.items())}
+
+    log.info("training: %s; %d tokens a frame; LoRA %s", asdict(cfg), tpf, "off" if not lora else f"rank {lora.rank}")
+    t0 = time.time()
+    deadline = t0 + cfg.minutes * 60
+    step = step0
+    history = []
+    total_steps_guess = None
+    for b in loader:
+        lr_scale = min(1.0, (step + 1) / cfg.warmup_steps)
+        if total_steps_guess:  # cosine over the time budget, once the step rate is known
+            lr_scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps_guess)))
+        for g, base in zip(opt.param_groups, (cfg.lr_vision, cfg.lr_lora), strict=False):
+            g["lr"] = base * lr_scale
+        loss, aux_loss, _, _ = forward(b)
+        opt.zero_grad(set_to_none=True)
+        (loss + cfg.aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        step += 1
+        if step - step0 == 50:
+            rate = 50 / (time.time() - t0)
+            total_steps_guess = step0 + int(rate * cfg.minutes * 60)
+            log.info("%.2f steps/s: about %d steps in the budget", rate, total_steps_guess - step0)
+        if step % 25 == 0:
+            log.info("step %d loss %.3f aux %.3f (%.0f s)", step, loss.item(), aux_loss.item(), time.time() - t0)
+        if step % cfg.eval_every == 0 or time.time() > deadline:
+            acc = evaluate()
+            history.append({"step": step, "s": round(time.time() - t0), "loss": round(loss.item(), 4), **acc})
+            log.info("eval %s", json.dumps(history[-1]))
+        if time.time() > deadline:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    # Weights come back as state dicts (each file under the 16 MiB a device call returns); `export`
+    # writes the GGUFs here, where gguf and llama.cpp are.
+    torch.save(vision.float().cpu().state_dict(), out / "vision.pt")
+    if lora:
+        torch.save({n: p.detach().float().cpu() for n, p in text.named_parameters() if "lora_" in n}, out / "lora.pt")
+    torch.save({"vision": vision.state_dict(), "aux": aux.state_dict(), "step": step,
+                "lora": [p.detach() for p in text.lora_parameters()], "opt": opt.state_dict()},
+               "/tmp/edge_vlm_ckpt.pt")  # stays on the warm machine for a resumed call
+    (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "vision": asdict(vcfg),
+                                                    "steps": step, "history": history}, indent=1))
+    log.info("wrote %s", sorted(p.name for p in out.iterdir()))
+
+
+def export(trained: Path, cache: Path, out: Path) -> list[Path]:
+    """vision.pt (+ lora.pt) from a training run -> mmproj.gguf (+ lora.gguf) that llama.cpp loads."""
+    import torch
+    from vlm_text import LoraConfig, build_text_model, export_lora, load_weights
+    from vlm_vision import VisionConfig, VisionEncoder, export_mmproj
+
+    run = json.loads((trained / "train_log.json").read_text())
+    vcfg = VisionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["vision"].items()})
+    vision = VisionEncoder(vcfg)
+    vision.load_state_dict(torch.load(trained / "vision.pt", map_location="cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    written = [export_mmproj(vision, vcfg, out / "mmproj.gguf")]
+    if (trained / "lora.pt").exists():
+        rank = run["config"]["lora_rank"]
+        lora = LoraConfig(rank=rank, alpha=float(rank))
+        hparams, weights = load_weights(cache, "cpu")
+        text = build_text_model(hparams, weights, lora, torch.float32)
+        missing = text.load_state_dict(torch.load(trained / "lora.pt", map_location="cpu"), strict=False)
+        if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
+            raise SystemExit(f"lora.pt does not fit the text model: {missing}")
+        written.append(export_lora(text, lora, out / "lora.gguf"))
+    return written
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prepare", help="token ids of the prompt pieces (needs llama.cpp)")
+    pr.add_argument("--cache", type=Path, default=ROOT / "train_cache")
+    tr = sub.add_parser("train", help="train and export (needs torch; a GPU for the real run)")
+    tr.add_argument("--cache", type=Path, default=ROOT / "train_cache")
+    tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--resume", type=Path, default=None, help="checkpoint of an earlier call on this machine")
+    for f, v in asdict(TrainConfig()).items():
+        tr.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    ex = sub.add_parser("export", help="GGUFs from a training run's state dicts (needs gguf)")
+    ex.add_argument("trained", type=Path, help="the folder train wrote (vision.pt, lora.pt, train_log.json)")
+    ex.add_argument("--cache", type=Path, default=ROOT / "train_cache")
+    ex.add_argument("--out", type=Path, default=ROOT / "models" / "edge-vlm")
+    args = p.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.cache)
+        return
+    if args.cmd == "export":
+        for path in export(args.trained, args.cache, args.out):
+            log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        return
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    train(args.cache, args.out, cfg, args.resume)
+
+
+if __name__ == "__main__":
+    main()
