@@ -49,3 +49,34 @@ def test_ingest_benchmark_compares_with_bare_mtmd(fixtures: dict[str, Path], tmp
     run_script("benchmark_ingest.py", *tiny(fixtures), "--frames", "4", "--rounds", "1", "--out", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["runtime_ms_median"] > 0 and summary["bare_ms_median"] > 0
+
+
+def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "recall.json"
+    run_script("benchmark_recall.py", *tiny(fixtures), "--streams", "2", "--frames", "12", "--questions-per-stream",
+               "4", "--policies", "full,sliding-window", "--budgets", "1/4,1/2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert result["settings"]["tokens_per_frame"] == 16 and result["machine"]["cores"] >= 1
+    runs = result["runs"]
+    assert [(r["policy"], r["budget"], r["budget_tokens"]) for r in runs] == [
+        ("full", None, None), ("sliding-window", "1/4", 48), ("sliding-window", "1/2", 96)]
+    buckets = result["settings"]["depth_buckets"]
+    groups = {"per_kind": lambda q: q["kind"],  # how a record is grouped, recomputed from the record
+              "per_depth": lambda q: next(b for b, (lo, hi) in buckets.items() if lo <= q["depth"] / 12 < hi)}
+    questions = [(q["stream"], q["question"], q["truth"]) for q in runs[0]["records"]]
+    assert len(questions) == 8 and len(set(questions)) == 8
+    for run in runs:
+        records = run["records"]
+        assert [(q["stream"], q["question"], q["truth"]) for q in records] == questions, "same questions, same order"
+        assert run["n"] == len(records) and 0 <= run["accuracy"] <= 1
+        assert run["accuracy"] == round(sum(q["correct"] for q in records) / len(records), 4)
+        for group, of in groups.items():
+            assert sum(g["n"] for g in run[group].values()) == len(records)
+            for name, g in run[group].items():
+                mine = [q for q in records if of(q) == name]
+                assert g["n"] == len(mine)
+                assert g["accuracy"] == (round(sum(q["correct"] for q in mine) / len(mine), 4) if mine else None)
+        assert all(0 <= q["depth"] < 12 and isinstance(q["correct"], bool) and isinstance(q["answer"], str)
+                   for q in records)
+    assert [s["seed"] for s in result["streams"]] == [0, 1] and 0 <= result["majority_answer_accuracy"] <= 1
