@@ -266,7 +266,7 @@ class Stream:
         return noise.reshape(self.size, self.size, 3)
 
     def frame(self, t: int) -> np.ndarray:
-        """Frame t: size x size x 3 uint8, BGR."""
+        """Frame t: size x size x 3 uint8, BGR (`frame[..., ::-1]` is RGB)."""
         if not 0 <= t < self.n_frames:
             raise IndexError(f"frame {t} is outside this stream of {self.n_frames} frames")
         px, py, phase_x, phase_y = self._drift
@@ -426,6 +426,8 @@ def make_stream(seed: int, n_frames: int, n_events: tuple[int, int] = (2, 6), du
     (always at least one if n_events allows). duration: frames an appearance lasts, drawn uniformly
     (the last may instead last to the end of the stream). size: frame height and width in pixels.
     """
+    if seed < 0:  # the noise generator's key is the seed itself
+        raise ValueError(f"the seed must be a non-negative integer, not {seed}")
     if n_frames < 1:
         raise ValueError(f"a stream needs at least one frame, not {n_frames}")
     if size < OBJECT_SIZE[1] + 8:
