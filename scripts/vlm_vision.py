@@ -24,10 +24,15 @@ The rest of the graph, as mtmd runs it on one frame:
    ggml_norm (population variance, eps inside the sqrt) times weight plus bias: torch's LayerNorm.
 4. Optional post_ln, then mm.0 -> gelu -> mm.2.
 
-What differs is arithmetic, not the graph: with f16 weights ggml-cpu rounds activations to fp16 before
-each matrix product (im2col of the patch conv included), casts K and V to fp16 for flash attention
-(on by default for the clip graph on CPU), and tabulates GELU in fp16. scripts/check_mmproj.py and
-tests/test_vlm_vision.py measure the resulting difference.
+What differs is arithmetic, not the graph; ggml-cpu computes in fp16 in places. It reads GELU from a table
+of fp16(gelu(fp16(x))); it always builds the patch conv's im2col in fp16, which also rounds the kernel to
+fp16 in the product (ggml.c, ggml_conv_2d); flash attention (on by default for clip on CPU) casts K and V
+to fp16 and accumulates in fp16; with f16 matrices it rounds activations to fp16 before each product.
+Random 4-layer encoders differ from PyTorch by ~5e-4 relative error. ``VisionEncoder(config,
+ggml_numerics=True)`` reproduces the first two (forward only; gradients stay the smooth model's), which
+brings that to ~3e-4 with flash attention on and ~1e-4 with it off on f32 exports; on f16 exports the
+activation rounding hides the gain.
+scripts/check_mmproj.py and tests/test_vlm_vision.py measure the difference against the real llama.cpp.
 
 Needs torch, numpy and gguf only (no llama_cpp, no OpenCV), so it imports on the training machine.
 """
@@ -106,7 +111,7 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(config.width, config.ffn)
         self.ffn_down = nn.Linear(config.ffn, config.width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ggml_numerics: bool = False) -> torch.Tensor:
         b, n, width = x.shape
         h = self.ln1(x)
 
@@ -116,12 +121,27 @@ class Block(nn.Module):
         # SDPA's default scale is 1/sqrt(d_head), clip.cpp's kq_scale; no mask: every patch sees every patch.
         a = F.scaled_dot_product_attention(split(self.attn_q(h)), split(self.attn_k(h)), split(self.attn_v(h)))
         x = x + self.attn_out(a.transpose(1, 2).reshape(b, n, width))
-        return x + self.ffn_down(gelu(self.ffn_up(self.ln2(x))))
+        return x + self.ffn_down(gelu(self.ffn_up(self.ln2(x)), ggml_numerics))
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """ggml_gelu: the tanh approximation (ggml-cpu tabulates it in fp16; the rounding is within tolerance)."""
-    return F.gelu(x, approximate="tanh")
+def gelu(x: torch.Tensor, ggml_numerics: bool = False) -> torch.Tensor:
+    """ggml_gelu: the tanh approximation of GELU, not erf.
+
+    With ``ggml_numerics`` the forward value is exactly ggml-cpu's (vec.h, GGML_GELU_FP16): 0 at or below
+    -10, x at or above 10, else the table entry fp16(gelu(fp16(x))). The gradient stays the smooth one
+    (straight-through), since the table is piecewise constant.
+    """
+    y = F.gelu(x, approximate="tanh")
+    if not ggml_numerics:
+        return y
+    table = F.gelu(x.detach().half().float(), approximate="tanh").half().to(x.dtype)
+    table = torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+    return y + (table - y).detach()
+
+
+def fp16_rounded(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to fp16 in the forward pass, unchanged in the backward pass."""
+    return t + (t.half().to(t.dtype) - t).detach()
 
 
 class VisionEncoder(nn.Module):
@@ -132,9 +152,10 @@ class VisionEncoder(nn.Module):
     hands them to the text model.
     """
 
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, ggml_numerics: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.ggml_numerics = ggml_numerics  # reproduce ggml-cpu's fp16 GELU table and fp16 patch conv
         self.register_buffer("mean", torch.tensor(config.image_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(config.image_std, dtype=torch.float32), persistent=False)
         self.patch_embd = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size, bias=True)
@@ -155,14 +176,17 @@ class VisionEncoder(nn.Module):
         return x.permute(0, 3, 1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embd(self.normalize(images))  # [B, width, ny, nx]
+        pixels, kernel = self.normalize(images), self.patch_embd.weight
+        if self.ggml_numerics:  # im2col in fp16, so the product sees fp16 pixels and an fp16 kernel
+            pixels, kernel = fp16_rounded(pixels), fp16_rounded(kernel)
+        x = F.conv2d(pixels, kernel, self.patch_embd.bias, stride=self.config.patch_size)  # [B, width, ny, nx]
         x = x.flatten(2).transpose(1, 2)  # [B, ny * nx, width], row-major like ggml's conv output
         x = self.pre_ln(x + self.position_embd)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.ggml_numerics)
         if self.post_ln is not None:
             x = self.post_ln(x)
-        return self.mm_2(gelu(self.mm_0(x)))
+        return self.mm_2(gelu(self.mm_0(x), self.ggml_numerics))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_tolerance_catches_the_likely_wrong_graphs(vision: ModuleType, check: Mo
     x = torch.from_numpy(random_frames(1, config.image_size, seed=2))
     with torch.no_grad():
         want = model(x)[0].numpy()
-        monkeypatch.setattr(vision, "gelu", lambda t: t * torch.sigmoid(1.702 * t))
+        monkeypatch.setattr(vision, "gelu", lambda t, ggml_numerics=False: t * torch.sigmoid(1.702 * t))
         quick = model(x)[0].numpy()
         monkeypatch.undo()
         model.blocks = model.blocks[:-1]
@@ -120,3 +120,15 @@ def test_frames_of_another_size_are_refused(vision: ModuleType) -> None:
     model = vision.VisionEncoder(vision.VisionConfig())
     with pytest.raises(ValueError, match="expected RGB images"):
         model(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+
+
+def test_ggml_numerics_gelu_is_the_fp16_table_with_a_smooth_gradient(vision: ModuleType) -> None:
+    x = torch.tensor([-12.0, -10.0, -1.2345, 0.1, 1.0, 3.14159, 9.99, 10.0, 25.0], requires_grad=True)
+    y = vision.gelu(x, ggml_numerics=True)
+    # ggml-cpu (vec.h): 0 at or below -10, x at or above 10, else fp16(gelu_tanh(fp16(x))).
+    inside = torch.nn.functional.gelu(x.detach().half().float(), approximate="tanh").half().float()
+    expected = torch.where(x <= -10, 0.0, torch.where(x >= 10, x.detach(), inside))
+    assert torch.equal(y.detach(), expected)
+    y.sum().backward()
+    smooth = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)[0]
+    assert torch.equal(x.grad, smooth)
