@@ -44,6 +44,7 @@ class SessionConfig:
     budget: int | None = None  # |M| video tokens; None: all the context holds (the full cache's limit)
     keep_fraction: float = 0.75  # |C| = 0.75 |M| (the paper's default), rounded down to whole frames
     positions: str = "reindex"  # reindex: compact positions, keys re-rotated; keep: original rotations
+    direct_pass: bool = True  # compress llama.cpp's KV tensors in place when it can (CPU cache, reindex)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ class Session:
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots)
         self._pass: _native.KVPass | None = None  # made at the first compression, sized for the budget
-        self.last_pass: dict[str, float] = {}  # the last pass's timings (read, select, apply) and bytes
+        self._direct: bool | None = None  # whether the in-place path applies; decided at the first pass
+        # The last pass's timings (read, select, apply), state bytes, and which path ran (direct, portable).
+        self.last_pass: dict[str, float | str] = {}
 
     def _check_settings(self, capacity: int, n_prefix: int) -> int:
         cfg = self.config
@@ -189,6 +192,30 @@ class Session:
                 mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads)
         return self._pass
 
+    def _read(self, kv: _native.KVPass) -> None:
+        """Point the pass at the cache: llama.cpp's own tensors where it can, else a copy of the state.
+
+        The in-place path relies on cell c holding position c (reindex mode keeps it so); the pass checks
+        that every time, and falls back to the copy, which works on any layout, when it does not hold.
+        """
+        if self._direct is None:
+            self._direct = self._direct_supported(kv)
+        if self._direct:
+            why = kv.read_direct(self.memory.video_tokens)
+            if not why:
+                return
+            log.warning("the KV cache is not laid out as the in-place pass expects (%s); copying it this time", why)
+        kv.read()
+
+    def _direct_supported(self, kv: _native.KVPass) -> bool:
+        capture = self.model.kv_capture
+        if not self.config.direct_pass or self.config.positions != "reindex" or capture is None:
+            return False
+        why = kv.direct_support(capture)
+        if why:
+            log.info("the compression pass copies the KV state: %s", why)
+        return not why
+
     def _compress(self) -> None:
         """One pass: |M| video tokens down to |C|, chosen by the policy, carried out by the native pass."""
         mem = self.memory
@@ -201,7 +228,7 @@ class Session:
         kv = self.kv_pass()
         t0 = time.perf_counter()
         try:
-            kv.read()
+            self._read(kv)
         except RuntimeError as e:  # a KV layout the pass cannot rewrite: say which, keep the memory
             raise ModelError(f"cannot compress this KV cache: {e}") from None
         if kv.n_slots != mem.video_tokens:
@@ -222,11 +249,11 @@ class Session:
         _, _, rot_pos = mem.slots.arrays()
         try:
             kv.apply(kept, new_pos, rot_pos, reindex)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # refused before anything moved, or restored by the pass
             raise ModelError(str(e)) from None
         t3 = time.perf_counter()
         self.last_pass = {"read_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "apply_ms": (t3 - t2) * 1e3,
-                          "state_bytes": kv.state_bytes}
+                          "state_bytes": kv.state_bytes, "path": kv.path}
         mem.slots.keep(kept, new_pos if reindex else None)
         if reindex:
             mem.next_pos = mem.prefix_tokens + keep
