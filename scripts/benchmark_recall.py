@@ -6,8 +6,11 @@ now) are asked one after another from that one memory, as a user would, each wit
 history. Answers are graded by exact match (scenes.grade). The full cache runs uncapped, in a context
 sized for the whole stream: the ceiling the compression policies are measured against.
 
-    python scripts/benchmark_recall.py --streams 20 --frames 600 --budget 1/8 --out results/recall.json
-    python scripts/benchmark_recall.py --budgets 1/16,1/8,1/4 --policies infinipot-v,sliding-window,uniform
+    python scripts/benchmark_recall.py --streams 20 --frames 100 --budget 1/8 --out results/recall.json
+    python scripts/benchmark_recall.py --frames 600 --budgets 1/16,1/8,1/4 --policies infinipot-v,sliding-window,uniform
+
+The full cache must fit the model's trained context (SmolLM2: 8192 tokens, 119 frames of 64 tokens); longer
+streams compare the capped policies alone.
 
 A budget is a token count (2048) or a fraction of the stream's video tokens (1/8), rounded to whole frames.
 The JSON holds the settings, the machine, per-run accuracy (overall, per question kind, per depth: how far
