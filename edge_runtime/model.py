@@ -220,6 +220,18 @@ class VisionLanguageModel:
         if config.cache_type not in cache_types:
             raise ModelError(f"unknown cache type {config.cache_type}; use one of {', '.join(cache_types)}")
         cparams.type_k = cparams.type_v = cache_types[config.cache_type]
+        # The in-place compression pass finds llama.cpp's K and V tensors through the evaluation callback
+        # (public API) during the first decode; the capture must live as long as the context.
+        self.kv_capture = None
+        try:
+            from edge_runtime._native import KVCapture
+        except ImportError:  # native module not built: compression is unavailable anyway
+            KVCapture = None
+        if KVCapture is not None:
+            self.kv_capture = KVCapture(llama_cpp.llama_model_n_layer(self.model))
+            cparams.cb_eval = ctypes.cast(ctypes.c_void_p(self.kv_capture.callback),
+                                          llama_cpp.ggml_backend_sched_eval_callback)
+            cparams.cb_eval_user_data = ctypes.c_void_p(self.kv_capture.user_data)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()

@@ -234,6 +234,8 @@ class Session:
         if kv.n_slots != mem.video_tokens:
             raise ModelError(f"the KV cache holds {kv.n_slots} video cells but {mem.video_tokens} were recorded: "
                              "was the context used by another program?")
+        if kv.path == "direct" and self.config.positions == "reindex":
+            kv.plan_in_place()  # a native selection moves each layer while it is still in the CPU's cache
         t1 = time.perf_counter()
         try:
             kept = self.policy.select(mem, kv, keep)
@@ -246,7 +248,7 @@ class Session:
         reindex = self.config.positions == "reindex"
         first = mem.prefix_tokens if reindex else mem.next_pos - keep
         new_pos = np.arange(first, first + keep, dtype=np.int32)
-        _, _, rot_pos = mem.slots.arrays()
+        rot_pos = np.ascontiguousarray(mem.slots.rot_pos[:, :, :mem.video_tokens])  # read before keep() rewrites it
         try:
             kv.apply(kept, new_pos, rot_pos, reindex)
         except (RuntimeError, ValueError) as e:  # refused before anything moved, or restored by the pass

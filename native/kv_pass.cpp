@@ -30,11 +30,13 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#endif
+#if defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
 #endif
 
@@ -45,12 +47,6 @@
 
 namespace py = pybind11;
 using edge::StateView;
-
-#if defined(__GNUC__)
-#define EDGE_NOINLINE __attribute__((noinline))
-#else
-#define EDGE_NOINLINE
-#endif
 
 namespace {
 
@@ -70,90 +66,289 @@ struct Scored {
     int32_t slot;
 };
 
-// "highest score first, ties: lower slot index first": the contract the NumPy reference shares.
-struct ByScore {
-    bool operator()(const Scored &a, const Scored &b) const {
-        return a.score > b.score || (a.score == b.score && a.slot < b.slot);
+// The order of choice, the contract the NumPy reference shares: highest score first,
+// ties: lower slot index first.
+// A double's bits as an unsigned key in the same order (-0 and +0 made one, as == has them).
+inline uint64_t order_key(double x) {
+    x += 0.0;  // -0 -> +0
+    uint64_t b;
+    std::memcpy(&b, &x, 8);
+    return (b >> 63) ? ~b : b | (uint64_t(1) << 63);
+}
+
+// Keep the k best of c[0..n) in c[0..k), the others after them, both in the order they came. c must
+// come in slot order. The k-th highest key comes from a radix select (8 bits a round, each round on the
+// survivors of the last); then one pass takes everything above it and, of the ties at it, the first met
+// (the lowest slots). keys, rest: n of scratch each.
+void top_k(Scored *c, size_t n, size_t k, uint64_t *keys, Scored *rest) {
+    if (k >= n || k == 0) return;
+    for (size_t i = 0; i < n; ++i) keys[i] = order_key(c[i].score);
+    uint64_t *cur = reinterpret_cast<uint64_t *>(rest);  // the survivors, in rest's room until the partition
+    std::copy(keys, keys + n, cur);
+    size_t m = n, kk = k;  // the threshold is the kk-th highest of cur[0..m)
+    uint64_t t = keys[0], all_or = 0, all_and = ~uint64_t(0);
+    for (size_t i = 0; i < n; ++i) all_or |= keys[i], all_and &= keys[i];
+    const uint64_t differ = all_or ^ all_and;  // scores share their top bits: start below them
+    int top = 0;
+    while (top < 56 && (differ >> (top + 8)) != 0) top += 8;
+    for (int shift = differ ? top : -1; shift >= 0; shift -= 8) {
+        size_t hist[256] = {};
+        for (size_t i = 0; i < m; ++i) ++hist[(cur[i] >> shift) & 255];
+        int bucket = 255;
+        for (; hist[bucket] < kk; --bucket) kk -= hist[bucket];
+        size_t w = 0;
+        for (size_t i = 0; i < m; ++i) {
+            cur[w] = cur[i];
+            w += int((cur[i] >> shift) & 255) == bucket;
+        }
+        m = w;
+        if (m == 1 || shift == 0) {
+            t = cur[0];
+            break;
+        }
     }
+    size_t above = 0;
+    for (size_t i = 0; i < n; ++i) above += keys[i] > t;
+    size_t ties = k - above, w = 0, o = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const size_t tie = keys[i] == t && ties > 0;
+        const size_t take = (keys[i] > t) | tie;
+        ties -= tie;
+        const Scored x = c[i];
+        c[w] = x;  // w <= i: never overwrites one not yet seen
+        rest[o] = x;
+        w += take;
+        o += 1 - take;
+    }
+    std::copy(rest, rest + o, c + w);
+}
+
+// Eight floats at a time: AVX2/FMA, Arm NEON, or plain loops. The reductions keep eight partial sums
+// and add them up in a fixed order, so a score has the same bits whichever path computed it.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct F8 {
+    __m256 v;
+};
+inline F8 f8_load(const float *p) { return {_mm256_loadu_ps(p)}; }
+inline void f8_store(float *p, F8 a) { _mm256_storeu_ps(p, a.v); }
+inline F8 f8_zero() { return {_mm256_setzero_ps()}; }
+inline F8 f8_mul(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F8 f8_fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }    // a * b + c
+inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a * b
+inline F8 f8_swap_pairs(F8 a) { return {_mm256_permute_ps(a.v, 0xB1)}; }          // (x0, x1) -> (x1, x0)
+inline F8 f8_load(const uint16_t *p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))}; }
+inline void f8_store(uint16_t *p, F8 a) { _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(a.v, 0)); }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+struct F8 {
+    float32x4_t lo, hi;
+};
+inline F8 f8_load(const float *p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+inline void f8_store(float *p, F8 a) { vst1q_f32(p, a.lo), vst1q_f32(p + 4, a.hi); }
+inline F8 f8_zero() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
+inline F8 f8_mul(F8 a, F8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
+inline F8 f8_fma(F8 a, F8 b, F8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi)}; }
+inline F8 f8_swap_pairs(F8 a) { return {vrev64q_f32(a.lo), vrev64q_f32(a.hi)}; }
+inline F8 f8_load(const uint16_t *p) {
+    return {vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))), vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4)))};
+}
+inline void f8_store(uint16_t *p, F8 a) {
+    vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(a.lo)));
+    vst1_u16(p + 4, vreinterpret_u16_f16(vcvt_f16_f32(a.hi)));
+}
+#else
+struct F8 {
+    float v[8];
+};
+inline F8 f8_load(const float *p) {
+    F8 r;
+    std::memcpy(r.v, p, sizeof r.v);
+    return r;
+}
+inline void f8_store(float *p, F8 a) { std::memcpy(p, a.v, sizeof a.v); }
+inline F8 f8_zero() { return F8{}; }
+inline F8 f8_mul(F8 a, F8 b) {
+    for (int k = 0; k < 8; ++k) a.v[k] *= b.v[k];
+    return a;
+}
+inline F8 f8_fma(F8 a, F8 b, F8 c) {
+    for (int k = 0; k < 8; ++k) c.v[k] += a.v[k] * b.v[k];
+    return c;
+}
+inline F8 f8_fnma(F8 a, F8 b, F8 c) {
+    for (int k = 0; k < 8; ++k) c.v[k] -= a.v[k] * b.v[k];
+    return c;
+}
+inline F8 f8_swap_pairs(F8 a) {
+    for (int k = 0; k < 8; k += 2) std::swap(a.v[k], a.v[k + 1]);
+    return a;
+}
+inline F8 f8_load(const uint16_t *p) {
+    F8 r;
+    ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(p), r.v, 8);
+    return r;
+}
+inline void f8_store(uint16_t *p, F8 a) { ggml_fp32_to_fp16_row(a.v, reinterpret_cast<ggml_fp16_t *>(p), 8); }
+#endif
+
+inline float f_load(const float *p) { return *p; }
+inline float f_load(const uint16_t *p) { return ggml_fp16_to_fp32(*p); }
+
+inline float f8_sum(F8 a) {
+    float t[8];
+    f8_store(t, a);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+// One head's key and its rotary pairs as llama.cpp rotates them: normal RoPE pairs (2i, 2i + 1), NeoX
+// pairs (i, i + n_rot / 2); dims from n_rot on are not rotated. With per-position tables C[d] = cos of
+// d's pair angle and S[d] = +sin for a pair's first element, -sin for its second:
+//   R(-pos) x = x * C + partner(x) * S,   R(+pos) x = x * C - partner(x) * S.
+// Keys stay in their stored layout; a normal pair's partner is its neighbour (one in-lane shuffle).
+struct RopeLayout {
+    bool neox = false;
+    int n_rot = 0, D = 0;
+    bool vec = false;  // whole blocks of 8: no block straddles a pair or the unrotated tail
 };
 
-// Keep the k best of c[0..n) in c[0..k), in any order.
-void top_k(Scored *c, size_t n, size_t k) {
-    if (k >= n) return;
-    std::nth_element(c, c + k, c + n, ByScore{});
+template <typename E> inline F8 partner8(const E *x, F8 xv, int d, const RopeLayout &r) {
+    if (!r.neox) return f8_swap_pairs(xv);
+    const int half = r.n_rot / 2;
+    return f8_load(x + (d < half ? d + half : d - half));
 }
 
-// Independent partial sums: the compiler turns each into one vector register (no -ffast-math needed, the
-// order of additions is fixed by the source), and the same code gives the same bits on every path.
-constexpr int kLanes = 8;
-
-inline float lane_sum(const float *acc) {
-    float s = 0;
-    for (int k = 0; k < kLanes; ++k) s += acc[k];
-    return s;
+template <typename E> inline float partner1(const E *x, int d, const RopeLayout &r) {
+    if (!r.neox) return f_load(x + (d ^ 1));
+    const int half = r.n_rot / 2;
+    return f_load(x + (d < half ? d + half : d - half));
 }
 
-// x (one head's key in halves layout: pair i = x[i], x[half + i], then unrotated dims) turned back by
-// the angles c, s (u = R(-pos) x) into u; returns |x|^2.
-inline float unrotate(const float *__restrict x, const float *__restrict c, const float *__restrict s, int half,
-                      int D, float *__restrict u) {
-    float nrm[kLanes] = {};
-    int i = 0;
-    for (; i + kLanes <= half; i += kLanes)
-        for (int k = 0; k < kLanes; ++k) {
-            const float a = x[i + k], b = x[half + i + k];
-            u[i + k] = a * c[i + k] + b * s[i + k];
-            u[half + i + k] = b * c[i + k] - a * s[i + k];
-            nrm[k] += a * a + b * b;
+// u = R(-pos) x; returns |x|^2 (a rotation keeps the norm).
+inline float unrotate(const float *__restrict x, const float *__restrict C, const float *__restrict S,
+                      const RopeLayout &r, float *__restrict u) {
+    if (r.vec) {
+        F8 n2 = f8_zero();
+        int d = 0;
+        for (; d < r.n_rot; d += 8) {
+            const F8 xv = f8_load(x + d);
+            f8_store(u + d, f8_fma(partner8(x, xv, d, r), f8_load(S + d), f8_mul(xv, f8_load(C + d))));
+            n2 = f8_fma(xv, xv, n2);
         }
-    float n2 = 0;
-    for (; i < half; ++i) {
-        const float a = x[i], b = x[half + i];
-        u[i] = a * c[i] + b * s[i];
-        u[half + i] = b * c[i] - a * s[i];
-        n2 += a * a + b * b;
+        for (; d < r.D; d += 8) {
+            const F8 xv = f8_load(x + d);
+            f8_store(u + d, xv);
+            n2 = f8_fma(xv, xv, n2);
+        }
+        return f8_sum(n2);
     }
-    for (int d = 2 * half; d < D; ++d) {
-        u[d] = x[d];
+    float n2 = 0;
+    for (int d = 0; d < r.D; ++d) {
+        u[d] = d < r.n_rot ? x[d] * C[d] + partner1(x, d, r) * S[d] : x[d];
         n2 += x[d] * x[d];
     }
-    return n2 + lane_sum(nrm);
+    return n2;
 }
 
-// (R(-pos) x) . S without storing the turned key; |x|^2 into norm2. Layout as in unrotate().
-inline float unrotate_dot(const float *__restrict x, const float *__restrict c, const float *__restrict s,
-                          const float *__restrict S, int half, int D, float &norm2) {
-    float dot[kLanes] = {}, nrm[kLanes] = {};
-    int i = 0;
-    for (; i + kLanes <= half; i += kLanes)
-        for (int k = 0; k < kLanes; ++k) {
-            const float a = x[i + k], b = x[half + i + k];
-            const float lo = a * c[i + k] + b * s[i + k], hi = b * c[i + k] - a * s[i + k];
-            dot[k] += lo * S[i + k] + hi * S[half + i + k];
-            nrm[k] += a * a + b * b;
+// (R(-pos) x) . T without storing the turned key; |x|^2 into n2. x: f16 or f32, as the cache stores it.
+template <typename E>
+inline float unrotate_dot(const E *__restrict x, const float *__restrict C, const float *__restrict S,
+                          const float *__restrict T, const RopeLayout &r, float &n2) {
+    if (r.vec) {
+        F8 dot = f8_zero(), nn = f8_zero();
+        int d = 0;
+        for (; d < r.n_rot; d += 8) {
+            const F8 xv = f8_load(x + d);
+            const F8 u = f8_fma(partner8(x, xv, d, r), f8_load(S + d), f8_mul(xv, f8_load(C + d)));
+            dot = f8_fma(u, f8_load(T + d), dot);
+            nn = f8_fma(xv, xv, nn);
         }
-    float d0 = 0, n0 = 0;
-    for (; i < half; ++i) {
-        const float a = x[i], b = x[half + i];
-        d0 += (a * c[i] + b * s[i]) * S[i] + (b * c[i] - a * s[i]) * S[half + i];
-        n0 += a * a + b * b;
+        for (; d < r.D; d += 8) {
+            const F8 xv = f8_load(x + d);
+            dot = f8_fma(xv, f8_load(T + d), dot);
+            nn = f8_fma(xv, xv, nn);
+        }
+        n2 = f8_sum(nn);
+        return f8_sum(dot);
     }
-    for (int d = 2 * half; d < D; ++d) {
-        d0 += x[d] * S[d];
-        n0 += x[d] * x[d];
+    float dot = 0, nn = 0;
+    for (int d = 0; d < r.D; ++d) {
+        const float xd = f_load(x + d);
+        const float u = d < r.n_rot ? xd * C[d] + partner1(x, d, r) * S[d] : xd;
+        dot += u * T[d];
+        nn += xd * xd;
     }
-    norm2 = n0 + lane_sum(nrm);
-    return d0 + lane_sum(dot);
+    n2 = nn;
+    return dot;
+}
+
+// y = R(+pos) x (forward) or R(-pos) x; y must not alias x.
+inline void rotate_to(const float *__restrict x, const float *__restrict C, const float *__restrict S, bool forward,
+                      const RopeLayout &r, float *__restrict y) {
+    if (r.vec) {
+        int d = 0;
+        for (; d < r.n_rot; d += 8) {
+            const F8 xv = f8_load(x + d), p = partner8(x, xv, d, r), xc = f8_mul(xv, f8_load(C + d));
+            f8_store(y + d, forward ? f8_fnma(p, f8_load(S + d), xc) : f8_fma(p, f8_load(S + d), xc));
+        }
+        for (; d < r.D; d += 8) f8_store(y + d, f8_load(x + d));
+        return;
+    }
+    for (int d = 0; d < r.D; ++d) {
+        if (d >= r.n_rot) {
+            y[d] = x[d];
+            continue;
+        }
+        const float xc = x[d] * C[d], p = partner1(x, d, r) * S[d];
+        y[d] = forward ? xc - p : xc + p;
+    }
+}
+
+// dst = R(+pos) src (forward) or R(-pos) src, in the cache's own type; dst may be src (in place: a
+// NeoX pair's two halves are read before either is written). tmp: 2 D floats for the scalar path.
+template <typename E>
+inline void move_key(const E *src, E *dst, const float *__restrict C, const float *__restrict S, bool forward,
+                     const RopeLayout &r, float *__restrict tmp) {
+    auto turn = [forward](F8 x, F8 p, F8 c, F8 s) { return forward ? f8_fnma(p, s, f8_mul(x, c)) : f8_fma(p, s, f8_mul(x, c)); };
+    if (r.vec) {
+        if (!r.neox) {
+            for (int d = 0; d < r.n_rot; d += 8) {
+                const F8 x = f8_load(src + d);
+                f8_store(dst + d, turn(x, f8_swap_pairs(x), f8_load(C + d), f8_load(S + d)));
+            }
+        } else {
+            const int half = r.n_rot / 2;
+            for (int i = 0; i < half; i += 8) {
+                const F8 a = f8_load(src + i), b = f8_load(src + half + i);
+                f8_store(dst + i, turn(a, b, f8_load(C + i), f8_load(S + i)));
+                f8_store(dst + half + i, turn(b, a, f8_load(C + half + i), f8_load(S + half + i)));
+            }
+        }
+        if (dst != src)
+            for (int d = r.n_rot; d < r.D; ++d) dst[d] = src[d];
+        return;
+    }
+    for (int d = 0; d < r.D; ++d) tmp[d] = f_load(src + d);
+    rotate_to(tmp, C, S, forward, r, tmp + r.D);
+    for (int d = 0; d < r.D; ++d) {
+        if constexpr (std::is_same_v<E, float>)
+            dst[d] = tmp[r.D + d];
+        else
+            dst[d] = ggml_fp32_to_fp16(tmp[r.D + d]);
+    }
 }
 
 inline float sum_squares(const float *__restrict x, int D) {
-    float acc[kLanes] = {};
-    int d = 0;
-    for (; d + kLanes <= D; d += kLanes)
-        for (int k = 0; k < kLanes; ++k) acc[k] += x[d + k] * x[d + k];
+    if (D % 8 == 0) {
+        F8 acc = f8_zero();
+        for (int d = 0; d < D; d += 8) {
+            const F8 v = f8_load(x + d);
+            acc = f8_fma(v, v, acc);
+        }
+        return f8_sum(acc);
+    }
     float s = 0;
-    for (; d < D; ++d) s += x[d] * x[d];
-    return s + lane_sum(acc);
+    for (int d = 0; d < D; ++d) s += x[d] * x[d];
+    return s;
 }
 
 }  // namespace
@@ -180,6 +375,25 @@ inline void f32_to_f16(const float *src, uint16_t *dst, size_t n) {
     for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
 #endif
     if (i < n) ggml_fp32_to_fp16_row(src + i, reinterpret_cast<ggml_fp16_t *>(dst + i), int64_t(n - i));
+}
+
+// Rows a sweep will read kAhead rows from now: asked for early, so the loads of a row do not wait on
+// memory while the scores of the previous ones are still being computed.
+constexpr size_t kAhead = 8;
+
+inline void prefetch_row(const uint8_t *p, size_t n) {
+#if defined(__GNUC__)
+    for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i);
+#else
+    (void)p, (void)n;
+#endif
+}
+
+// A head's bytes from one cell to another (never overlapping): short copies the compiler keeps inline.
+inline void copy_bytes(uint8_t *__restrict dst, const uint8_t *__restrict src, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) std::memcpy(dst + i, src + i, 8);
+    for (; i < n; ++i) dst[i] = src[i];
 }
 
 inline void to_float(int type, const uint8_t *src, float *dst, size_t n) {
@@ -282,23 +496,27 @@ struct LayerSrc {
 
 // Everything one worker needs for one layer, sized once (for the budget) and reused by every pass.
 struct Scratch {
-    std::vector<float> raw;             // one cell's row as stored, converted to float
-    std::vector<float> row;             // the same row's keys in halves layout
+    std::vector<float> raw, vrow;       // one cell's K / V row as stored, converted to float
     std::vector<float> unit;            // one turned key, then angle and rotation scratch
     std::vector<float> sum;             // [H][p][D] sums of the recent frames' unit keys
     std::vector<float> run, vacc;       // transposed V: one dimension over the slots; [H][N] sums of squares
     std::vector<double> tar, van;       // [H][N]
     std::vector<double> pooled, grid;
-    std::vector<Scored> cand;
+    std::vector<Scored> cand, rest;
+    std::vector<uint64_t> keys;
+    std::vector<int32_t> slots;
     std::vector<uint8_t> mark;          // [H][N]: kept (recent, then chosen)
     std::vector<uint8_t> any_recent, any_past, present;
 };
 
 // Run f(layer, scratch) for every layer on `n` threads (layers split round-robin); rethrow the first error.
-template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scratch, F &&f) {
+// backwards: last layer first. The write-back runs backwards after a selection that ran forwards, so
+// its first layers are the ones the selection left in the cache.
+template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scratch, F &&f, bool backwards = false) {
     const size_t n = std::min(scratch.size(), n_layer);
+    auto layer = [&](size_t i) { return backwards ? n_layer - 1 - i : i; };
     if (n <= 1) {
-        for (size_t l = 0; l < n_layer; ++l) f(l, scratch[0]);
+        for (size_t i = 0; i < n_layer; ++i) f(layer(i), scratch[0]);
         return;
     }
     std::vector<std::exception_ptr> errors(n);
@@ -306,7 +524,7 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
     for (size_t t = 0; t < n; ++t)
         threads.emplace_back([&, t] {
             try {
-                for (size_t l = t; l < n_layer; l += n) f(l, scratch[t]);
+                for (size_t i = t; i < n_layer; i += n) f(layer(i), scratch[t]);
             } catch (...) {
                 errors[t] = std::current_exception();
             }
@@ -326,24 +544,22 @@ class KVPass {
         rope_.n_rot = n_rot;
         rope_.freq_base = freq_base;
         rope_.freq_scale = freq_scale;
-        // cos/sin of every position a reindexed cache can hold, for un-rotating and re-rotating keys;
-        // positions past the table (keep mode on long streams) are computed directly.
+        // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
+        // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
+        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX;
+        rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
+        rl_.D = head_dim_k;
+        rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
         table_n_ = std::max(max_position, 1);
-        half_ = std::max(n_rot / 2, 1);
-        rot_half_ = n_rot > 0 ? n_rot / 2 : 0;
-        cos_.resize(size_t(table_n_) * half_);
-        sin_.resize(size_t(table_n_) * half_);
-        for (int p = 0; p < table_n_; ++p)
-            for (int i = 0; i < half_; ++i) {
-                double th = angle(p, i);
-                cos_[size_t(p) * half_ + i] = float(std::cos(th));
-                sin_[size_t(p) * half_ + i] = float(std::sin(th));
-            }
+        const size_t nr = size_t(rl_.n_rot);
+        rc_.resize(size_t(table_n_) * nr);
+        rs_.resize(size_t(table_n_) * nr);
+        for (int p = 0; p < table_n_; ++p) fill_tables(p, &rc_[size_t(p) * nr], &rs_[size_t(p) * nr]);
     }
 
     // Portable path: copy the sequence's state into buffer A and parse it; sizes A and B on the first call.
     void read() {
-        direct_ = false;
+        direct_ = plan_ = moved_ = false;
         size_t size = llama_state_seq_get_size(ctx_, 0);
         if (a_.empty()) {
             a_.resize(size);
@@ -419,7 +635,7 @@ class KVPass {
     // public API); the first time, and after any mismatch, also against the parsed state, byte for byte.
     // Returns "" when the pass may run in place, else why not (the caller falls back to read()).
     std::string read_direct(int n_video) {
-        direct_ = false;
+        direct_ = plan_ = moved_ = false;
         if (!cap_) throw std::logic_error("read_direct before a successful direct_support");
         const int total = n_prefix_ + n_video;
         llama_memory_t mem = llama_get_memory(ctx_);
@@ -439,6 +655,15 @@ class KVPass {
                        " of " + std::to_string(total) + " cells";
             }
             state_bytes_ = size;
+            // The cells the last direct pass left must still hold what it left there: a re-packed or
+            // permuted sequence (set_data of another layout) moves them, and then the layout is checked
+            // in full again.
+            if (!fingerprint_matches()) {
+                verified_ = false;
+                std::string why = verify_layout(total);
+                if (!why.empty()) return why;
+                verified_ = true;
+            }
         } else {
             std::string why = verify_layout(total);
             if (!why.empty()) return why;
@@ -466,6 +691,14 @@ class KVPass {
         std::iota(slot_cells_.begin(), slot_cells_.end(), n_prefix_);
         direct_ = true;
         return "";
+    }
+
+    // Direct path: let the next select() move each layer in place right after choosing its tokens (while
+    // the layer is still in the CPU's cache), with the positions apply() would give (n_prefix + j). The
+    // apply() that follows must then pass that very selection; it only frees the cells after it.
+    void plan_in_place() {
+        if (!direct_) throw std::logic_error("plan_in_place needs a direct read");
+        plan_ = true;
     }
 
     size_t n_slots() const { return slot_cells_.size(); }
@@ -505,12 +738,33 @@ class KVPass {
             if (S.sum.size() < H * p * dk_) S.sum.resize(H * p * dk_);
             if (S.grid.size() < p) S.grid.resize(p), S.present.resize(p);
         }
+        const bool move = direct_ && plan_;
+        plan_ = false;
+        if (move) {
+            // Each layer moves right after its selection, while its K and V are still in the cache; so
+            // every input is checked for every layer first, and nothing can fail once a byte moved.
+            for (size_t l = 0; l < L; ++l)
+                for (size_t h = 0; h < H; ++h) {
+                    const size_t base = (l * H + h) * N;
+                    const size_t r = mark_recent(scratch_[0].mark.data(), F + base, P + base, p, recent_min_frame, l, h);
+                    if (size_t(keep) < r * p) throw std::invalid_argument("|C| is smaller than the recent frames");
+                    if (use_tar && use_van && long(std::floor(alpha * double(keep))) < long(r * p))
+                        throw std::invalid_argument("alpha * |C| must cover the recent frames");
+                }
+        }
         {
             py::gil_scoped_release nogil;
             for_layers(L, scratch_, [&](size_t l, Scratch &S) {
+                int32_t *kept = o + l * H * size_t(keep);
                 select_layer(S, l, F, P, R, nx, p, recent_min_frame, size_t(keep), alpha, pool ? pool_kernel(l, L) : 1,
-                             use_tar, use_van, o + l * H * size_t(keep));
+                             use_tar, use_van, kept);
+                if (move) move_layer(l, S, kept, size_t(keep), R + l * H * N, N);
             });
+        }
+        if (move) {
+            moved_ = true;
+            moved_keep_ = size_t(keep);
+            moved_kept_.assign(o, o + L * H * size_t(keep));
         }
         return out;
     }
@@ -542,8 +796,17 @@ class KVPass {
             for (size_t j = 0; j < C; ++j)
                 if (NPOS[j] != n_prefix_ + int32_t(j))
                     throw std::invalid_argument("the direct path gives slot j position n_prefix + j");
+            if (moved_) {
+                // select() already moved every layer (plan_in_place): this must be that very selection.
+                moved_ = false;
+                if (C != moved_keep_ || std::memcmp(K, moved_kept_.data(), L * H * C * 4) != 0)
+                    throw std::runtime_error("the selection applied in place differs from the one written back: "
+                                             "the memory no longer matches its bookkeeping");
+                finish_direct(C);
+                return;
+            }
             py::gil_scoped_release nogil;
-            apply_direct(K, C, NPOS, RP, N);
+            apply_direct(K, C, RP, N);
             return;
         }
         apply_portable(K, C, NPOS, RP, N, rerotate);
@@ -614,62 +877,47 @@ class KVPass {
         return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
     }
 
-    // cos/sin of `ad` = |delta| positions for every rotated pair (table or computed into `tmp`).
-    void angles(int ad, const float *&c, const float *&s, float *tmp) const {
+    // Rows C and S (RopeLayout) for one position.
+    void fill_tables(int pos, float *C, float *S) const {
+        const int half = rl_.n_rot / 2;
+        for (int d = 0; d < rl_.n_rot; ++d) {
+            const int i = rl_.neox ? d % half : d / 2;
+            const bool first = rl_.neox ? d < half : d % 2 == 0;
+            const double th = angle(pos, i);
+            C[d] = float(std::cos(th));
+            S[d] = float(first ? std::sin(th) : -std::sin(th));
+        }
+    }
+
+    // The tables of |pos| positions: from the table, or computed into tmp (2 n_rot floats).
+    void tables(int pos, const float *&C, const float *&S, float *tmp) const {
+        const int ad = pos < 0 ? -pos : pos;
         if (ad < table_n_) {
-            c = &cos_[size_t(ad) * half_];
-            s = &sin_[size_t(ad) * half_];
+            C = &rc_[size_t(ad) * size_t(rl_.n_rot)];
+            S = &rs_[size_t(ad) * size_t(rl_.n_rot)];
             return;
         }
-        for (int i = 0; i < half_; ++i) {
-            double th = angle(ad, i);
-            tmp[i] = float(std::cos(th));
-            tmp[half_ + i] = float(std::sin(th));
-        }
-        c = tmp;
-        s = tmp + half_;
+        fill_tables(ad, tmp, tmp + rl_.n_rot);
+        C = tmp;
+        S = tmp + rl_.n_rot;
     }
 
-    // Rotate one head's key x (stored layout) by delta positions: x <- R(delta) x. Both paths call this
-    // one out-of-line copy, so a re-rotated key has the same bits whichever path moved it.
-    EDGE_NOINLINE void rotate(float *__restrict x, int delta, float *__restrict tmp) const {
-        if (rot_half_ == 0) return;
-        const float *c, *s;
-        angles(delta < 0 ? -delta : delta, c, s, tmp);
-        const float sign = delta < 0 ? -1.0f : 1.0f;
-        const int h = half_;
-        if (rope_.type == LLAMA_ROPE_TYPE_NEOX) {
-            for (int i = 0; i < h; ++i) {
-                const float a = x[i], b = x[h + i], si = sign * s[i];
-                x[i] = a * c[i] - b * si;
-                x[h + i] = a * si + b * c[i];
-            }
-            return;
-        }
-        for (int i = 0; i < h; ++i) {  // normal RoPE: adjacent pairs
-            const float a = x[2 * i], b = x[2 * i + 1], si = sign * s[i];
-            x[2 * i] = a * c[i] - b * si;
-            x[2 * i + 1] = a * si + b * c[i];
-        }
+    // One head's key (stored layout and type) turned by delta positions from src to dst (dst may be
+    // src). Both paths call this, so a re-rotated key has the same bits whichever path moved it (the
+    // build turns off floating-point contraction: no context-dependent fused multiply-adds either).
+    // tmp: 2 n_rot + 2 D floats.
+    template <typename E> void turn_key(const uint8_t *src, uint8_t *dst, int delta, float *tmp) const {
+        const float *C, *S;
+        tables(delta, C, S, tmp);
+        move_key(reinterpret_cast<const E *>(src), reinterpret_cast<E *>(dst), C, S, delta > 0, rl_,
+                 tmp + 2 * rl_.n_rot);
     }
 
-    // Cell `cell`'s keys (all heads) as float in halves layout: normal RoPE's adjacent pairs go to
-    // [evens, odds] per head. Norms and dot products do not care about the order of dimensions.
-    void load_keys(const LayerSrc &L, size_t cell, Scratch &S) const {
-        const size_t HD = size_t(n_head_) * dk_;
-        const uint8_t *src = L.k + cell * L.k_row;
-        if (rope_.type == LLAMA_ROPE_TYPE_NEOX || rot_half_ == 0) return to_float(L.k_type, src, S.row.data(), HD);
-        to_float(L.k_type, src, S.raw.data(), HD);
-        const int h2 = rot_half_;
-        for (int h = 0; h < n_head_; ++h) {
-            const float *in = S.raw.data() + size_t(h) * dk_;
-            float *out = S.row.data() + size_t(h) * dk_;
-            for (int i = 0; i < h2; ++i) {
-                out[i] = in[2 * i];
-                out[h2 + i] = in[2 * i + 1];
-            }
-            for (int d = 2 * h2; d < dk_; ++d) out[d] = in[d];
-        }
+    void turn_key(const uint8_t *src, uint8_t *dst, int type, int delta, float *tmp) const {
+        if (type == GGML_TYPE_F16)
+            turn_key<uint16_t>(src, dst, delta, tmp);
+        else
+            turn_key<float>(src, dst, delta, tmp);
     }
 
     void size_scratch(bool v_trans) {
@@ -678,11 +926,14 @@ class KVPass {
         for (auto &S : scratch_) {
             if (S.raw.size() >= std::max(hk, hv) && (!v_trans || S.vacc.size() >= H * cells)) continue;
             S.raw.resize(std::max(hk, hv));
-            S.row.resize(std::max(hk, hv));
-            S.unit.resize(size_t(dk_) * 4 + size_t(half_) * 4);
+            S.vrow.resize(hv);
+            S.unit.resize(size_t(dk_) * 4 + size_t(rl_.n_rot) * 2);
             for (auto *v : {&S.tar, &S.van}) v->resize(H * cells);
             S.pooled.resize(cells);
             S.cand.resize(cells);
+            S.rest.resize(cells);
+            S.keys.resize(cells);
+            S.slots.resize(cells);
             S.mark.resize(H * cells);
             S.any_recent.resize(cells);
             S.any_past.resize(cells);
@@ -776,9 +1027,11 @@ class KVPass {
             r[h] = mark_recent(S.mark.data() + h * N, F + base, P + base, p, recent_min_frame, l, h);
             if (keep < r[h] * p) throw std::invalid_argument("|C| is smaller than the recent frames");
         }
-        if (use_tar) tar_layer(S, l, P + l * H * N, R + l * H * N, p, r);
+        // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
+        const bool van_rows = use_tar && use_van && !v_trans_;
+        if (use_tar) tar_layer(S, l, P + l * H * N, R + l * H * N, p, r, van_rows);
         if (use_van) {
-            van_layer(S, l);
+            if (!van_rows) van_layer(S, l);
             if (kernel > 1)
                 for (size_t h = 0; h < H; ++h)
                     pool_van(S, S.van.data() + h * N, F + (l * H + h) * N, P + (l * H + h) * N, nx, p, kernel);
@@ -815,7 +1068,8 @@ class KVPass {
     // = -(1/r) k̂_n . S_patch(n), with S_q the sum of the recent frames' unit keys (un-rotated to position
     // 0) at patch q. Two sweeps over the layer's rows: recent slots fill S, past slots take one fused
     // un-rotate-and-dot each.
-    void tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t p, const size_t *r) const {
+    void tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t p, const size_t *r,
+                   bool van_rows) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_);
         const LayerSrc &L = src_[l];
         std::fill(S.sum.begin(), S.sum.begin() + long(H * p * D), 0.0f);
@@ -825,29 +1079,48 @@ class KVPass {
             S.any_recent[n] = rec;
             S.any_past[n] = past;
         }
-        float *u = S.unit.data(), *tmp = S.unit.data() + D;
+        float *u = S.unit.data(), *tmp = S.unit.data() + D, *row = S.raw.data();
         const float *c = nullptr, *s = nullptr;
         for (size_t n = 0; n < N; ++n) {
             if (!S.any_recent[n]) continue;
-            load_keys(L, size_t(slot_cells_[n]), S);
+            if (van_rows && !S.any_past[n]) van_row(S, L, n);  // rows with past slots: in the sweep below
+            to_float(L.k_type, L.k + size_t(slot_cells_[n]) * L.k_row, row, H * D);
             for (size_t h = 0; h < H; ++h) {
                 if (!S.mark[h * N + n]) continue;
-                angles(std::abs(rpos[h * N + n]), c, s, tmp);
-                const float norm = std::sqrt(unrotate(S.row.data() + h * D, c, s, rot_half_, dk_, u));
+                tables(rpos[h * N + n], c, s, tmp);
+                const float norm = std::sqrt(unrotate(row + h * D, c, s, rl_, u));
                 const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;  // cos = a.b / max(|a||b|, eps)
                 float *sum = S.sum.data() + (h * p + size_t(patch[h * N + n])) * D;
                 for (size_t d = 0; d < D; ++d) sum[d] += u[d] * inv;
             }
         }
+        if (L.k_type == GGML_TYPE_F16)
+            tar_past(S, L, reinterpret_cast<const uint16_t *>(L.k), patch, rpos, p, r, van_rows);
+        else
+            tar_past(S, L, reinterpret_cast<const float *>(L.k), patch, rpos, p, r, van_rows);
+    }
+
+    // TaR of the past slots, one fused un-rotate-and-dot each, straight from the cache's f16 or f32.
+    template <typename E>
+    void tar_past(Scratch &S, const LayerSrc &L, const E *k, const int32_t *patch, const int32_t *rpos, size_t p,
+                  const size_t *r, bool van_rows) const {
+        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_), row = L.k_row / sizeof(E);
+        float *tmp = S.unit.data() + D;
+        const float *c = nullptr, *s = nullptr;
         for (size_t n = 0; n < N; ++n) {
             if (!S.any_past[n]) continue;
-            load_keys(L, size_t(slot_cells_[n]), S);
+            if (n + kAhead < N) {
+                prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
+                if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
+            }
+            if (van_rows) van_row(S, L, n);
+            const E *x = k + size_t(slot_cells_[n]) * row;
             for (size_t h = 0; h < H; ++h) {
                 if (S.mark[h * N + n]) continue;
-                angles(std::abs(rpos[h * N + n]), c, s, tmp);
+                tables(rpos[h * N + n], c, s, tmp);
                 float n2;
-                const float dot = unrotate_dot(S.row.data() + h * D, c, s,
-                                               S.sum.data() + (h * p + size_t(patch[h * N + n])) * D, rot_half_, dk_, n2);
+                const float dot =
+                    unrotate_dot(x + h * D, c, s, S.sum.data() + (h * p + size_t(patch[h * N + n])) * D, rl_, n2);
                 const float norm = std::sqrt(n2);
                 const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;
                 S.tar[h * N + n] = -double(dot) * inv / double(r[h]);
@@ -855,16 +1128,20 @@ class KVPass {
         }
     }
 
+    // VaN of slot n of every head, from its V row (not transposed).
+    void van_row(Scratch &S, const LayerSrc &L, size_t n) const {
+        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
+        float *v = S.vrow.data();
+        to_float(L.v_type, L.v + size_t(slot_cells_[n]) * L.v_row, v, H * D);
+        for (size_t h = 0; h < H; ++h) S.van[h * N + n] = std::sqrt(double(sum_squares(v + h * D, int(D))));
+    }
+
     // VaN of every slot of every head: one sweep over V rows, or over transposed V's dimension runs.
     void van_layer(Scratch &S, size_t l) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
         const LayerSrc &L = src_[l];
         if (!v_trans_) {
-            for (size_t n = 0; n < N; ++n) {
-                to_float(L.v_type, L.v + size_t(slot_cells_[n]) * L.v_row, S.raw.data(), H * D);
-                for (size_t h = 0; h < H; ++h)
-                    S.van[h * N + n] = std::sqrt(double(sum_squares(S.raw.data() + h * D, int(D))));
-            }
+            for (size_t n = 0; n < N; ++n) van_row(S, L, n);
             return;
         }
         std::fill(S.vacc.begin(), S.vacc.begin() + long(H * N), 0.0f);
@@ -922,15 +1199,18 @@ class KVPass {
         const double *tar = S.tar.data() + h * N, *van = S.van.data() + h * N;
         Scored *cand = S.cand.data();
         const double *first = use_tar ? tar : van;
+        // Branch-free passes: which slots are in or out is data, not a pattern a predictor learns.
         size_t nc = 0;
-        for (size_t n = 0; n < N; ++n)
-            if (!mark[n]) cand[nc++] = {first[n], int32_t(n)};
+        for (size_t n = 0; n < N; ++n) {
+            cand[nc] = {first[n], int32_t(n)};
+            nc += !mark[n];
+        }
         size_t n_kept_past = keep - rp;
         if (use_tar && use_van) {
             long n_tar = long(std::floor(alpha * double(keep))) - long(rp);
             if (n_tar < 0) throw std::invalid_argument("alpha * |C| must cover the recent frames");
             size_t nt = std::min(size_t(n_tar), nc);
-            top_k(cand, nc, nt);
+            top_k(cand, nc, nt, S.keys.data(), S.rest.data());
             for (size_t i = 0; i < nt; ++i) mark[size_t(cand[i].slot)] = 1;  // protected by TaR
             // The rest of the room goes to the highest VaN among the unprotected.
             size_t m = 0;
@@ -938,68 +1218,109 @@ class KVPass {
             nc = m;
             n_kept_past -= nt;
         }
-        top_k(cand, nc, n_kept_past);
+        top_k(cand, nc, n_kept_past, S.keys.data(), S.rest.data());
         for (size_t i = 0; i < std::min(n_kept_past, nc); ++i) mark[size_t(cand[i].slot)] = 1;
+        int32_t *all = S.slots.data();
         size_t k = 0;
-        for (size_t n = 0; n < N; ++n)
-            if (mark[n]) out[k++] = int32_t(n);
+        for (size_t n = 0; n < N; ++n) {
+            all[k] = int32_t(n);
+            k += mark[n] != 0;
+        }
+        if (k == keep) std::copy(all, all + k, out);
         if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
     }
 
     // In place: for every layer and head, slot j <- kept[j] (a forward move, kept[j] >= j), keys turned
     // from their stored rotation to position P + j on the way; then the cells after P + C are freed.
     // Nothing here can fail: apply() checked every input before.
-    void apply_direct(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t N) {
-        const size_t L = n_layer_, H = size_t(n_head_), P0 = size_t(n_prefix_);
-        for_layers(L, scratch_, [&](size_t l, Scratch &S) {
-            const LayerSrc &Ls = src_[l];
-            const size_t kb = Ls.k_row / H, D = size_t(dk_);
-            float *x = S.raw.data(), *tmp = S.unit.data();
+    void apply_direct(const int32_t *K, size_t C, const int32_t *RP, size_t N) {
+        for_layers(n_layer_, scratch_, [&](size_t l, Scratch &S) {
+            move_layer(l, S, K + l * size_t(n_head_) * C, C, RP + l * size_t(n_head_) * N, N);
+        }, true);
+        finish_direct(C);
+    }
+
+    // Layer l in place: kept = [H][C] slots of this layer, rp = [H][N] their stored rotations.
+    void move_layer(size_t l, Scratch &S, const int32_t *kept, size_t C, const int32_t *rp, size_t N) const {
+        const size_t H = size_t(n_head_), P0 = size_t(n_prefix_);
+        const LayerSrc &Ls = src_[l];
+        const size_t kb = Ls.k_row / H;
+        float *tmp = S.unit.data();
+        auto keys = [&](auto elem) {
+            using E = decltype(elem);
             for (size_t j = 0; j < C; ++j) {
                 uint8_t *dst = Ls.k + (P0 + j) * Ls.k_row;
                 for (size_t h = 0; h < H; ++h) {
-                    const size_t s = size_t(K[(l * H + h) * C + j]);
-                    const int delta = NPOS[j] - RP[(l * H + h) * N + s];
+                    const size_t s = size_t(kept[h * C + j]);
+                    const int delta = int(P0 + j) - rp[h * N + s];
                     if (s == j && delta == 0) continue;
                     const uint8_t *from = Ls.k + (P0 + s) * Ls.k_row + h * kb;
-                    if (delta == 0) {
-                        std::memcpy(dst + h * kb, from, kb);
-                        continue;
-                    }
-                    to_float(Ls.k_type, from, x, D);
-                    rotate(x, delta, tmp);
-                    from_float(Ls.k_type, x, dst + h * kb, D);
+                    if (delta == 0)
+                        copy_bytes(dst + h * kb, from, kb);
+                    else
+                        turn_key<E>(from, dst + h * kb, delta, tmp);
                 }
             }
-            if (!v_trans_) {
-                const size_t vb = Ls.v_row / H;
-                for (size_t j = 0; j < C; ++j)
-                    for (size_t h = 0; h < H; ++h) {
-                        const size_t s = size_t(K[(l * H + h) * C + j]);
-                        if (s != j) std::memcpy(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
-                    }
-                return;
-            }
-            const size_t Dv = size_t(dv_);
-            auto runs = [&](auto elem) {
-                using T = decltype(elem);
-                for (size_t d = 0; d < H * Dv; ++d) {
-                    T *run = reinterpret_cast<T *>(Ls.v + d * Ls.v_row) + P0;
-                    const int32_t *kh = K + (l * H + d / Dv) * C;
-                    for (size_t j = 0; j < C; ++j) run[j] = run[kh[j]];
+        };
+        if (Ls.k_type == GGML_TYPE_F16)
+            keys(uint16_t{});
+        else
+            keys(float{});
+        if (!v_trans_) {
+            const size_t vb = Ls.v_row / H;
+            for (size_t j = 0; j < C; ++j)
+                for (size_t h = 0; h < H; ++h) {
+                    const size_t s = size_t(kept[h * C + j]);
+                    if (s != j) copy_bytes(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
                 }
-            };
-            if (Ls.v_elem == 2)
-                runs(uint16_t{});
-            else
-                runs(uint32_t{});
-        });
+            return;
+        }
+        const size_t Dv = size_t(dv_);
+        auto runs = [&](auto elem) {
+            using T = decltype(elem);
+            for (size_t d = 0; d < H * Dv; ++d) {
+                T *run = reinterpret_cast<T *>(Ls.v + d * Ls.v_row) + P0;
+                const int32_t *kh = kept + (d / Dv) * C;
+                for (size_t j = 0; j < C; ++j) run[j] = run[kh[j]];
+            }
+        };
+        if (Ls.v_elem == 2)
+            runs(uint16_t{});
+        else
+            runs(uint32_t{});
+    }
+
+    // The kept cells are in place: free the rest of the sequence's cells (positions P + C on).
+    void finish_direct(size_t C) {
         llama_memory_seq_rm(llama_get_memory(ctx_), 0, n_prefix_ + llama_pos(C), -1);
-        state_bytes_ = edge::state_size_for(dview_, P0 + C);
+        state_bytes_ = edge::state_size_for(dview_, size_t(n_prefix_) + C);
+        take_fingerprint(size_t(n_prefix_) + C);
+    }
+
+    // Layer 0's K rows of a few cells the pass just wrote (first, middle, last): compared at the next
+    // read_direct, a cheap witness that nothing re-packed the sequence in between.
+    void take_fingerprint(size_t cells) {
+        const LayerSrc &L = src_[0];
+        fp_cells_ = {0, cells / 2, cells - 1};
+        fp_.resize(fp_cells_.size() * L.k_row);
+        for (size_t i = 0; i < fp_cells_.size(); ++i)
+            std::memcpy(fp_.data() + i * L.k_row, L.k + fp_cells_[i] * L.k_row, L.k_row);
+    }
+
+    bool fingerprint_matches() const {
+        if (fp_cells_.empty()) return false;
+        ggml_tensor *k = cap_->k(0);
+        const size_t row = k->nb[1];
+        if (fp_.size() != fp_cells_.size() * row) return false;
+        for (size_t i = 0; i < fp_cells_.size(); ++i)
+            if (std::memcmp(fp_.data() + i * row, static_cast<const uint8_t *>(k->data) + fp_cells_[i] * row, row) != 0)
+                return false;
+        return true;
     }
 
     void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t N, bool rerotate) {
         const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
+        fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
         const size_t out_size = edge::state_size_for(view_, cells);
         if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
 
@@ -1062,7 +1383,7 @@ class KVPass {
             std::memcpy(out, src + size_t(c) * row, row);
             out += row;
         }
-        float *x = S.raw.data(), *tmp = S.unit.data();
+        float *tmp = S.unit.data();
         for (size_t j = 0; j < C; ++j, out += row)
             for (size_t h = 0; h < H; ++h) {
                 const int32_t slot = K[(l * H + h) * C + j];
@@ -1072,9 +1393,7 @@ class KVPass {
                     std::memcpy(out + h * hb, from, hb);
                     continue;
                 }
-                to_float(LV.k_type, from, x, D);
-                rotate(x, delta, tmp);
-                from_float(LV.k_type, x, out + h * hb, D);
+                turn_key(from, out + h * hb, LV.k_type, delta, tmp);
             }
     }
 
@@ -1141,8 +1460,9 @@ class KVPass {
     bool mrope_;
     int max_cells_;
     Rope rope_;
-    int table_n_ = 1, half_ = 1, rot_half_ = 0;
-    std::vector<float> cos_, sin_;
+    RopeLayout rl_;
+    int table_n_ = 1;
+    std::vector<float> rc_, rs_;
     // portable path
     std::vector<uint8_t> a_, b_;
     size_t size_a_ = 0;
@@ -1152,6 +1472,11 @@ class KVPass {
     KVCapture *cap_ = nullptr;
     StateView dview_;  // the layout of the last verified state (metadata only; its bytes are gone)
     bool verified_ = false;
+    std::vector<size_t> fp_cells_;
+    std::vector<uint8_t> fp_;
+    bool plan_ = false, moved_ = false;  // plan_in_place() armed; select() moved the cells already
+    size_t moved_keep_ = 0;
+    std::vector<int32_t> moved_kept_;
     // this pass, either path
     bool direct_ = false, v_trans_ = false;
     size_t n_layer_ = 0, state_bytes_ = 0;
@@ -1177,6 +1502,7 @@ PYBIND11_MODULE(_native, m) {
         // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
         .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
         .def("read_direct", &KVPass::read_direct, py::arg("n_video"), py::call_guard<py::gil_scoped_release>())
+        .def("plan_in_place", &KVPass::plan_in_place)
         .def_property_readonly("path", &KVPass::path)
         .def_property_readonly("n_slots", &KVPass::n_slots)
         .def_property_readonly("n_layer", &KVPass::n_layer)

@@ -2,9 +2,9 @@
 
 Streams synthetic frames through SmolLM2-135M-Instruct (64 tokens a frame) with a budget |M| of 4096 video
 tokens and InfiniPot-V, so a pass runs every (|M| - |C|) / 64 = 16 frames. For each pass it records the
-pass (read the state, score and select, gather and write back), a memcpy of as many bytes as the state
-in the same process right after, and the ingest time of the frames that filled the room the previous
-pass freed.
+pass (read, score and select, write back; which path ran: "direct" rewrites llama.cpp's KV tensors in
+place, "portable" copies the state out and back), a memcpy of as many bytes as the state in the same
+process right after, and the ingest time of the frames that filled the room the previous pass freed.
 
     python scripts/benchmark_compression.py --passes 6 --out results/compression_pass.json
 """
@@ -84,7 +84,9 @@ def main() -> None:
     warm = passes[1:] if len(passes) > 1 else passes
     ratio = [q["pass_ms"] / q["memcpy_ms"] for q in warm]
     freed_room = [q["pass_ms"] / q["ingest_ms_since_last_pass"] for q in warm]
+    paths = [q["path"] for q in warm]
     summary = {
+        "path": max(set(paths), key=paths.count),  # the path most warm passes took
         "pass_ms_median": round(statistics.median(q["pass_ms"] for q in warm), 2),
         "read_ms_median": round(statistics.median(q["read_ms"] for q in warm), 2),
         "select_ms_median": round(statistics.median(q["select_ms"] for q in warm), 2),

@@ -54,10 +54,11 @@ class CheckedInfiniPotV(InfiniPotV):
         self.seen: list[dict[str, np.ndarray]] = []
 
     def select(self, memory: VideoMemory, kv: object, keep: int) -> np.ndarray:
-        kept = super().select(memory, kv, keep)
-        frame, patch, rot_pos = memory.slots.arrays()
+        # Read what the selection sees first: the in-place pass moves each layer as soon as it is chosen.
         keys = np.stack([kv.keys(layer) for layer in range(kv.n_layer)])
         values = np.stack([kv.values(layer) for layer in range(kv.n_layer)])
+        kept = super().select(memory, kv, keep)
+        frame, patch, rot_pos = memory.slots.arrays()
         geo = self.geometry
         unrotated = ref.rope_rotate(keys, -rot_pos, geo.freq_base, geo.n_rot, neox=geo.rope_type == 2)
         oldest = recent_frames(memory, self.recent_fraction)
