@@ -105,6 +105,8 @@ class TrainConfig:
     warmup_steps: int = 100
     workers: int = 12
     eval_every: int = 200
+    steps: int = 0  # stop after this many steps (reproducible); 0: stop at --minutes
+    position_gap: int = 0  # up to this many unused positions before each frame: long-stream distances in short clips
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
 
 
@@ -124,8 +126,13 @@ def frame_labels(stream: scenes.Stream, t: int) -> list[int]:
             OBJECT_LABELS["digit"].index(obj.digit) if obj.digit is not None else 0]
 
 
-def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int) -> dict:
-    """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), frames."""
+def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int,
+                 position_gap: int = 0) -> dict:
+    """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames.
+
+    With position_gap, each frame starts up to that many positions after the previous one ends: relative
+    distances between a question and its evidence then span what a long stream has, while the clip stays short.
+    """
     stream = scenes.make_stream(seed, n_frames)
     rng = random.Random(seed)
     by_kind: dict[str, list[scenes.Question]] = defaultdict(list)
@@ -141,12 +148,18 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
             kinds.remove(kind)
     ids = list(tokens["prefix"]) + [-1] * (n_frames * tokens_per_frame)
     labels = [-100] * len(ids)
+    positions = list(range(len(tokens["prefix"])))
+    for _ in range(n_frames):
+        start = positions[-1] + 1 + (rng.randrange(position_gap + 1) if position_gap else 0)
+        positions += range(start, start + tokens_per_frame)
     for j, q in enumerate(chosen):
         head = (tokens["later"] if j else tokens["first"])[q.text]
         ans = tokens["answer"][q.answer]
         ids += head + ans
         labels += [-100] * len(head) + ans
-    return {"ids": ids, "labels": labels, "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
+    positions += range(positions[-1] + 1, positions[-1] + 1 + len(ids) - len(positions))
+    return {"ids": ids, "labels": labels, "positions": positions,
+            "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
             "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
             "kinds": [q.kind for q in chosen]}
 
@@ -196,7 +209,8 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         while True:
             single = rng.random() < cfg.single_frame_fraction
             n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
-            yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf)
+            yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf,
+                               cfg.position_gap)
             k += 1
 
     class Examples(torch.utils.data.IterableDataset):
@@ -210,12 +224,15 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         ids = torch.full((len(items), T), 0, dtype=torch.long)
         img = torch.zeros((len(items), T), dtype=torch.bool)
         labels = torch.full((len(items), T), -100, dtype=torch.long)
+        positions = torch.zeros((len(items), T), dtype=torch.long)
         for i, x in enumerate(items):
             t = torch.tensor(x["ids"])
             ids[i, :len(t)] = t.clamp(min=0)
             img[i, :len(t)] = t < 0
             labels[i, :len(t)] = torch.tensor(x["labels"])
-        return {"ids": ids, "img": img, "labels": labels,
+            positions[i, :len(t)] = torch.tensor(x["positions"])
+            positions[i, len(t):] = positions[i, len(t) - 1] + 1 + torch.arange(T - len(t))  # padding, no loss
+        return {"ids": ids, "img": img, "labels": labels, "positions": positions,
                 "frames": torch.from_numpy(np.concatenate([x["frames"] for x in items])),
                 "frame_labels": torch.tensor([fl for x in items for fl in x["frame_labels"]]),
                 "kinds": [x["kinds"] for x in items]}
@@ -232,7 +249,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             pooled = torch.cat([emb.mean(1), emb.amax(1)], -1)
             x = text.embed(b["ids"].to(device))
             x = x.masked_scatter(b["img"].to(device)[..., None], emb.to(x.dtype))
-            h = text(x)
+            h = text(x, b["positions"].to(device))
             labels = b["labels"].to(device)
             sel = labels[:, 1:] != -100
             logits = text.logits(h[:, :-1][sel]).float()
@@ -273,7 +290,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
     deadline = t0 + cfg.minutes * 60
     step = step0
     history = []
-    total_steps_guess = None
+    total_steps_guess = step0 + cfg.steps if cfg.steps else None
     for b in loader:
         lr_scale = min(1.0, (step + 1) / cfg.warmup_steps)
         if total_steps_guess:  # cosine over the time budget, once the step rate is known
@@ -286,17 +303,17 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         step += 1
-        if step - step0 == 50:
+        if step - step0 == 50 and not cfg.steps:
             rate = 50 / (time.time() - t0)
             total_steps_guess = step0 + int(rate * cfg.minutes * 60)
             log.info("%.2f steps/s: about %d steps in the budget", rate, total_steps_guess - step0)
         if step % 25 == 0:
             log.info("step %d loss %.3f aux %.3f (%.0f s)", step, loss.item(), aux_loss.item(), time.time() - t0)
-        if step % cfg.eval_every == 0 or time.time() > deadline:
+        if step % cfg.eval_every == 0 or time.time() > deadline or step - step0 == cfg.steps:
             acc = evaluate()
             history.append({"step": step, "s": round(time.time() - t0), "loss": round(loss.item(), 4), **acc})
             log.info("eval %s", json.dumps(history[-1]))
-        if time.time() > deadline:
+        if time.time() > deadline or step - step0 == cfg.steps:
             break
     out.mkdir(parents=True, exist_ok=True)
     # Weights come back as state dicts (each file under the 16 MiB a device call returns); `export`

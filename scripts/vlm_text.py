@@ -190,11 +190,12 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
         def embed(self, ids: torch.Tensor) -> torch.Tensor:
             return self.embd[ids]
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """Input embeddings [B, T, n_embd] at positions 0..T-1 -> final hidden states (normed)."""
-            T = x.shape[1]
-            ang = torch.arange(T, device=x.device).float()[:, None] * self.inv_freq[None, :]
-            cos, sin = ang.cos(), ang.sin()
+        def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+            """Input embeddings [B, T, n_embd] at positions [B, T] (default 0..T-1) -> final hidden states (normed)."""
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device)[None]
+            ang = positions.float()[..., None] * self.inv_freq  # [B or 1, T, n_rot / 2]
+            cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # broadcast over heads
             for blk in self.blocks:
                 x = blk(x, cos, sin)
             return rms(x, self.out_norm)
