@@ -337,7 +337,7 @@ inline void move_key(const E *src, E *dst, const float *__restrict C, const floa
     }
 }
 
-inline float sum_squares(const float *__restrict x, int D) {
+template <typename E> inline float sum_squares(const E *__restrict x, int D) {
     if (D % 8 == 0) {
         F8 acc = f8_zero();
         for (int d = 0; d < D; d += 8) {
@@ -347,7 +347,7 @@ inline float sum_squares(const float *__restrict x, int D) {
         return f8_sum(acc);
     }
     float s = 0;
-    for (int d = 0; d < D; ++d) s += x[d] * x[d];
+    for (int d = 0; d < D; ++d) s += f_load(x + d) * f_load(x + d);
     return s;
 }
 
@@ -496,7 +496,7 @@ struct LayerSrc {
 
 // Everything one worker needs for one layer, sized once (for the budget) and reused by every pass.
 struct Scratch {
-    std::vector<float> raw, vrow;       // one cell's K / V row as stored, converted to float
+    std::vector<float> raw;             // one cell's K row as stored, converted to float
     std::vector<float> unit;            // one turned key, then angle and rotation scratch
     std::vector<float> sum;             // [H][p][D] sums of the recent frames' unit keys
     std::vector<float> run, vacc;       // transposed V: one dimension over the slots; [H][N] sums of squares
@@ -740,20 +740,23 @@ class KVPass {
         }
         const bool move = direct_ && plan_;
         plan_ = false;
-        if (move) {
-            // Each layer moves right after its selection, while its K and V are still in the cache; so
-            // every input is checked for every layer first, and nothing can fail once a byte moved.
-            for (size_t l = 0; l < L; ++l)
+        marks_.resize(L * H * N);
+        recent_.resize(L * H);
+        {
+            py::gil_scoped_release nogil;
+            // Every input of every layer is checked (and the recent frames marked) before any layer is
+            // scored: with `move`, each layer moves right after its selection, while its K and V are still
+            // in the CPU's cache, and nothing may fail once a byte moved.
+            for_layers(L, scratch_, [&](size_t l, Scratch &) {
                 for (size_t h = 0; h < H; ++h) {
                     const size_t base = (l * H + h) * N;
-                    const size_t r = mark_recent(scratch_[0].mark.data(), F + base, P + base, p, recent_min_frame, l, h);
+                    const size_t r = mark_recent(marks_.data() + base, F + base, P + base, p, recent_min_frame, l, h);
+                    recent_[l * H + h] = r;
                     if (size_t(keep) < r * p) throw std::invalid_argument("|C| is smaller than the recent frames");
                     if (use_tar && use_van && long(std::floor(alpha * double(keep))) < long(r * p))
                         throw std::invalid_argument("alpha * |C| must cover the recent frames");
                 }
-        }
-        {
-            py::gil_scoped_release nogil;
+            });
             for_layers(L, scratch_, [&](size_t l, Scratch &S) {
                 int32_t *kept = o + l * H * size_t(keep);
                 select_layer(S, l, F, P, R, nx, p, recent_min_frame, size_t(keep), alpha, pool ? pool_kernel(l, L) : 1,
@@ -902,6 +905,13 @@ class KVPass {
         S = tmp + rl_.n_rot;
     }
 
+    void prefetch_tables(int pos) const {
+        const size_t ad = size_t(pos < 0 ? -pos : pos), nr = size_t(rl_.n_rot) * sizeof(float);
+        if (ad >= size_t(table_n_)) return;
+        prefetch_row(reinterpret_cast<const uint8_t *>(&rc_[ad * size_t(rl_.n_rot)]), nr);
+        prefetch_row(reinterpret_cast<const uint8_t *>(&rs_[ad * size_t(rl_.n_rot)]), nr);
+    }
+
     // One head's key (stored layout and type) turned by delta positions from src to dst (dst may be
     // src). Both paths call this, so a re-rotated key has the same bits whichever path moved it (the
     // build turns off floating-point contraction: no context-dependent fused multiply-adds either).
@@ -926,7 +936,6 @@ class KVPass {
         for (auto &S : scratch_) {
             if (S.raw.size() >= std::max(hk, hv) && (!v_trans || S.vacc.size() >= H * cells)) continue;
             S.raw.resize(std::max(hk, hv));
-            S.vrow.resize(hv);
             S.unit.resize(size_t(dk_) * 4 + size_t(rl_.n_rot) * 2);
             for (auto *v : {&S.tar, &S.van}) v->resize(H * cells);
             S.pooled.resize(cells);
@@ -1020,13 +1029,9 @@ class KVPass {
                       int recent_min_frame, size_t keep, double alpha, int kernel, bool use_tar, bool use_van,
                       int32_t *out) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size();
-        size_t r[64];
-        if (H > 64) throw std::invalid_argument("more than 64 KV heads");
-        for (size_t h = 0; h < H; ++h) {
-            const size_t base = (l * H + h) * N;
-            r[h] = mark_recent(S.mark.data() + h * N, F + base, P + base, p, recent_min_frame, l, h);
-            if (keep < r[h] * p) throw std::invalid_argument("|C| is smaller than the recent frames");
-        }
+        const size_t *r = recent_.data() + l * H;
+        std::memcpy(S.mark.data(), marks_.data() + l * H * N, H * N);  // select() marked the recent slots
+        (void)recent_min_frame;
         // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
         const bool van_rows = use_tar && use_van && !v_trans_;
         if (use_tar) tar_layer(S, l, P + l * H * N, R + l * H * N, p, r, van_rows);
@@ -1112,6 +1117,7 @@ class KVPass {
             if (n + kAhead < N) {
                 prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
                 if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
+                prefetch_tables(rpos[n + kAhead]);  // the RoPE rows are as big as a head's key
             }
             if (van_rows) van_row(S, L, n);
             const E *x = k + size_t(slot_cells_[n]) * row;
@@ -1128,12 +1134,14 @@ class KVPass {
         }
     }
 
-    // VaN of slot n of every head, from its V row (not transposed).
+    // VaN of slot n of every head, from its V row (not transposed), read as stored.
     void van_row(Scratch &S, const LayerSrc &L, size_t n) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
-        float *v = S.vrow.data();
-        to_float(L.v_type, L.v + size_t(slot_cells_[n]) * L.v_row, v, H * D);
-        for (size_t h = 0; h < H; ++h) S.van[h * N + n] = std::sqrt(double(sum_squares(v + h * D, int(D))));
+        const uint8_t *v = L.v + size_t(slot_cells_[n]) * L.v_row;
+        for (size_t h = 0; h < H; ++h)
+            S.van[h * N + n] = std::sqrt(double(L.v_type == GGML_TYPE_F16
+                                                    ? sum_squares(reinterpret_cast<const uint16_t *>(v) + h * D, int(D))
+                                                    : sum_squares(reinterpret_cast<const float *>(v) + h * D, int(D))));
     }
 
     // VaN of every slot of every head: one sweep over V rows, or over transposed V's dimension runs.
@@ -1293,7 +1301,6 @@ class KVPass {
     // The kept cells are in place: free the rest of the sequence's cells (positions P + C on).
     void finish_direct(size_t C) {
         llama_memory_seq_rm(llama_get_memory(ctx_), 0, n_prefix_ + llama_pos(C), -1);
-        state_bytes_ = edge::state_size_for(dview_, size_t(n_prefix_) + C);
         take_fingerprint(size_t(n_prefix_) + C);
     }
 
@@ -1367,7 +1374,6 @@ class KVPass {
                 throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
             throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
         }
-        state_bytes_ = w;
     }
 
     // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
@@ -1479,9 +1485,11 @@ class KVPass {
     std::vector<int32_t> moved_kept_;
     // this pass, either path
     bool direct_ = false, v_trans_ = false;
-    size_t n_layer_ = 0, state_bytes_ = 0;
+    size_t n_layer_ = 0, state_bytes_ = 0;  // state_bytes_: sequence 0's state when the pass read it
     std::vector<LayerSrc> src_;
     std::vector<int32_t> prefix_cells_, slot_cells_;
+    std::vector<uint8_t> marks_;  // [L][H][N] recent slots, marked by select() before scoring
+    std::vector<size_t> recent_;  // [L][H] recent frames
     std::vector<Scratch> scratch_;
 };
 
