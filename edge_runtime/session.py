@@ -121,7 +121,9 @@ class Session:
                                   next_pos=len(prefix), slots=slots)
         self._pass: _native.KVPass | None = None  # made at the first compression, sized for the budget
         self._direct: bool | None = None  # whether the in-place path applies; decided at the first pass
-        # The last pass's timings (read, select, apply), state bytes, and which path ran (direct, portable).
+        # The last pass's timings (read, select, apply), the bytes of the state it read, and which path ran:
+        # "direct" (in place; a native selection also moves each layer, so apply only frees the rest) or
+        # "portable" (the state copied out and back).
         self.last_pass: dict[str, float | str] = {}
 
     def _check_settings(self, capacity: int, n_prefix: int) -> int:

@@ -1088,6 +1088,10 @@ class KVPass {
         const float *c = nullptr, *s = nullptr;
         for (size_t n = 0; n < N; ++n) {
             if (!S.any_recent[n]) continue;
+            if (n + kAhead < N) {
+                prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
+                if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
+            }
             if (van_rows && !S.any_past[n]) van_row(S, L, n);  // rows with past slots: in the sweep below
             to_float(L.k_type, L.k + size_t(slot_cells_[n]) * L.k_row, row, H * D);
             for (size_t h = 0; h < H; ++h) {
