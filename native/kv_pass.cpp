@@ -60,14 +60,13 @@ struct Rope {
     double freq_scale = 1.0;
 };
 
-// A score and its slot: selection sorts these contiguous pairs rather than indices into a score array.
+// A score and its slot. The order of choice, the contract the NumPy reference shares: highest score
+// first, ties: lower slot index first.
 struct Scored {
     double score;
     int32_t slot;
 };
 
-// The order of choice, the contract the NumPy reference shares: highest score first,
-// ties: lower slot index first.
 // A double's bits as an unsigned key in the same order (-0 and +0 made one, as == has them).
 inline uint64_t order_key(double x) {
     x += 0.0;  // -0 -> +0
@@ -281,18 +280,10 @@ inline float unrotate_dot(const E *__restrict x, const float *__restrict C, cons
     return dot;
 }
 
-// y = R(+pos) x (forward) or R(-pos) x; y must not alias x.
+// y = R(+pos) x (forward) or R(-pos) x, one element at a time (layouts the vector kernels do not cover);
+// y must not alias x.
 inline void rotate_to(const float *__restrict x, const float *__restrict C, const float *__restrict S, bool forward,
                       const RopeLayout &r, float *__restrict y) {
-    if (r.vec) {
-        int d = 0;
-        for (; d < r.n_rot; d += 8) {
-            const F8 xv = f8_load(x + d), p = partner8(x, xv, d, r), xc = f8_mul(xv, f8_load(C + d));
-            f8_store(y + d, forward ? f8_fnma(p, f8_load(S + d), xc) : f8_fma(p, f8_load(S + d), xc));
-        }
-        for (; d < r.D; d += 8) f8_store(y + d, f8_load(x + d));
-        return;
-    }
     for (int d = 0; d < r.D; ++d) {
         if (d >= r.n_rot) {
             y[d] = x[d];
@@ -353,7 +344,7 @@ template <typename E> inline float sum_squares(const E *__restrict x, int D) {
 
 }  // namespace
 
-// f16 <-> f32 for whole rows: the hardware conversions where the build CPU has them (x86 F16C, Arm
+// f16 -> f32 for whole rows: the hardware conversions where the build CPU has them (x86 F16C, Arm
 // NEON), ggml's scalar ones otherwise. These run for every key and value of a pass.
 inline void f16_to_f32(const uint16_t *src, float *dst, size_t n) {
     size_t i = 0;
@@ -364,17 +355,6 @@ inline void f16_to_f32(const uint16_t *src, float *dst, size_t n) {
     for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
 #endif
     if (i < n) ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(src + i), dst + i, int64_t(n - i));
-}
-
-inline void f32_to_f16(const float *src, uint16_t *dst, size_t n) {
-    size_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), 0));
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
-#endif
-    if (i < n) ggml_fp32_to_fp16_row(src + i, reinterpret_cast<ggml_fp16_t *>(dst + i), int64_t(n - i));
 }
 
 // Rows a sweep will read kAhead rows from now: asked for early, so the loads of a row do not wait on
@@ -399,13 +379,6 @@ inline void copy_bytes(uint8_t *__restrict dst, const uint8_t *__restrict src, s
 inline void to_float(int type, const uint8_t *src, float *dst, size_t n) {
     if (type == GGML_TYPE_F16)
         f16_to_f32(reinterpret_cast<const uint16_t *>(src), dst, n);
-    else
-        std::memcpy(dst, src, n * 4);
-}
-
-inline void from_float(int type, const float *src, uint8_t *dst, size_t n) {
-    if (type == GGML_TYPE_F16)
-        f32_to_f16(src, reinterpret_cast<uint16_t *>(dst), n);
     else
         std::memcpy(dst, src, n * 4);
 }
@@ -1384,7 +1357,7 @@ class KVPass {
     void write_keys(size_t l, uint8_t *out, const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP,
                     size_t N, bool rerotate, Scratch &S) const {
         const auto &LV = view_.layers[l];
-        const size_t H = size_t(n_head_), row = LV.k_row_bytes, hb = row / H, D = size_t(dk_);
+        const size_t H = size_t(n_head_), row = LV.k_row_bytes, hb = row / H;
         const uint8_t *src = a_.data() + LV.k_offset;
         std::memcpy(out, &LV.k_type, 4);
         std::memcpy(out + 4, &LV.k_row_bytes, 8);
