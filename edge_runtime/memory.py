@@ -52,9 +52,12 @@ class SlotTable:
 
     def keep(self, kept: np.ndarray, new_rot_pos: np.ndarray | None) -> None:
         """Slot j of head (l, h) becomes the old slot kept[l, h, j]; keys re-rotated to new_rot_pos if given."""
-        c = kept.shape[2]
+        L, H, c = kept.shape
+        cap = self.frame.shape[2]
+        # One flat gather index for all three tables: take_along_axis costs 3x as much on [30, 3, 4096].
+        flat = (kept + (np.arange(L * H, dtype=np.intp) * cap).reshape(L, H, 1)).ravel()
         for table in (self.frame, self.patch, self.rot_pos):
-            table[:, :, :c] = np.take_along_axis(table[:, :, :self.n], kept, axis=2)
+            table[:, :, :c] = np.take(table.reshape(-1), flat).reshape(L, H, c)
         if new_rot_pos is not None:
             self.rot_pos[:, :, :c] = new_rot_pos
         self.n = c
@@ -65,7 +68,9 @@ class SlotTable:
         if not self.n:
             return np.zeros(0, np.int32)
         first = int(frames[:, :, 0].min())  # slots are in time order: the oldest frame is in slot 0
-        return (np.flatnonzero(np.bincount((frames - first).ravel())) + first).astype(np.int32)
+        seen = np.zeros(int(frames[:, :, -1].max()) - first + 1, bool)
+        seen[(frames - first).ravel()] = True
+        return (np.flatnonzero(seen) + first).astype(np.int32)
 
 
 @dataclass
