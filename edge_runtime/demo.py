@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace, model_files: tuple, out_json: bool) -> in
                     print(scenes_json(session.frames_seen, q, answer.text, ok), flush=True)
                 else:
                     mark = "right" if ok else "WRONG"
-                    say(f"  {q.text:<44} {answer.text.strip()!r:<16} truth {q.answer!r:<16} {mark}")
+                    say(f"  {q.text:<44} {answer.text.strip()!r:<18} truth {q.answer!r:<18} {mark}")
         status = session.status()
         say(f"\n{right}/{total} right in {time.perf_counter() - t0:.0f} s; memory at the end: "
             f"{status.video_tokens} video tokens (the stream made {n_frames * tokens_per_frame}), "
