@@ -106,8 +106,8 @@ class Session:
         self._started = time.perf_counter()
 
         opening = model.chat_prompt([("system", self.config.system_prompt), ("user", VIDEO_MARK)], False)
-        self._opening_text = opening.split(VIDEO_MARK)[0]
-        prefix = model.tokenize(self._opening_text, add_special=True)
+        self.opening_text = opening.split(VIDEO_MARK)[0]  # system prompt and the start of the user turn
+        prefix = model.tokenize(self.opening_text, add_special=True)
         capacity = model.n_ctx - len(prefix) - self.config.question_room
         if capacity <= 0:
             raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
@@ -283,7 +283,7 @@ class Session:
             messages.append(("user", question))
             messages[1] = ("user", VIDEO_MARK + "\n" + messages[1][1])
             opening, _, rest = self.model.chat_prompt(messages, True).partition(VIDEO_MARK)
-            if opening != self._opening_text:
+            if opening != self.opening_text:
                 log.warning("the chat template renders its opening differently with history; "
                             "answers may be less accurate")
             if not turns or len(self.model.tokenize(rest)) - n_question <= self.config.history_tokens:

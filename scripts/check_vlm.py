@@ -88,7 +88,7 @@ def main() -> None:
             session = Session(model, SessionConfig(max_answer_tokens=16))
             for frame in SceneSource(stream):
                 session.insert_frame(frame)
-            prefix = model.tokenize(session._opening_text, add_special=True)
+            prefix = model.tokenize(session.opening_text, add_special=True)
             for q in stream.ask_set(args.seed + i, args.questions):
                 prompt = model.tokenize(session.question_prompt(q.text))  # before ask() adds this turn
                 runtime = session.ask(q.text).text.strip()

@@ -79,7 +79,7 @@ def prepare(cache: Path, n_streams: int = 4000) -> Path:
         got += (later if turns else first)[q]
         if got != want:
             raise SystemExit(f"prompt pieces do not join into the runtime's prompt for {turns} + {q!r}")
-    out = {"prefix": model.tokenize(session._opening_text, add_special=True), "first": first, "later": later,
+    out = {"prefix": model.tokenize(session.opening_text, add_special=True), "first": first, "later": later,
            "answer": answer}
     path = cache / TOKENS_FILE
     cache.mkdir(parents=True, exist_ok=True)

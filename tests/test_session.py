@@ -22,7 +22,7 @@ def stream(session: Session, n: int, seed: int = 0) -> None:
 
 
 def test_opening_uses_the_models_chat_template(session: Session) -> None:
-    opening = session._opening_text
+    opening = session.opening_text
     assert opening.startswith("<|im_start|>system\n" + session.config.system_prompt)
     assert opening.endswith("<|im_start|>user\n")
     assert session.model.max_position() == session.memory.prefix_tokens - 1
