@@ -9,8 +9,10 @@ from a compressed memory: what the runtime is for, in a minute on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from edge_runtime import scenes
 from edge_runtime.model import ModelConfig, VisionLanguageModel
@@ -25,7 +27,7 @@ STOPS = 3  # quizzed after a third, two thirds and all of the stream
 BUDGET_FRACTION = 1 / 8  # of the stream's video tokens: the setting of the recall benchmark
 
 
-def run_demo(args: argparse.Namespace, model_files: tuple, out_json: bool) -> int:
+def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | None], out_json: bool) -> int:
     text_model, mmproj, lora = model_files
     n_frames = args.max_frames or DEMO_FRAMES
     seed = args.synthetic if args.synthetic is not None else DEMO_SEED
@@ -76,8 +78,6 @@ def run_demo(args: argparse.Namespace, model_files: tuple, out_json: bool) -> in
 
 
 def scenes_json(frames: int, q: scenes.Question, answer: str, ok: bool) -> str:
-    import json
-
     return json.dumps({"event": "answer", "frames": frames, "question": q.text, "answer": answer,
                        "truth": q.answer, "kind": q.kind, "depth": q.depth, "correct": ok})
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
+from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, make_policy
 from edge_runtime.session import Session, SessionConfig, rss_mb
@@ -154,11 +154,7 @@ def plot(result: dict, path: Path) -> None:
     ax_lat.set_xlabel(f"stream length (minutes at {fps:g} frame/s)")
     ax_mem.set_title(f"{result['settings']['model']}, {result['settings']['tokens_per_frame']} tokens a frame, "
                      f"{result['machine']['cores']} cores")
-    for ax in (ax_mem, ax_rss, ax_lat):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, [ax_mem, ax_rss, ax_lat], path)
 
 
 def main() -> int:

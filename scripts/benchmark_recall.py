@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
+from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
 from edge_runtime.scenes import QUESTION_KINDS, Stream, grade, make_stream
@@ -148,10 +148,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     s = result["settings"]
     ax.set_title(f"{s['model']} + {s['mmproj']}: {s['streams']} streams of {s['frames']} frames", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, [ax], path)
 
 
 def main() -> int:
