@@ -36,13 +36,16 @@ class SlotTable:
         self.rot_pos = np.zeros(shape, np.int32)
         self.n = 0
 
-    def append(self, frame_index: int, n_tokens: int, pos0: int) -> None:
+    def append(self, frame_index: int, n_tokens: int, pos0: int, one_position: bool = False) -> None:
+        """A new frame's tokens at positions pos0.. (one_position: all at pos0, as M-RoPE frames are)."""
         end = self.n + n_tokens
         if end > self.frame.shape[2]:
             raise ValueError(f"slot table full ({self.frame.shape[2]} slots)")
         self.frame[:, :, self.n:end] = frame_index
         self.patch[:, :, self.n:end] = np.arange(n_tokens, dtype=np.int32)
-        self.rot_pos[:, :, self.n:end] = np.arange(pos0, pos0 + n_tokens, dtype=np.int32)
+        # M-RoPE: the t, y and x sections all start at pos0 (y, x add the row and column): pos0 is the one
+        # rotation the pass undoes or changes; the row and column stay in the key, the same in every frame.
+        self.rot_pos[:, :, self.n:end] = pos0 if one_position else np.arange(pos0, pos0 + n_tokens, dtype=np.int32)
         self.n = end
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

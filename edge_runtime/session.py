@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
+import llama_cpp
 import numpy as np
 
 from edge_runtime import _native
@@ -107,7 +108,10 @@ class Session:
 
         opening = model.chat_prompt([("system", self.config.system_prompt), ("user", VIDEO_MARK)], False)
         self.opening_text = opening.split(VIDEO_MARK)[0]  # system prompt and the start of the user turn
-        prefix = model.tokenize(self.opening_text, add_special=True)
+        # Families that wrap the whole video once (Qwen: <|vision_start|> ... <|vision_end|>): the opening
+        # wrapper ends the prefix, the closing one starts every question.
+        video_open, self.video_close = model.video_wrapper()
+        prefix = model.tokenize(self.opening_text, add_special=True) + video_open
         capacity = model.n_ctx - len(prefix) - self.config.question_room
         if capacity <= 0:
             raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
@@ -139,8 +143,14 @@ class Session:
         if cfg.positions not in ("keep", "reindex"):
             raise SettingsError(f"positions must be keep or reindex, not {cfg.positions}")
         geometry = self.geometry
+        family = self.model.family
+        if family.not_compressible and self.policy.compresses:
+            raise SettingsError(f"{family.name} cannot be compressed yet: {family.not_compressible}; use --policy full")
         if cfg.positions == "reindex" and self.policy.compresses:
-            if geometry.rope_type not in (0, 2) or geometry.scaling_type not in ("", "none", "linear"):
+            # M-RoPE (Qwen2/2.5-VL) re-rotates like NeoX once its sections say which pairs turn (native/kv_pass.cpp).
+            mrope_ok = geometry.rope_type == llama_cpp.LLAMA_ROPE_TYPE_MROPE and len(geometry.rope_sections) == 4
+            if (geometry.rope_type not in (0, 2) and not mrope_ok) or geometry.scaling_type not in ("", "none",
+                                                                                                    "linear"):
                 raise SettingsError(
                     f"{geometry.architecture} models (RoPE type {geometry.rope_type}, scaling "
                     f"'{geometry.scaling_type or 'none'}') cannot be re-indexed yet: use --positions keep")
@@ -176,7 +186,7 @@ class Session:
         record = FrameRecord(index=self.frames_seen, timestamp=frame.timestamp, pos0=mem.next_pos,
                              n_tokens=encoded.n_tokens, n_pos=encoded.n_pos, nx=encoded.nx, ny=encoded.ny)
         mem.records.append(record)
-        mem.slots.append(record.index, record.n_tokens, record.pos0)
+        mem.slots.append(record.index, record.n_tokens, record.pos0, one_position=self.geometry.mrope)
         mem.next_pos += record.n_pos
         mem.frames_since_pass += 1
         self.frames_seen += 1
@@ -191,7 +201,8 @@ class Session:
             self._pass = _native.KVPass(
                 self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
                 geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads)
+                mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads,
+                list(geo.rope_sections))
         return self._pass
 
     def _read(self, kv: _native.KVPass) -> None:
@@ -247,10 +258,15 @@ class Session:
         # Cells get compact positions either way; a cell's position only orders it before the question.
         # reindex: right after the prompt, keys re-rotated to match; keep: ending just below the next
         # frame (llama.cpp wants new tokens at the highest position + 1), keys keep their rotation.
+        # M-RoPE keep: a frame spans fewer positions than tokens, so there is no room below the next frame;
+        # each cell keeps the position of head (0, 0)'s token, which keeps the cells in time order.
         reindex = self.config.positions == "reindex"
-        first = mem.prefix_tokens if reindex else mem.next_pos - keep
-        new_pos = np.arange(first, first + keep, dtype=np.int32)
         rot_pos = np.ascontiguousarray(mem.slots.rot_pos[:, :, :mem.video_tokens])  # read before keep() rewrites it
+        if not reindex and self.geometry.mrope:
+            new_pos = np.ascontiguousarray(rot_pos[0, 0, kept[0, 0]], dtype=np.int32)
+        else:
+            first = mem.prefix_tokens if reindex else mem.next_pos - keep
+            new_pos = np.arange(first, first + keep, dtype=np.int32)
         try:
             kv.apply(kept, new_pos, rot_pos, reindex)
         except (RuntimeError, ValueError) as e:  # refused before anything moved, or restored by the pass
@@ -260,7 +276,9 @@ class Session:
                           "state_bytes": kv.state_bytes, "path": kv.path}
         mem.slots.keep(kept, new_pos if reindex else None)
         if reindex:
-            mem.next_pos = mem.prefix_tokens + keep
+            # M-RoPE: the last slot's row and column reach max(nx, ny) - 1 past its position; text and new
+            # frames must start above every position a key holds.
+            mem.next_pos = mem.prefix_tokens + keep + (mem.records[-1].n_pos - 1 if self.geometry.mrope else 0)
         present = set(mem.slots.frames_present().tolist())
         mem.records = [r for r in mem.records if r.index in present]
         mem.frames_since_pass = 0
@@ -299,7 +317,7 @@ class Session:
         model, mem = self.model, self.memory
         max_tokens = self.config.max_answer_tokens if max_tokens is None else max_tokens
         t0 = time.perf_counter()
-        tokens = model.tokenize(self.question_prompt(question))
+        tokens = self.video_close + model.tokenize(self.question_prompt(question))
         room = model.n_ctx - mem.prefix_tokens - mem.video_tokens
         if len(tokens) + max_tokens > room:
             raise ModelError(f"the question needs {len(tokens) + max_tokens} tokens but only {room} are free; "

@@ -52,7 +52,7 @@ namespace {
 
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-// Rotary embedding as llama.cpp applies it to keys (normal: adjacent pairs; NeoX: halves).
+// Rotary embedding as llama.cpp applies it to keys (normal: adjacent pairs; NeoX and M-RoPE: halves).
 struct Rope {
     int type = LLAMA_ROPE_TYPE_NORM;
     int n_rot = 0;
@@ -510,7 +510,8 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
 class KVPass {
   public:
     KVPass(uintptr_t ctx, int n_prefix, int n_head_kv, int head_dim_k, int head_dim_v, bool mrope, int rope_type,
-           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads)
+           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads,
+           std::vector<int> rope_sections)
         : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
           dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
         rope_.type = rope_type;
@@ -519,8 +520,10 @@ class KVPass {
         rope_.freq_scale = freq_scale;
         // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
         // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
-        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX;
+        // M-RoPE pairs its dims as NeoX does (ggml-cpu/ops.cpp rotate_pairs, MROPE and IMROPE cases).
+        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX || multi_rope();
         rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
+        set_pair_turns(rope_sections);
         rl_.D = head_dim_k;
         rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
         table_n_ = std::max(max_position, 1);
@@ -558,8 +561,21 @@ class KVPass {
         for (uint32_t c = 0; c < view_.cell_count; ++c)
             (view_.pos[c] < n_prefix_ ? prefix_cells_ : slot_cells_).push_back(int32_t(c));
         auto by_pos = [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; };
-        std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
         std::sort(prefix_cells_.begin(), prefix_cells_.end(), by_pos);
+        if (!mrope_) {
+            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
+        } else {
+            // All tokens of an M-RoPE frame share one position; within it mtmd gives token i x = pos + i % nx,
+            // y = pos + i / nx (mtmd.cpp mtmd_image_tokens_get_decoder_pos), so (pos, y, x) is time order
+            // whatever cells llama.cpp put them in. Rewritten slots keep it (apply_portable).
+            auto by_pos_yx = [&](int32_t a, int32_t b) {
+                const auto &v = view_;
+                if (v.pos[a] != v.pos[b]) return v.pos[a] < v.pos[b];
+                if (v.ext_y[a] != v.ext_y[b]) return v.ext_y[a] < v.ext_y[b];
+                return v.ext_x[a] < v.ext_x[b];
+            };
+            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos_yx);
+        }
         src_.resize(view_.n_layer);
         for (size_t l = 0; l < view_.n_layer; ++l) {
             const auto &LV = view_.layers[l];
@@ -575,6 +591,18 @@ class KVPass {
         v_trans_ = view_.v_trans != 0;
         n_layer_ = view_.n_layer;
         state_bytes_ = size_a_;
+    }
+
+    // Per cell of the state read last, M-RoPE only: the extension's (x, y) in slot order, [N, 2] (tests).
+    I32Array slot_ext() const {
+        if (!mrope_ || direct_) throw std::logic_error("slot_ext needs an M-RoPE state read by read()");
+        I32Array out({py::ssize_t(slot_cells_.size()), py::ssize_t(2)});
+        auto o = out.mutable_unchecked<2>();
+        for (size_t n = 0; n < slot_cells_.size(); ++n) {
+            o(py::ssize_t(n), 0) = view_.ext_x[size_t(slot_cells_[n])];
+            o(py::ssize_t(n), 1) = view_.ext_y[size_t(slot_cells_[n])];
+        }
+        return out;
     }
 
     // Whether the direct path can work on this context at all: "" if so, else why not (said once).
@@ -759,8 +787,9 @@ class KVPass {
         const int32_t *K = kept.data(), *NPOS = new_pos.data(), *RP = rot_pos.data();
         for (size_t i = 0; i < L * H * C; ++i)
             if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
-        if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
-            throw std::runtime_error("re-rotation supports normal and NeoX RoPE only");
+        if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX &&
+            !(multi_rope() && sections_known_))
+            throw std::runtime_error("re-rotation supports normal, NeoX and (with its sections) M-RoPE only");
         if (direct_) {
             // In place, kept[j] >= j makes every move a forward copy (the source is never overwritten
             // first); that needs each head's list strictly ascending. Cell P + j keeps position P + j.
@@ -849,6 +878,35 @@ class KVPass {
     }
 
   private:
+    bool multi_rope() const { return rope_.type == LLAMA_ROPE_TYPE_MROPE || rope_.type == LLAMA_ROPE_TYPE_IMROPE; }
+
+    // M-RoPE: which rotary pairs turn with the position. ggml gives pair i the section of sector
+    // i % (s0 + s1 + s2 + s3): t, h (y), w (x) or e (ggml-cpu/ops.cpp ggml_mrope_cache_init; IMROPE
+    // interleaves t, h, w). mtmd puts the frame's start position in t, y and x alike and 0 in e, text
+    // tokens get 0 in e too (llama-graph.cpp llm_graph_input_pos::set_input). So moving a token by delta
+    // positions turns its t, h and w pairs by delta and leaves the e pairs alone: one NeoX rotation with
+    // the e pairs held still (their tables hold cos 1, sin 0).
+    void set_pair_turns(const std::vector<int> &sections) {
+        pair_turns_.assign(size_t(rl_.n_rot / 2), 1);
+        sections_known_ = false;
+        if (!multi_rope()) return;
+        if (sections.size() != 4) return;  // unknown: no re-rotation, and apply() refuses to re-index
+        const int s0 = sections[0], s1 = sections[1], s2 = sections[2], s3 = sections[3];
+        const int sect_dims = s0 + s1 + s2 + s3;
+        if (sect_dims <= 0) return;
+        for (size_t i = 0; i < pair_turns_.size(); ++i) {
+            const int sector = int(i) % sect_dims;
+            bool e;
+            if (rope_.type == LLAMA_ROPE_TYPE_IMROPE)
+                e = !((sector % 3 == 0 && sector < 3 * s0) || (sector % 3 == 1 && sector < 3 * s1) ||
+                      (sector % 3 == 2 && sector < 3 * s2));
+            else
+                e = sector >= s0 + s1 + s2;
+            pair_turns_[i] = !e;
+        }
+        sections_known_ = true;
+    }
+
     double angle(double pos, int i) const {
         return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
     }
@@ -859,7 +917,7 @@ class KVPass {
         for (int d = 0; d < rl_.n_rot; ++d) {
             const int i = rl_.neox ? d % half : d / 2;
             const bool first = rl_.neox ? d < half : d % 2 == 0;
-            const double th = angle(pos, i);
+            const double th = pair_turns_[size_t(i)] ? angle(pos, i) : 0.0;
             C[d] = float(std::cos(th));
             S[d] = float(first ? std::sin(th) : -std::sin(th));
         }
@@ -1321,8 +1379,15 @@ class KVPass {
         const size_t rec = (view_.cells_end - view_.cell_offset[0]) / view_.cell_count;
         for (size_t i = 0; i < NP; ++i) put(a + view_.cell_offset[prefix_cells_[i]], rec);
         for (size_t j = 0; j < C; ++j) {
-            std::memcpy(b + w, a + view_.cell_offset[slot_cells_[K[j]]], rec);  // head (0, 0)'s token: seq ids
+            const size_t src = size_t(slot_cells_[K[j]]);
+            std::memcpy(b + w, a + view_.cell_offset[src], rec);  // head (0, 0)'s token: seq ids
             std::memcpy(b + w, &NPOS[j], 4);
+            if (mrope_) {
+                // x and y move with the position, as the keys turn: (pos, y, x) stays in slot order.
+                const int32_t delta = NPOS[j] - view_.pos[src];
+                const int32_t xy[2] = {view_.ext_x[src] + delta, view_.ext_y[src] + delta};
+                std::memcpy(b + w + edge::kCellExtOffset, xy, 8);
+            }
             w += rec;
         }
         put32(view_.v_trans);
@@ -1444,6 +1509,8 @@ class KVPass {
     int max_cells_;
     Rope rope_;
     RopeLayout rl_;
+    std::vector<uint8_t> pair_turns_;  // per rotary pair: whether it turns with the position (M-RoPE e pairs do not)
+    bool sections_known_ = false;      // M-RoPE: sections given, so keys can be re-rotated
     int table_n_ = 1;
     std::vector<float> rc_, rs_;
     // portable path
@@ -1479,10 +1546,11 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("complete", &KVCapture::complete)
         .def("describe", &KVCapture::describe);
     py::class_<KVPass>(m, "KVPass")
-        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int>(), py::arg("ctx"),
-             py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
+        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int, std::vector<int>>(),
+             py::arg("ctx"), py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
              py::arg("mrope"), py::arg("rope_type"), py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale"),
-             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1)
+             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1,
+             py::arg("rope_sections") = std::vector<int>{})
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
         // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
         .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
@@ -1495,6 +1563,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("state_bytes", &KVPass::state_bytes)
         .def_property_readonly("buffer_bytes", &KVPass::buffer_bytes)
         .def("slot_positions", &KVPass::slot_positions)
+        .def("slot_ext", &KVPass::slot_ext)
         .def("keys", &KVPass::keys)
         .def("values", &KVPass::values)
         .def("select", &KVPass::select, py::arg("slot_frame"), py::arg("slot_patch"), py::arg("rot_pos"),

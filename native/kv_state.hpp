@@ -23,6 +23,10 @@
 namespace edge {
 
 constexpr uint32_t kStateMagic = 0xaf143cd8u;
+// M-RoPE cell extension (llama_kv_cell_ext, src/llama-kv-cells.h): i32 x, i32 y, i32 tok, right after
+// n_seq_id. x, y: the token's width and height rotary positions; tok: -1 for embeddings (images).
+constexpr size_t kCellExtOffset = 8;
+constexpr size_t kCellExtBytes = 12;
 
 struct LayerView {
     int32_t k_type = 0;
@@ -40,6 +44,7 @@ struct StateView {
     uint32_t cell_count = 0;
     bool mrope = false;                 // 12 extra bytes per cell; the blob does not say, the model does
     std::vector<int32_t> pos;           // per cell, in blob order
+    std::vector<int32_t> ext_x, ext_y;  // per cell, M-RoPE only: the extension's x and y
     std::vector<size_t> cell_offset;    // where each cell record starts
     size_t cells_end = 0;               // first byte after the cell records
     uint32_t v_trans = 0;
@@ -81,11 +86,17 @@ inline void parse_state(const uint8_t *data, size_t size, bool mrope, StateView 
     s.cell_count = r.get<uint32_t>();
     s.pos.resize(s.cell_count);
     s.cell_offset.resize(s.cell_count);
+    s.ext_x.resize(mrope ? s.cell_count : 0);
+    s.ext_y.resize(mrope ? s.cell_count : 0);
     for (uint32_t i = 0; i < s.cell_count; ++i) {
         s.cell_offset[i] = r.offset();
         s.pos[i] = r.get<int32_t>();
         uint32_t n_seq = r.get<uint32_t>();
-        if (mrope) r.skip(12);
+        if (mrope) {
+            s.ext_x[i] = r.get<int32_t>();
+            s.ext_y[i] = r.get<int32_t>();
+            r.skip(kCellExtBytes - 8);  // tok
+        }
         r.skip(size_t(n_seq) * sizeof(int32_t));
     }
     s.cells_end = r.offset();
@@ -119,7 +130,7 @@ inline void parse_state(const uint8_t *data, size_t size, bool mrope, StateView 
 
 // Bytes of the blob for `cells` cells with the layout of `s`: header, cell records, K and V.
 inline size_t state_size_for(const StateView &s, size_t cells) {
-    size_t cell_bytes = s.cell_count ? (s.cells_end - s.cell_offset[0]) / s.cell_count : (s.mrope ? 24 : 12);
+    size_t cell_bytes = s.cell_count ? (s.cells_end - s.cell_offset[0]) / s.cell_count : (s.mrope ? 12 + kCellExtBytes : 12);
     size_t n = 16 + cells * cell_bytes + 8;
     for (const auto &L : s.layers) {
         n += 12 + L.k_row_bytes * cells;
