@@ -577,7 +577,8 @@ class VisionLanguageModel:
             frame.nx = frame.ny = side
         return frame
 
-    def _text_tokens(self, chunk: int) -> list[int]:
+    def chunk_text_tokens(self, chunk: int) -> list[int]:
+        """The tokens of one of mtmd's text chunks."""
         n = ctypes.c_size_t(0)
         ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
         return list(ptr[: n.value])
@@ -596,7 +597,7 @@ class VisionLanguageModel:
             # idefics3 adds the global view after the tiles (mtmd.cpp: ov_img_first is false), after the
             # text "<fake_token_around_image><global-img>"; check that, so a change in mtmd fails loudly.
             chosen = images[-1]
-            before = self._text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, chosen - 1)) if chosen else []
+            before = self.chunk_text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, chosen - 1)) if chosen else []
             if not before or self.token_bytes(before[-1], special=True) != b"<global-img>":
                 raise ModelError(f"{self.family.name}: mtmd's last image of a frame is not its global view "
                                  "(<global-img>); this llama.cpp lays out tiles differently")
@@ -609,7 +610,7 @@ class VisionLanguageModel:
         around = []
         for i in (chosen - 1, chosen + 1):
             ok = 0 <= i < n_chunks and kinds[i] == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT
-            around.append(self._text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, i)) if ok else [])
+            around.append(self.chunk_text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, i)) if ok else [])
         if any(t < 0 for t in around[0] + around[1]):
             raise ModelError(f"{self.family.name}: the text model's vocabulary lacks the tokens mtmd puts around an "
                              "image (pass the text model made for this mmproj)")

@@ -8,7 +8,6 @@ from types import ModuleType
 
 import cv2
 import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
@@ -160,16 +159,8 @@ def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> N
 
 
 def frame_embeddings(model: VisionLanguageModel, image: np.ndarray) -> np.ndarray:
-    """The projector's output for one frame: [tokens, n_embd]."""
-    encoded = model.encode_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    try:
-        chunk = next(mtmd.mtmd_input_chunks_get(encoded.chunks, i) for i in range(mtmd.mtmd_input_chunks_size(
-            encoded.chunks)) if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(encoded.chunks, i)) == 1)
-        assert mtmd.mtmd_encode_chunk(model.mtmd_ctx, chunk) == 0
-        ptr = mtmd.mtmd_get_output_embd(model.mtmd_ctx)
-        return np.ctypeslib.as_array(ptr, shape=(encoded.n_tokens, model.n_embd)).copy()
-    finally:
-        model.free_frame(encoded)
+    """The projector's output for one BGR frame, of the image the session decodes: [tokens, n_embd]."""
+    return model.frame_embeddings(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
 def decode_embeddings(model: VisionLanguageModel, embd: np.ndarray, positions: np.ndarray) -> None:
