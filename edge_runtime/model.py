@@ -366,6 +366,12 @@ class VisionLanguageModel:
         self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self.mtmd_ctx))
         self.projector, self.token_px = _projector_info(Path(config.mmproj_path))
         self.family = FAMILIES.get(self.projector, GENERIC_FAMILY)
+        if self.uses_mrope and self.projector not in FAMILIES:
+            # mtmd gives these M-RoPE positions too, but their cache has not been checked against a test model.
+            self.family = Family(self.projector, not_compressible="its M-RoPE cache is not verified yet")
+        if config.frame_side is not None and config.frame_side < 1:
+            self.close()
+            raise ModelError(f"a frame size must be a positive number of px, not {config.frame_side}")
 
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)

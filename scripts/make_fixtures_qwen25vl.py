@@ -75,12 +75,19 @@ def write_text_model(path: Path, seed: int, n_layer: int = N_LAYER, n_head_kv: i
     base.write_gguf(w, path)
 
 
-def write_mmproj(path: Path, seed: int) -> None:
+# Projector types (clip-impl.h PROJECTOR_TYPE_NAMES) this script can write: Qwen2.5-VL's, and for tests of the
+# family table its neighbours, Qwen2-VL's (no window attention) and Qwen3-VL's (patch bias, learned positions).
+PROJECTORS = ("qwen2.5vl_merger", "qwen2vl_merger", "qwen3vl_merger")
+
+
+def write_mmproj(path: Path, seed: int, projector: str = "qwen2.5vl_merger") -> None:
+    if projector not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS}")
     rng = np.random.default_rng([seed, 11])
     w = gguf.GGUFWriter(None, "clip")
-    w.add_name("edge-runtime tiny qwen25vl projector (random weights, test fixture)")
+    w.add_name(f"edge-runtime tiny {projector} projector (random weights, test fixture)")
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "qwen2.5vl_merger")  # clip-impl.h PROJECTOR_TYPE_NAMES
+    w.add_string("clip.projector_type", projector)
     w.add_uint32("clip.vision.image_size", 112)  # only a warm-up size: Qwen takes any frame size
     w.add_uint32("clip.vision.patch_size", PATCH_SIZE)
     w.add_uint32("clip.vision.embedding_length", V_N_EMBD)
@@ -89,12 +96,16 @@ def write_mmproj(path: Path, seed: int) -> None:
     w.add_uint32("clip.vision.projection_dim", N_EMBD)  # the merger's output width = the text width
     w.add_uint32("clip.vision.attention.head_count", V_N_HEAD)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_uint32("clip.vision.n_wa_pattern", N_WA_PATTERN)  # clip.cpp requires it for qwen25vl
+    if projector == "qwen2.5vl_merger":
+        w.add_uint32("clip.vision.n_wa_pattern", N_WA_PATTERN)  # clip.cpp requires it for qwen25vl
     w.add_array("clip.vision.image_mean", base.IMAGE_MEAN)
     w.add_array("clip.vision.image_std", base.IMAGE_STD)
     # Two patch convolutions (the temporal pair of Qwen's 3-D patch embedding), no bias (the graph asserts it).
     w.add_tensor("v.patch_embd.weight", base.normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
     w.add_tensor("v.patch_embd.weight.1", base.normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
+    if projector == "qwen3vl_merger":  # its graph asserts both
+        w.add_tensor("v.patch_embd.bias", np.zeros(V_N_EMBD, dtype=np.float32))
+        w.add_tensor("v.position_embd.weight", base.normal(rng, (112 // PATCH_SIZE) ** 2, V_N_EMBD))
     for il in range(V_N_LAYER):
         blk = f"v.blk.{il}"
         for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):

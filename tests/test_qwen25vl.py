@@ -7,6 +7,7 @@ Frames are 112 x 84 px here (28 px a token): a 4 x 3 patch grid, 12 tokens over 
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,9 @@ from probes import probe_logits
 from test_compression import CheckedInfiniPotV
 
 from edge_runtime import _native
+from edge_runtime.cli import main
 from edge_runtime.model import ModelConfig, VisionLanguageModel
-from edge_runtime.policies import make_policy
+from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
 
@@ -242,3 +244,43 @@ def test_a_long_stream_keeps_its_positions_bounded(qwen: dict[str, Path]) -> Non
         assert session.frames_seen * max(NX, NY) == 3 * model.n_ctx_train
         assert most_pos <= session.memory.prefix_tokens + 96 + max(NX, NY) - 1
         assert session.ask("What did you see?", max_tokens=4).n_tokens > 0
+
+
+def test_a_qwen2_vl_projector_streams_and_compresses_alike(qwen_module: ModuleType, qwen: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """Qwen2-VL shares the text architecture, positions and mtmd handling; its projector has no window attention."""
+    files = {"model": qwen["model"], "mmproj": tmp_path / "qwen2vl-mmproj.gguf"}
+    qwen_module.write_mmproj(files["mmproj"], 0, projector="qwen2vl_merger")
+    with open_qwen(files) as model:
+        assert model.family.name == "Qwen2-VL"
+        policy = CheckedInfiniPotV()
+        session = Session(model, SessionConfig(budget=8 * NX * NY, question_room=128), policy)
+        policy.geometry = session.geometry
+        for frame in SyntheticScene(seed=8, n_frames=12):
+            session.insert_frame(frame)
+        assert session.memory.passes == 2 and len(policy.seen) == 2  # each checked against the reference
+        assert session.ask("What?", max_tokens=2).n_tokens > 0
+
+
+def test_qwen3_vl_compression_is_refused_in_one_line(qwen_module: ModuleType, qwen: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    files = {"model": qwen["model"], "mmproj": tmp_path / "qwen3vl-mmproj.gguf"}
+    qwen_module.write_mmproj(files["mmproj"], 0, projector="qwen3vl_merger")
+    with open_qwen(files) as model:
+        assert model.family.name == "Qwen3-VL"
+        with pytest.raises(SettingsError, match=r"^Qwen3-VL cannot be compressed yet: interleaved M-RoPE .*; use "
+                                                r"--policy full$"):
+            Session(model, SessionConfig(budget=96, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(question_room=128))  # the full cache streams
+        assert session.video_close == model.tokenize("<|vision_end|>")
+
+
+def test_the_cli_streams_qwen_under_a_budget(qwen: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--synthetic", "2", "--max-frames", "30", "--model", str(qwen["model"]), "--mmproj",
+               str(qwen["mmproj"]), "--frame-size", "112", "--budget", "96", "--ask", "What?",
+               "--max-answer-tokens", "2", "--threads", "2", "--json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    status = [e for e in events if e.get("event", e.get("type")) == "status"]
+    assert len(status) == 30 and max(e["video_tokens"] for e in status) <= 96
+    assert any(e.get("event", e.get("type")) == "answer" for e in events)
