@@ -205,10 +205,13 @@ def resolve_model(name: str | Path) -> Path:
     return Path(name)
 
 
-def _projector_info(path: Path) -> tuple[str, int]:
-    """(projector type, px per output token side) of an mmproj, from its GGUF metadata (llama.cpp has no API).
+def _projector_info(path: Path) -> tuple[str, int, int]:
+    """(projector type, px per output token side, tokens of one view) of an mmproj, from its GGUF metadata
+    (llama.cpp has no API for them).
 
-    px per token is patch_size x spatial merge for M-RoPE projectors (Qwen2/2.5-VL: 14 x 2 = 28), 0 otherwise.
+    px per token: patch_size x spatial merge for M-RoPE projectors (Qwen2/2.5-VL: 14 x 2 = 28), else 0.
+    Tokens of one view: (image_size / patch_size / scale_factor)^2 for idefics3 (SmolVLM2-256M: 512 / 16 / 4
+    -> 64; clip.cpp clip_n_output_tokens), else 0.
     """
     reader = gguf.GGUFReader(path)
 
@@ -219,7 +222,13 @@ def _projector_info(path: Path) -> tuple[str, int]:
     projector = str(value("clip.projector_type") or value("clip.vision.projector_type") or "")
     patch = int(value("clip.vision.patch_size") or 0)
     merge = int(value("clip.vision.spatial_merge_size") or 2)  # clip.cpp's default for Qwen-VL
-    return projector, patch * merge if projector in QWEN_PROJECTORS else 0
+    token_px = patch * merge if projector in QWEN_PROJECTORS else 0
+    view_tokens = 0
+    if projector == "idefics3" and patch:
+        side = int(value("clip.vision.image_size") or 0) // patch // int(value("clip.vision.projector.scale_factor")
+                                                                          or 1)
+        view_tokens = side * side
+    return projector, token_px, view_tokens
 
 
 def _gguf_int_array(path: Path, key: str) -> list[int]:
@@ -350,6 +359,13 @@ class VisionLanguageModel:
         tparams.n_threads = config.n_threads
         tparams.print_timings = False
         tparams.warmup = False  # a warm-up encode costs seconds on a Pi; the first frame pays instead
+        self.projector, self.token_px, view_tokens = _projector_info(Path(config.mmproj_path))
+        self.family = FAMILIES.get(self.projector, GENERIC_FAMILY)
+        if self.family.global_view_only and view_tokens:
+            # Only the global view is decoded: capping an image at one view's tokens makes mtmd cut a single
+            # tile instead of up to 4 x 4 from a 2048 px resize (mtmd-image.cpp, idefics3 preprocess): the
+            # global view is still the whole frame at the tile size, for a fraction of the resizing.
+            tparams.image_max_tokens = view_tokens
         NATIVE_LOG.clear()
         self.mtmd_ctx = mtmd.mtmd_init_from_file(str(config.mmproj_path).encode(), self.model, tparams)
         if not self.mtmd_ctx:
@@ -364,8 +380,6 @@ class VisionLanguageModel:
             raise ModelError(f"the mmproj {config.mmproj_path} has no vision encoder (audio-only?)")
         self.marker = mtmd.mtmd_default_marker()
         self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self.mtmd_ctx))
-        self.projector, self.token_px = _projector_info(Path(config.mmproj_path))
-        self.family = FAMILIES.get(self.projector, GENERIC_FAMILY)
         if self.uses_mrope and self.projector not in FAMILIES:
             # mtmd gives these M-RoPE positions too, but their cache has not been checked against a test model.
             self.family = Family(self.projector, not_compressible="its M-RoPE cache is not verified yet")

@@ -44,16 +44,17 @@ def smol(smol_module: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def test_mtmd_tiles_a_frame_and_the_runtime_decodes_the_global_view(smol: dict[str, Path]) -> None:
     """Pins mtmd's idefics3 layout: tiles (each after <fake_token_around_image><row_Y_col_X>), then the global
-    view after "\\n\\n<fake_token_around_image><global-img>" and before <fake_token_around_image>."""
+    view after "\\n\\n<fake_token_around_image><global-img>" and before <fake_token_around_image>. The model
+    caps an image at one view's tokens (image_max_tokens), so mtmd cuts one tile, not 2 x 2 at 256 px."""
     with VisionLanguageModel(ModelConfig(smol["llama-2x2"], smol["mmproj-4x4"], n_ctx=1024, n_threads=2)) as model:
         assert model.projector == "idefics3" and model.family.global_view_only and not model.uses_mrope
-        frame = model.encode_frame(np.zeros((240, 320, 3), np.uint8))  # 4:3 -> 256 x 192 -> 2 x 2 tiles
+        frame = model.encode_frame(np.zeros((240, 320, 3), np.uint8))
         try:
             n = mtmd.mtmd_input_chunks_size(frame.chunks)
             chunks = [mtmd.mtmd_input_chunks_get(frame.chunks, i) for i in range(n)]
             kinds = [mtmd.mtmd_input_chunk_get_type(c) for c in chunks]
             images = [i for i, k in enumerate(kinds) if k == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
-            assert len(images) == 2 * 2 + 1  # four tiles and the global view
+            assert len(images) == 1 + 1  # one tile and the global view
             assert all(mtmd.mtmd_input_chunk_get_n_tokens(chunks[i]) == VIEW_TOKENS for i in images)
             text = [b"".join(model.token_bytes(t, special=True) for t in model.chunk_text_tokens(c)) if k == 0 else b""
                     for c, k in zip(chunks, kinds, strict=True)]
