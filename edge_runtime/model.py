@@ -386,6 +386,9 @@ class VisionLanguageModel:
         if config.frame_side is not None and config.frame_side < 1:
             self.close()
             raise ModelError(f"a frame size must be a positive number of px, not {config.frame_side}")
+        if config.frame_side is not None and not self.token_px:
+            log.warning("the frame size has no effect on %s: its projector resizes every frame to its own size",
+                        self.family.name if self.family is not GENERIC_FAMILY else self.projector or "this model")
 
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)

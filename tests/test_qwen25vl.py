@@ -284,3 +284,15 @@ def test_the_cli_streams_qwen_under_a_budget(qwen: dict[str, Path], capsys: pyte
     status = [e for e in events if e.get("event", e.get("type")) == "status"]
     assert len(status) == 30 and max(e["video_tokens"] for e in status) <= 96
     assert any(e.get("event", e.get("type")) == "answer" for e in events)
+
+
+def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures_qwen25vl.py"
+    for out in ("a", "b"):
+        done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(names) == 2
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

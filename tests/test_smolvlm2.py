@@ -7,6 +7,8 @@ cache is the llama one; what differs is how mtmd turns a frame into images.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -107,3 +109,15 @@ def test_one_head_drops_equal_a_cache_that_only_held_the_kept_tokens(smol: dict[
 def test_direct_and_portable_passes_leave_byte_identical_states(smol: dict[str, Path], flash_attn: str) -> None:
     case = ("llama-2x2", "mmproj-4x4", flash_attn, "f16", "infinipot-v")
     test_direct_pass.test_direct_and_portable_passes_leave_byte_identical_states(case, smol)
+
+
+def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures_smolvlm2.py"
+    for out in ("a", "b"):
+        done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(names) == 2
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
