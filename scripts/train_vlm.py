@@ -106,8 +106,13 @@ class TrainConfig:
     workers: int = 12
     eval_every: int = 200
     steps: int = 0  # stop after this many steps (reproducible); 0: stop at --minutes
-    position_gap: int = 0  # up to this many unused positions before each frame: long-stream distances in short clips
+    position_gap: int = 0  # a clip draws a gap scale up to this, then gaps between its frames: long-stream distances
+    sparse_fraction: float = 0.0  # clips with 1-2 brief appearances, mostly empty frames, as long streams are
+    digit_weight: float = 1.0  # the digit's auxiliary loss, times this: digits are rare and the hardest to read
+    init: str = ""  # an exported model folder (mmproj.gguf, lora.gguf) to start from instead of from scratch
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
+    long_eval_frames: int = 120  # held-out streams this long, full cache, contiguous positions: the benchmark's task
+    long_eval_size: int = 16
 
 
 OBJECT_LABELS = {  # the auxiliary targets: index 0 means "no object in this frame"
@@ -126,14 +131,20 @@ def frame_labels(stream: scenes.Stream, t: int) -> list[int]:
             OBJECT_LABELS["digit"].index(obj.digit) if obj.digit is not None else 0]
 
 
+SPARSE_EVENTS = (1, 2)  # a sparse clip: one or two appearances ...
+SPARSE_DURATION = (1, 4)  # ... of a few frames each, so most of a 12-frame clip is background, as in long streams
+
+
 def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int,
-                 position_gap: int = 0) -> dict:
+                 position_gap: int = 0, sparse: bool = False) -> dict:
     """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames.
 
-    With position_gap, each frame starts up to that many positions after the previous one ends: relative
-    distances between a question and its evidence then span what a long stream has, while the clip stays short.
+    With position_gap, the clip draws a gap scale up to it, and each frame starts up to that many positions
+    after the previous one ends: relative distances between a question and its evidence then span what a
+    long stream has, while the clip stays short. sparse: few, brief appearances (SPARSE_EVENTS, SPARSE_DURATION).
     """
-    stream = scenes.make_stream(seed, n_frames)
+    stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
+              else scenes.make_stream(seed, n_frames))
     rng = random.Random(seed)
     by_kind: dict[str, list[scenes.Question]] = defaultdict(list)
     for q in stream.questions():
@@ -149,8 +160,9 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     ids = list(tokens["prefix"]) + [-1] * (n_frames * tokens_per_frame)
     labels = [-100] * len(ids)
     positions = list(range(len(tokens["prefix"])))
+    gap = rng.randrange(position_gap + 1) if position_gap else 0
     for _ in range(n_frames):
-        start = positions[-1] + 1 + (rng.randrange(position_gap + 1) if position_gap else 0)
+        start = positions[-1] + 1 + (rng.randrange(gap + 1) if gap else 0)
         positions += range(start, start + tokens_per_frame)
     for j, q in enumerate(chosen):
         head = (tokens["later"] if j else tokens["first"])[q.text]
@@ -165,6 +177,23 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
 
 
 # -- training (there) -------------------------------------------------------------------------------------
+
+def start_from(folder: Path, vision, text) -> None:
+    """Load an exported model (mmproj.gguf, and lora.gguf if the text model has a LoRA) into the modules."""
+    import gguf
+    import torch
+    from vlm_vision import load_mmproj
+
+    vision.load_state_dict(load_mmproj(folder / "mmproj.gguf").state_dict())
+    adapters = [m for m in text.modules() if getattr(m, "lora_a", None) is not None]
+    if adapters:
+        stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(folder / "lora.gguf").tensors}
+        for m in adapters:
+            for part in ("lora_a", "lora_b"):
+                value = torch.from_numpy(stored[f"{m.name}.{part}"].astype(np.float32))
+                getattr(m, part).data.copy_(value.reshape(getattr(m, part).shape))
+    log.info("started from %s (%d LoRA pairs)", folder, len(adapters))
+
 
 def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None:
     import torch
@@ -191,6 +220,8 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
     if lora:
         groups.append({"params": text.lora_parameters(), "lr": cfg.lr_lora})
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    if cfg.init and not (resume and resume.exists()):
+        start_from(Path(cfg.init), vision, text)
     step0 = 0
     if resume and resume.exists():
         ck = torch.load(resume, map_location=device)
@@ -210,7 +241,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             single = rng.random() < cfg.single_frame_fraction
             n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
             yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf,
-                               cfg.position_gap)
+                               cfg.position_gap, sparse=rng.random() < cfg.sparse_fraction)
             k += 1
 
     class Examples(torch.utils.data.IterableDataset):
@@ -239,8 +270,14 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
 
     loader = torch.utils.data.DataLoader(Examples(), batch_size=cfg.batch, collate_fn=collate,
                                          num_workers=cfg.workers, prefetch_factor=4, persistent_workers=True)
-    heldout = [collate([make_example(10 * TRAIN_SEED_BASE + i * 97 + j, n, cfg.turns, tokens, tpf)
-                        for j in range(cfg.eval_size)]) for i, n in enumerate((1, cfg.max_frames))]
+    heldout = {name: collate([make_example(10 * TRAIN_SEED_BASE + i * 97 + j, n, cfg.turns, tokens, tpf)
+                              for j in range(cfg.eval_size)])
+               for i, (name, n) in enumerate((("1 frame", 1), (f"{cfg.max_frames} frames", cfg.max_frames)))}
+    if cfg.long_eval_size:  # in batches of 4: ~4,400 tokens each
+        long_clips = [make_example(10 * TRAIN_SEED_BASE + 50_000 + j, cfg.long_eval_frames, cfg.turns, tokens, tpf)
+                      for j in range(cfg.long_eval_size)]
+        for j in range(0, len(long_clips), 4):
+            heldout[f"{cfg.long_eval_frames} frames#{j}"] = collate(long_clips[j:j + 4])
 
     def forward(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         frames = b["frames"].to(device, non_blocking=True)
@@ -256,14 +293,16 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             target = labels[:, 1:][sel]
             loss = F.cross_entropy(logits, target)
             fl = b["frame_labels"].to(device)
-            aux_loss = sum(F.cross_entropy(aux[k](pooled.float()), fl[:, i]) for i, k in enumerate(OBJECT_LABELS))
+            aux_loss = sum(F.cross_entropy(aux[k](pooled.float()), fl[:, i]) * (cfg.digit_weight if k == "digit" else 1)
+                           for i, k in enumerate(OBJECT_LABELS))
         return loss, aux_loss, logits.argmax(-1) == target, sel
 
     def evaluate() -> dict[str, float]:
         vision.eval()
         res: dict[str, list[bool]] = defaultdict(list)
         with torch.no_grad():
-            for name, b in zip(("1 frame", f"{cfg.max_frames} frames"), heldout, strict=True):
+            for key, b in heldout.items():
+                name = key.split("#")[0]
                 _, _, right, sel = forward(b)
                 # one answer = the tokens of one turn's label run; all must be right
                 right = right.cpu().tolist()
@@ -291,6 +330,9 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
     step = step0
     history = []
     total_steps_guess = step0 + cfg.steps if cfg.steps else None
+    if cfg.init and step0 == 0:  # where the starting model stands, on the same held-out clips
+        history.append({"step": 0, "s": 0, **evaluate()})
+        log.info("eval %s", json.dumps(history[-1]))
     for b in loader:
         lr_scale = min(1.0, (step + 1) / cfg.warmup_steps)
         if total_steps_guess:  # cosine over the time budget, once the step rate is known
@@ -303,9 +345,13 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         step += 1
-        if step - step0 == 50 and not cfg.steps:
-            rate = 50 / (time.time() - t0)
-            total_steps_guess = step0 + int(rate * cfg.minutes * 60)
+        # The cosine needs the number of steps the time budget holds. The first steps are slow (workers
+        # start, kernels compile; a guess from them came out 40 % short), so time steps 50 to 150.
+        if step - step0 == 50:
+            t50 = time.time()
+        if step - step0 == 150 and not cfg.steps:
+            rate = 100 / (time.time() - t50)
+            total_steps_guess = step + int(rate * (deadline - time.time()))
             log.info("%.2f steps/s: about %d steps in the budget", rate, total_steps_guess - step0)
         if step % 25 == 0:
             log.info("step %d loss %.3f aux %.3f (%.0f s)", step, loss.item(), aux_loss.item(), time.time() - t0)
