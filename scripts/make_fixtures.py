@@ -111,6 +111,22 @@ def read_tokenizer_fields(source: Path) -> tuple[TokenizerField, ...]:
     return tuple(fields)
 
 
+def with_control_tokens(fields: tuple[TokenizerField, ...], pieces: list[str]) -> tuple[TokenizerField, ...]:
+    """The tokenizer with `pieces` appended as control tokens (one id each, as in the real model's vocabulary).
+
+    mtmd wraps each image in marker strings such as ``<start_of_image>``; SmolLM2's vocabulary would split
+    them into several ordinary tokens, the real models have one control token for each.
+    """
+    out: list[TokenizerField] = []
+    for key, vtype, value, sub_type in fields:
+        if key == "tokenizer.ggml.tokens":
+            value = list(value) + [piece.encode() for piece in pieces]
+        elif key == "tokenizer.ggml.token_type":
+            value = list(value) + [int(gguf.TokenType.CONTROL)] * len(pieces)
+        out.append((key, vtype, value, sub_type))
+    return tuple(out)
+
+
 def write_gguf(writer: gguf.GGUFWriter, path: Path) -> None:
     """Write to a temporary name then rename, so a reader never sees a half-written fixture."""
     tmp = path.with_name(path.name + ".tmp")
