@@ -27,6 +27,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SEQ = 0  # the video memory lives in sequence 0; nothing else is ever decoded into another sequence
+# llama.h: only the parts of the state that are not a plain KV cache (a sliding-window cache, a recurrent state)
+STATE_PARTIAL_ONLY = 1
 GGUF_MAGIC = b"GGUF"
 _NO_POST_DECODE = mtmd.mtmd_helper_post_decode_callback()  # a NULL callback: ctypes refuses None
 
@@ -79,6 +81,7 @@ class EncodedFrame:
     n_pos: int  # positions it takes: fewer than n_tokens on M-RoPE models
     nx: int  # patch grid of the image tokens
     ny: int
+    image_tokens: int = 0  # of n_tokens, the image's (the rest: text around it, such as <start_of_image>)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,6 +410,22 @@ class VisionLanguageModel:
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
         return bytes(buf[:n])
 
+    def partial_state(self) -> bytes:
+        """The parts of sequence 0's state that removing positions cannot put back: a sliding-window cache
+        (its window moves on and reuses cells) and a recurrent state (it cannot be rolled back). Empty for a
+        plain KV cache."""
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, SEQ, STATE_PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, SEQ, STATE_PARTIAL_ONLY)
+        return bytes(buf[:n])
+
+    def restore_partial_state(self, blob: bytes) -> None:
+        """Put back what partial_state() returned (the rest of the state is left as it is)."""
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), SEQ, STATE_PARTIAL_ONLY) != len(blob):
+            raise ModelError(f"llama.cpp could not restore the sliding-window or recurrent state: "
+                             f"{NATIVE_LOG.first_error(latest=True)}")
+
     @property
     def ctx_address(self) -> int:
         """The llama_context pointer as an integer, for the native pass."""
@@ -436,12 +455,21 @@ class VisionLanguageModel:
         frame = EncodedFrame(chunks=chunks, n_tokens=0, n_pos=0, nx=0, ny=0)
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            frame.n_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            frame.n_tokens += n
             frame.n_pos += mtmd.mtmd_input_chunk_get_n_pos(chunk)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 image = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
                 frame.nx = mtmd.mtmd_image_tokens_get_nx(image)
                 frame.ny = mtmd.mtmd_image_tokens_get_ny(image)
+                frame.image_tokens += n
+                # A non-causal image (Gemma 3) must be decoded in one ubatch: mtmd would split it into
+                # batches that cannot see each other, a silently different memory.
+                if mtmd.mtmd_decode_use_non_causal(self.mtmd_ctx, chunk) and n > self.config.n_batch:
+                    mtmd.mtmd_input_chunks_free(chunks)
+                    raise ModelError(f"{self.metadata('general.architecture')} decodes each image non-causally in "
+                                     f"one batch: the batch size (n_batch = n_ubatch, {self.config.n_batch}) must "
+                                     f"be at least the frame's {n} image tokens")
         return frame
 
     def decode_frame(self, frame: EncodedFrame, pos0: int) -> tuple[float, float]:

@@ -513,6 +513,7 @@ class KVPass {
            int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads)
         : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
           dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
+        layout_ = edge::layout_of(llama_get_model(ctx_), mrope);
         rope_.type = rope_type;
         rope_.n_rot = n_rot;
         rope_.freq_base = freq_base;
@@ -537,9 +538,9 @@ class KVPass {
         if (a_.empty()) {
             a_.resize(size);
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
             check_layout();
-            size_t cap = std::max(edge::state_size_for(view_, size_t(max_cells_)), size);
+            size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
             a_.resize(cap);
             b_.resize(cap);
         } else {
@@ -547,7 +548,7 @@ class KVPass {
                 throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
                                          std::to_string(a_.size()) + " (more cells than the budget?)");
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
         }
         if (view_.cell_count > uint32_t(max_cells_))
             throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
@@ -581,6 +582,12 @@ class KVPass {
     std::string direct_support(KVCapture &cap) {
         cap_ = nullptr;
         if (mrope_) return "M-RoPE models keep x/y positions per cell, which the in-place pass does not rewrite";
+        if (layout_.n_caches > 1)
+            return "sliding-window models keep a second KV cache (the sliding layers') whose cells hold other "
+                   "positions than the global one's";
+        if (layout_.recurrent)
+            return "hybrid models keep a recurrent state beside the KV cache, and llama.cpp cannot free the end of "
+                   "a recurrent sequence (seq_rm) as the in-place pass does";
         if (rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
             return "re-rotation in place supports normal and NeoX RoPE only";
         if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
@@ -844,6 +851,8 @@ class KVPass {
                 for (size_t i = 0; i < cc; ++i, w += e)
                     std::memcpy(b + w, a + LV.v_offset + (d * cc + size_t(order[i])) * e, e);
         }
+        std::memcpy(b + w, a + view_.carried_begin, view_.carried_bytes());  // the other caches, the recurrent state
+        w += view_.carried_bytes();
         if (w != size_a_) throw std::logic_error("relayout size mismatch");
         if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) throw std::runtime_error("relayout: set_data failed");
     }
@@ -935,7 +944,7 @@ class KVPass {
         std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, 0));
         blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), 0));
         try {
-            edge::parse_state(blob.data(), blob.size(), mrope_, dview_);
+            edge::parse_state(blob.data(), blob.size(), layout_, dview_);
         } catch (const std::exception &e) {
             return e.what();
         }
@@ -1340,7 +1349,17 @@ class KVPass {
             v_at[l] = w;
             w += view_.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
         }
+        const size_t carried_at = w;
+        w += view_.carried_bytes();
         if (w != out_size) throw std::logic_error("compressed state size mismatch");
+        // The parts after the compressed cache (the sliding-window cache, the recurrent state) go back as
+        // they were.
+        std::memcpy(b + carried_at, a + view_.carried_begin, view_.carried_bytes());
+        // A recurrent state sits at the sequence's last position (the hybrid memory's seq_pos_min/max take
+        // it into account): give it the last kept slot's, which reindex mode lowers. Its data stay as they were.
+        if (view_.has_recurrent && C > 0)
+            for (size_t off : view_.recurrent.pos_offset)
+                std::memcpy(b + carried_at + (off - view_.carried_begin), &NPOS[C - 1], 4);
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
             write_keys(l, b + k_at[l], K, C, NPOS, RP, N, rerotate, S);
             write_values(l, b + v_at[l], K, C);
@@ -1442,6 +1461,7 @@ class KVPass {
     int n_prefix_, n_head_, dk_, dv_;
     bool mrope_;
     int max_cells_;
+    edge::StateLayout layout_;  // which parts the model's sequence state has
     Rope rope_;
     RopeLayout rl_;
     int table_n_ = 1;
@@ -1470,8 +1490,55 @@ class KVPass {
     std::vector<Scratch> scratch_;
 };
 
+// Sequence 0's state of a context, part by part, as parse_state reads it: what the session sizes its
+// bookkeeping by (the layers and heads of the cache it compresses) and what tests pin llama.cpp's layout with.
+py::dict state_parts(uintptr_t ctx_address, bool mrope) {
+    auto *ctx = reinterpret_cast<llama_context *>(ctx_address);
+    const edge::StateLayout layout = edge::layout_of(llama_get_model(ctx), mrope);
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, 0));
+    blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), 0));
+    StateView v;
+    edge::parse_state(blob.data(), blob.size(), layout, v);
+    auto cache = [](const edge::CacheView &c) {
+        py::dict d;
+        d["bytes"] = c.end - c.begin;
+        d["positions"] = c.pos;
+        d["v_trans"] = c.v_trans != 0;
+        std::vector<uint64_t> k_rows, v_rows;
+        std::vector<std::string> k_types;
+        for (const auto &L : c.layers) {
+            k_rows.push_back(L.k_row_bytes);
+            v_rows.push_back(c.v_trans ? uint64_t(L.v_elem_bytes) * L.n_embd_v : L.v_row_bytes);
+            k_types.push_back(ggml_type_name(ggml_type(L.k_type)));
+        }
+        d["k_row_bytes"] = k_rows;
+        d["v_row_bytes"] = v_rows;
+        d["k_types"] = k_types;
+        return d;
+    };
+    py::list caches;
+    caches.append(cache(v));
+    for (const auto &c : v.other_caches) caches.append(cache(c));
+    py::dict out;
+    out["bytes"] = v.size;
+    out["caches"] = caches;
+    if (v.has_recurrent) {
+        py::dict r;
+        r["bytes"] = v.recurrent.end - v.recurrent.begin;
+        r["cells"] = v.recurrent.cell_count;
+        r["n_layer"] = v.recurrent.n_layer;
+        r["records"] = v.recurrent.n_records;
+        out["recurrent"] = r;
+    } else {
+        out["recurrent"] = py::none();
+    }
+    return out;
+}
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edge-runtime's KV compression pass over llama.cpp's KV cache (InfiniPot-V).";
+    m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"),
+          "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
     py::class_<KVCapture>(m, "KVCapture")
         .def(py::init<int>(), py::arg("n_layer"))
         .def_property_readonly("callback", &KVCapture::callback)
