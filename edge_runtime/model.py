@@ -219,6 +219,9 @@ class VisionLanguageModel:
             "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[config.flash_attn]
         cparams.no_perf = True
+        # Sliding-window layers (Gemma 3) need their window plus one ubatch of cells; llama.cpp's default
+        # (swa_full) gives them as many as the global layers, memory spent on tokens they never show again.
+        cparams.swa_full = False
         cache_types = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type values
         if config.cache_type not in cache_types:
             raise ModelError(f"unknown cache type {config.cache_type}; use one of {', '.join(cache_types)}")
@@ -266,6 +269,13 @@ class VisionLanguageModel:
             raise ModelError(f"the mmproj {config.mmproj_path} has no vision encoder (audio-only?)")
         self.marker = mtmd.mtmd_default_marker()
         self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self.mtmd_ctx))
+        # A sliding-window cache or a recurrent state beside the KV cache: parts of the memory that removing
+        # positions cannot put back (see partial_state).
+        self.has_partial_state = False
+        if self.kv_capture is not None:
+            from edge_runtime._native import state_layout
+            layout = state_layout(self.ctx_address, self.uses_mrope)
+            self.has_partial_state = layout["n_caches"] > 1 or layout["recurrent"]
 
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
@@ -410,10 +420,12 @@ class VisionLanguageModel:
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
         return bytes(buf[:n])
 
-    def partial_state(self) -> bytes:
+    def partial_state(self) -> bytes | None:
         """The parts of sequence 0's state that removing positions cannot put back: a sliding-window cache
-        (its window moves on and reuses cells) and a recurrent state (it cannot be rolled back). Empty for a
-        plain KV cache."""
+        (its window moves on and reuses cells) and a recurrent state (it cannot be rolled back). None for a
+        plain KV cache (llama.cpp would give the whole cache)."""
+        if not self.has_partial_state:
+            return None
         size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, SEQ, STATE_PARTIAL_ONLY)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, SEQ, STATE_PARTIAL_ONLY)

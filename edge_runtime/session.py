@@ -135,7 +135,6 @@ class Session:
         self.state_parts = _native.state_parts(model.ctx_address, self.geometry.mrope)
         self.geometry = compressed_cache_geometry(self.geometry, self.state_parts)
         self._check_family()
-        self._partial_state = len(self.state_parts["caches"]) > 1 or self.state_parts["recurrent"] is not None
         slots = SlotTable(self.geometry.n_layer, self.geometry.n_head_kv, capacity)
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots)
@@ -337,7 +336,7 @@ class Session:
         pieces: list[str] = []
         ttft_ms = 0.0
         n_out = 0
-        partial = model.partial_state() if self._partial_state else None
+        partial = model.partial_state()
         try:
             model.decode_tokens(tokens, pos_q)
             pos = pos_q + len(tokens)

@@ -1537,6 +1537,13 @@ py::dict state_parts(uintptr_t ctx_address, bool mrope) {
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edge-runtime's KV compression pass over llama.cpp's KV cache (InfiniPot-V).";
+    m.def("state_layout", [](uintptr_t ctx, bool mrope) {
+        const edge::StateLayout s = edge::layout_of(llama_get_model(reinterpret_cast<llama_context *>(ctx)), mrope);
+        py::dict d;
+        d["n_caches"] = s.n_caches;
+        d["recurrent"] = s.recurrent;
+        return d;
+    }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
     m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"),
           "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
     py::class_<KVCapture>(m, "KVCapture")

@@ -66,7 +66,10 @@ MODEL_NAME = "tiny-gemma3.gguf"
 MMPROJ_NAME = "tiny-gemma3-mmproj.gguf"
 
 
-def write_text_model(path: Path, seed: int) -> None:
+def write_text_model(path: Path, seed: int, n_head_kv: int = N_HEAD_KV, sliding: list[bool] | None = None) -> None:
+    """sliding: which layers are sliding-window ones, written as llama.cpp's per-layer pattern array; None:
+    the periodic pattern (every SWA_PATTERN-th layer global), as the real models have it."""
+    n_layer = len(sliding) if sliding is not None else N_LAYER
     rng = np.random.default_rng([seed, 30])
     tokenizer = with_control_tokens(read_tokenizer_fields(smollm2_path()), IMAGE_MARKERS)
     n_vocab = next(len(value) for key, _, value, _ in tokenizer if key == "tokenizer.ggml.tokens")
@@ -74,14 +77,17 @@ def write_text_model(path: Path, seed: int) -> None:
     w.add_name("edge-runtime tiny gemma3 (random weights, test fixture)")
     w.add_uint32(f"{ARCH}.context_length", N_CTX_TRAIN)
     w.add_uint32(f"{ARCH}.embedding_length", N_EMBD)
-    w.add_uint32(f"{ARCH}.block_count", N_LAYER)
+    w.add_uint32(f"{ARCH}.block_count", n_layer)
     w.add_uint32(f"{ARCH}.feed_forward_length", N_FF)
     w.add_uint32(f"{ARCH}.attention.head_count", N_HEAD)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", N_HEAD_KV)
+    w.add_uint32(f"{ARCH}.attention.head_count_kv", n_head_kv)
     w.add_uint32(f"{ARCH}.attention.key_length", HEAD_DIM)
     w.add_uint32(f"{ARCH}.attention.value_length", HEAD_DIM)
     w.add_uint32(f"{ARCH}.attention.sliding_window", N_SWA)
-    w.add_uint32(f"{ARCH}.attention.sliding_window_pattern", SWA_PATTERN)
+    if sliding is None:
+        w.add_uint32(f"{ARCH}.attention.sliding_window_pattern", SWA_PATTERN)
+    else:
+        w.add_array(f"{ARCH}.attention.sliding_window_pattern", [bool(x) for x in sliding])
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", RMS_EPS)
     w.add_float32(f"{ARCH}.rope.freq_base", ROPE_FREQ_BASE)
     w.add_float32(f"{ARCH}.rope.freq_base_swa", ROPE_FREQ_BASE_SWA)
@@ -93,12 +99,12 @@ def write_text_model(path: Path, seed: int) -> None:
 
     w.add_tensor("token_embd.weight", normal(rng, n_vocab, N_EMBD).astype(np.float16))  # tied output head
     ones = np.ones(N_EMBD, dtype=np.float32)
-    for il in range(N_LAYER):
+    for il in range(n_layer):
         blk = f"blk.{il}"
         w.add_tensor(f"{blk}.attn_norm.weight", ones)
         w.add_tensor(f"{blk}.attn_q.weight", normal(rng, N_HEAD * HEAD_DIM, N_EMBD))
-        w.add_tensor(f"{blk}.attn_k.weight", normal(rng, N_HEAD_KV * HEAD_DIM, N_EMBD))
-        w.add_tensor(f"{blk}.attn_v.weight", normal(rng, N_HEAD_KV * HEAD_DIM, N_EMBD))
+        w.add_tensor(f"{blk}.attn_k.weight", normal(rng, n_head_kv * HEAD_DIM, N_EMBD))
+        w.add_tensor(f"{blk}.attn_v.weight", normal(rng, n_head_kv * HEAD_DIM, N_EMBD))
         w.add_tensor(f"{blk}.attn_output.weight", normal(rng, N_EMBD, N_HEAD * HEAD_DIM))
         w.add_tensor(f"{blk}.attn_q_norm.weight", np.ones(HEAD_DIM, dtype=np.float32))
         w.add_tensor(f"{blk}.attn_k_norm.weight", np.ones(HEAD_DIM, dtype=np.float32))
@@ -173,6 +179,12 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     write_text_model(paths["model"], seed)
     write_mmproj(paths["mmproj"], seed)
     return paths
+
+
+def make_text_model(path: Path, n_head_kv: int, sliding: list[bool], seed: int = 0) -> Path:
+    """A variant with other KV heads and another order of sliding and global layers (tests)."""
+    write_text_model(Path(path), seed, n_head_kv=n_head_kv, sliding=sliding)
+    return Path(path)
 
 
 def main() -> None:

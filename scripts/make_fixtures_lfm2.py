@@ -64,7 +64,9 @@ MODEL_NAME = "tiny-lfm2.gguf"
 MMPROJ_NAME = "tiny-lfm2-mmproj.gguf"
 
 
-def write_text_model(path: Path, seed: int) -> None:
+def write_text_model(path: Path, seed: int, head_kv_per_layer: list[int] | None = None) -> None:
+    """head_kv_per_layer: KV heads of each layer, 0 for a convolution layer (default HEAD_KV_PER_LAYER)."""
+    head_kv_per_layer = list(HEAD_KV_PER_LAYER if head_kv_per_layer is None else head_kv_per_layer)
     rng = np.random.default_rng([seed, 40])
     tokenizer = with_control_tokens(read_tokenizer_fields(smollm2_path()), IMAGE_MARKERS)
     n_vocab = next(len(value) for key, _, value, _ in tokenizer if key == "tokenizer.ggml.tokens")
@@ -72,10 +74,10 @@ def write_text_model(path: Path, seed: int) -> None:
     w.add_name("edge-runtime tiny lfm2 (random weights, test fixture)")
     w.add_uint32(f"{ARCH}.context_length", N_CTX_TRAIN)
     w.add_uint32(f"{ARCH}.embedding_length", N_EMBD)
-    w.add_uint32(f"{ARCH}.block_count", len(HEAD_KV_PER_LAYER))
+    w.add_uint32(f"{ARCH}.block_count", len(head_kv_per_layer))
     w.add_uint32(f"{ARCH}.feed_forward_length", N_FF)
     w.add_uint32(f"{ARCH}.attention.head_count", N_HEAD)
-    w.add_array(f"{ARCH}.attention.head_count_kv", HEAD_KV_PER_LAYER)
+    w.add_array(f"{ARCH}.attention.head_count_kv", head_kv_per_layer)
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", RMS_EPS)
     w.add_float32(f"{ARCH}.rope.freq_base", ROPE_FREQ_BASE)
     w.add_uint32(f"{ARCH}.shortconv.l_cache", CONV_L_CACHE)
@@ -85,7 +87,7 @@ def write_text_model(path: Path, seed: int) -> None:
 
     w.add_tensor("token_embd.weight", normal(rng, n_vocab, N_EMBD).astype(np.float16))  # tied output head
     ones = np.ones(N_EMBD, dtype=np.float32)
-    for il, n_head_kv in enumerate(HEAD_KV_PER_LAYER):
+    for il, n_head_kv in enumerate(head_kv_per_layer):
         blk = f"blk.{il}"
         w.add_tensor(f"{blk}.attn_norm.weight", ones)  # the "operator norm" before either block
         if n_head_kv:
@@ -143,6 +145,12 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     write_text_model(paths["model"], seed)
     write_mmproj(paths["mmproj"], seed)
     return paths
+
+
+def make_text_model(path: Path, head_kv_per_layer: list[int], seed: int = 0) -> Path:
+    """A variant with other layers (0: convolution) and KV heads (tests)."""
+    write_text_model(Path(path), seed, head_kv_per_layer=head_kv_per_layer)
+    return Path(path)
 
 
 def main() -> None:

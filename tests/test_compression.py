@@ -60,7 +60,8 @@ class CheckedInfiniPotV(InfiniPotV):
         kept = super().select(memory, kv, keep)
         frame, patch, rot_pos = memory.slots.arrays()
         geo = self.geometry
-        unrotated = ref.rope_rotate(keys, -rot_pos, geo.freq_base, geo.n_rot, neox=geo.rope_type == 2)
+        # linear RoPE scaling (Gemma 3's global layers) multiplies every position by freq_scale
+        unrotated = ref.rope_rotate(keys, -rot_pos * geo.freq_scale, geo.freq_base, geo.n_rot, neox=geo.rope_type == 2)
         oldest = recent_frames(memory, self.recent_fraction)
         recent = sorted({int(f) for f in frame[0, 0] if f >= oldest})
         expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
