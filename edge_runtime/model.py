@@ -65,6 +65,7 @@ class KVGeometry:
     freq_scale: float  # linear scaling: positions are multiplied by this
     scaling_type: str  # "" or "none" or "linear" can be re-rotated; YaRN and others cannot yet
     architecture: str
+    freq_base_swa: float = 10000.0  # sliding-window layers' RoPE base (Gemma 3); they are never scaled
 
     @property
     def mrope(self) -> bool:
@@ -324,6 +325,8 @@ class VisionLanguageModel:
             freq_scale=llama_cpp.llama_model_rope_freq_scale_train(self.model),
             scaling_type=self.metadata(f"{arch}.rope.scaling.type") or "",
             architecture=arch,
+            # llama.cpp's default when the GGUF has no rope.freq_base_swa (llama_hparams)
+            freq_base_swa=number("rope.freq_base_swa", 10000.0),
         )
 
     def _describe(self) -> str:

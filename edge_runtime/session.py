@@ -168,11 +168,10 @@ class Session:
     def _check_family(self) -> None:
         """What a model family's memory cannot do yet: one line naming the family and the missing piece."""
         arch = self.geometry.architecture
-        if len(self.state_parts["caches"]) > 1 and self.config.positions == "reindex" and self.policy.compresses:
-            # The sliding layers keep their own cache, window and RoPE base (rope.freq_base_swa): re-indexing
-            # would have to move that window too. keep mode leaves it as llama.cpp keeps it.
-            raise SettingsError(f"{arch}: --positions reindex is not supported for sliding-window models yet "
-                                "(their sliding layers' cache would have to be re-indexed too); use --positions keep")
+        if len(self.state_parts["caches"]) > 1 and self.state_parts["recurrent"] is not None and self.policy.compresses:
+            # The parser and the pass would carry both parts, but no such model has been verified here.
+            raise SettingsError(f"{arch}: compressing a hybrid memory with a sliding window (two KV caches and a "
+                                "recurrent state) is not verified yet; use --policy full")
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -218,6 +217,8 @@ class Session:
                 self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
                 geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
                 mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads)
+            if len(self.state_parts["caches"]) > 1:  # reindex mode moves the sliding layers' cache too
+                self._pass.set_sliding_rope(geo.freq_base_swa, 1.0)
         return self._pass
 
     def _read(self, kv: _native.KVPass) -> None:

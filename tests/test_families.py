@@ -188,6 +188,8 @@ def test_frames_tokens_and_gemma3s_non_causal_batch(family_files: dict[str, Path
 CASES = [  # model, positions, flash attention (off: transposed V), cache type
     ("gemma3", "keep", "on", "f16"),
     ("gemma3", "keep", "off", "f32"),
+    ("gemma3", "reindex", "off", "f16"),
+    ("gemma3", "reindex", "on", "f32"),
     ("lfm2", "keep", "on", "f16"),
     ("lfm2", "reindex", "off", "f16"),
     ("lfm2", "reindex", "on", "f32"),
@@ -231,30 +233,56 @@ def test_kept_tokens_equal_the_reference_and_the_bytes_move(case: tuple, family_
         assert len(policy.seen) == 4
         if positions == "reindex":
             assert session.memory.next_pos == session.memory.prefix_tokens + 6 * p + p
-            # the in-place pass was considered and declined, once, in one line
-            assert "the compression pass copies the KV state: hybrid models keep a recurrent state" in caplog.text
+            # the in-place pass was considered and declined, in one line
+            why = "sliding-window models keep a second KV cache" if name == "gemma3" else \
+                "hybrid models keep a recurrent state"
+            assert f"the compression pass copies the KV state: {why}" in caplog.text
         state = model.state_bytes()
         assert session.ask("What happened?").n_tokens > 0
         assert model.state_bytes() == state
 
 
-@pytest.mark.parametrize("name,positions", [("gemma3", "keep"), ("lfm2", "keep"), ("lfm2", "reindex")])
+@pytest.mark.parametrize("name,positions,frames", [("gemma3", "keep", 8), ("gemma3", "reindex", 8),
+                                                   ("gemma3", "reindex", 2), ("lfm2", "keep", 8),
+                                                   ("lfm2", "reindex", 8)])
 def test_the_pass_carries_the_sliding_cache_and_the_recurrent_state(family_files: dict[str, Path], name: str,
-                                                                   positions: str) -> None:
+                                                                   positions: str, frames: int,
+                                                                   gemma3_script: ModuleType) -> None:
+    """keep mode: the sliding cache and the recurrent state go back byte for byte. reindex mode: the sliding
+    cache moves with the sequence's end, keys re-rotated with the sliding layers' RoPE; with a budget of two
+    frames (|C| = one frame, shorter than the 32-position window) the cells that would land in the prompt's
+    positions go. The recurrent state's data never change, its position follows the sequence."""
     with open_model(family_files, name) as model:
         p = tokens_per_frame(model)
-        session = Session(model, SessionConfig(budget=8 * p, positions=positions, question_room=128),
-                          make_policy("infinipot-v"))
-        frames = iter(SyntheticScene(seed=4, n_frames=9))
-        stream_until_pass(session, frames)
+        session = Session(model, SessionConfig(budget=frames * p, positions=positions, question_room=128),
+                          make_policy("infinipot-v", alpha=1.0))
+        stream_until_pass(session, iter(SyntheticScene(seed=4, n_frames=frames + 1)))
+        parts_before = _native.state_parts(model.ctx_address, False, rows=True)
         before = model.partial_state()  # the sliding cache / the recurrent state, as PARTIAL_ONLY gives it
+        old_last = model.max_position()
         session._compress()
+        parts_after = _native.state_parts(model.ctx_address, False, rows=True)
         after = model.partial_state()
-        keep = session.memory.video_tokens
-        last = session.memory.prefix_tokens + keep - 1 if positions == "reindex" else session.memory.next_pos - 1
+        prefix, keep = session.memory.prefix_tokens, session.memory.video_tokens
+        last = prefix + keep - 1 if positions == "reindex" else session.memory.next_pos - 1
         assert model.max_position() == last
-        if name == "gemma3":
+        if name == "gemma3" and positions == "keep":
             assert after == before
+        elif name == "gemma3":
+            sliding0, sliding1 = parts_before["caches"][1], parts_after["caches"][1]
+            delta = last - old_last
+            assert delta < 0 and min(sliding0["positions"]) >= prefix  # the window holds video only
+            moved = [i for i, pos in enumerate(sliding0["positions"]) if pos + delta >= prefix]
+            assert len(moved) == min(gemma3_script.N_SWA, keep)
+            assert sliding1["positions"] == [sliding0["positions"][i] + delta for i in moved]
+            geo = session.geometry
+            for k0, v0, k1, v1 in zip(sliding0["keys"], sliding0["values"], sliding1["keys"], sliding1["values"],
+                                      strict=True):
+                np.testing.assert_array_equal(v1, v0[moved])
+                heads = k0[moved].reshape(len(moved), geo.n_head_kv, geo.head_dim_k).transpose(1, 0, 2)
+                expected = ref.rope_rotate(heads, np.full(len(moved), delta), gemma3_script.ROPE_FREQ_BASE_SWA,
+                                           geo.n_rot, neox=True).transpose(1, 0, 2).reshape(len(moved), -1)
+                np.testing.assert_allclose(k1, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
         else:
             # magic, seq id, cell count, then the one cell's position: it follows the sequence's last position
             # (reindex lowers it); every byte of the convolution states stays
@@ -262,7 +290,7 @@ def test_the_pass_carries_the_sliding_cache_and_the_recurrent_state(family_files
             assert int.from_bytes(after[12:16], "little", signed=True) == last
 
 
-@pytest.mark.parametrize("name,positions,flash_attn", [("gemma3", "keep", "on"), ("gemma3", "keep", "off"),
+@pytest.mark.parametrize("name,positions,flash_attn", [("gemma3", "keep", "on"), ("gemma3", "reindex", "off"),
                                                        ("lfm2", "keep", "off"), ("lfm2", "reindex", "on"),
                                                        ("lfm2", "reindex", "off")])
 def test_keeping_everything_leaves_the_logits_bit_identical(family_files: dict[str, Path], name: str,
@@ -375,12 +403,23 @@ def test_questions_leave_the_memory_as_it_was(family_files: dict[str, Path], nam
         assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
 
 
-def test_gemma3_reindex_is_refused_in_one_line(gemma3: VisionLanguageModel) -> None:
-    with pytest.raises(SettingsError, match=r"^gemma3: --positions reindex is not supported for sliding-window "
-                                            r"models yet \(.*\); use --positions keep$"):
-        Session(gemma3, SessionConfig(budget=144, positions="reindex", question_room=128), make_policy("infinipot-v"))
-    # without compression the positions mode does not matter
-    Session(gemma3, SessionConfig(positions="reindex", question_room=128))
+def test_gemma3_reindex_stream_keeps_positions_bounded_and_the_window_whole(gemma3: VisionLanguageModel,
+                                                                            gemma3_script: ModuleType) -> None:
+    """Far past the window and the budget: positions stay below |M| plus a frame, and after every frame the
+    sliding cache shows exactly the last N_SWA positions, as llama.cpp's window would."""
+    p = tokens_per_frame(gemma3)
+    session = Session(gemma3, SessionConfig(budget=4 * p, positions="reindex", question_room=128,
+                                            max_answer_tokens=4), make_policy("infinipot-v", alpha=1.0))
+    most = 0
+    for frame in SyntheticScene(seed=9, n_frames=40):
+        session.insert_frame(frame)
+        most = max(most, session.memory.next_pos)
+        end = session.memory.next_pos
+        sliding = _native.state_parts(gemma3.ctx_address, False)["caches"][1]
+        assert sliding["positions"] == list(range(end - gemma3_script.N_SWA, end))
+    assert session.memory.passes > 10
+    assert most <= session.memory.prefix_tokens + 4 * p + p
+    assert session.ask("What did you see?").n_tokens > 0
 
 
 @pytest.mark.parametrize("name", ["gemma3", "lfm2"])
