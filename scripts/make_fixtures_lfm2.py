@@ -64,8 +64,11 @@ MODEL_NAME = "tiny-lfm2.gguf"
 MMPROJ_NAME = "tiny-lfm2-mmproj.gguf"
 
 
-def write_text_model(path: Path, seed: int, head_kv_per_layer: list[int] | None = None) -> None:
-    """head_kv_per_layer: KV heads of each layer, 0 for a convolution layer (default HEAD_KV_PER_LAYER)."""
+def write_text_model(path: Path, seed: int, head_kv_per_layer: list[int] | None = None,
+                     sliding_window: int = 0) -> None:
+    """head_kv_per_layer: KV heads of each layer, 0 for a convolution layer (default HEAD_KV_PER_LAYER).
+    sliding_window > 0: the attention layers see only that many positions (llama.cpp then gives the model
+    hybrid memory with a sliding-window cache, llama_memory_hybrid_iswa)."""
     head_kv_per_layer = list(HEAD_KV_PER_LAYER if head_kv_per_layer is None else head_kv_per_layer)
     rng = np.random.default_rng([seed, 40])
     tokenizer = with_control_tokens(read_tokenizer_fields(smollm2_path()), IMAGE_MARKERS)
@@ -81,6 +84,8 @@ def write_text_model(path: Path, seed: int, head_kv_per_layer: list[int] | None 
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", RMS_EPS)
     w.add_float32(f"{ARCH}.rope.freq_base", ROPE_FREQ_BASE)
     w.add_uint32(f"{ARCH}.shortconv.l_cache", CONV_L_CACHE)
+    if sliding_window:
+        w.add_uint32(f"{ARCH}.attention.sliding_window", sliding_window)
     w.add_uint32(f"{ARCH}.vocab_size", n_vocab)
     for key, vtype, value, sub_type in tokenizer:
         w.add_key_value(key, value, vtype, sub_type=sub_type)
@@ -147,9 +152,9 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def make_text_model(path: Path, head_kv_per_layer: list[int], seed: int = 0) -> Path:
-    """A variant with other layers (0: convolution) and KV heads (tests)."""
-    write_text_model(Path(path), seed, head_kv_per_layer=head_kv_per_layer)
+def make_text_model(path: Path, head_kv_per_layer: list[int], seed: int = 0, sliding_window: int = 0) -> Path:
+    """A variant with other layers (0: convolution), KV heads or a sliding window (tests)."""
+    write_text_model(Path(path), seed, head_kv_per_layer=head_kv_per_layer, sliding_window=sliding_window)
     return Path(path)
 
 

@@ -61,6 +61,9 @@ def family_files(gemma3_script: ModuleType, lfm2_script: ModuleType,
         "gemma3-1kv-global-first": gemma3_script.make_text_model(out / "gemma3-g1.gguf", n_head_kv=1,
                                                                  sliding=[False, True]),
         "lfm2-1kv-attention-first": lfm2_script.make_text_model(out / "lfm2-a1.gguf", head_kv_per_layer=[1, 0]),
+        # LFM2 with a sliding window: hybrid memory with two KV caches (llama_memory_hybrid_iswa)
+        "lfm2-sliding": lfm2_script.make_text_model(out / "lfm2-swa.gguf", lfm2_script.HEAD_KV_PER_LAYER,
+                                                    sliding_window=32),
     }
 
 
@@ -431,3 +434,24 @@ def test_pooling_wrapped_frames_is_refused_in_one_line(family_files: dict[str, P
         with pytest.raises(SettingsError, match="^VaN pooling needs a frame's tokens on its patch grid"):
             stream(session, 5)
         assert session.memory.video_tokens == 4 * p  # nothing was lost
+
+
+def test_a_hybrid_memory_with_a_sliding_window_is_refused_in_one_line(family_files: dict[str, Path]) -> None:
+    """llama_memory_hybrid_iswa writes a global cache (here without layers: every attention layer slides), the
+    sliding cache, then the recurrent state. The parser reads it and questions leave it as it was, but no such
+    model has been verified under compression: refused, naming the family."""
+    with open_model(family_files, "lfm2-sliding") as model:
+        session = Session(model, SessionConfig(question_room=128, max_answer_tokens=4))
+        stream(session, 2)
+        total = session.memory.prefix_tokens + session.memory.video_tokens
+        parts = _native.state_parts(model.ctx_address, False)
+        base, sliding = parts["caches"]
+        assert len(base["k_row_bytes"]) == 0 and base["positions"] == list(range(total))
+        assert len(sliding["k_row_bytes"]) == 2 and sliding["positions"] == list(range(total - 32, total))
+        assert parts["recurrent"]["cells"] == 1
+        state = model.state_bytes()
+        session.ask("What?")
+        assert model.state_bytes() == state
+        with pytest.raises(SettingsError, match=r"^lfm2: compressing a hybrid memory with a sliding window .* is "
+                                                r"not verified yet; use --policy full$"):
+            Session(model, SessionConfig(budget=8 * 82, question_room=128), make_policy("infinipot-v"))
