@@ -7,10 +7,11 @@
 // cell metadata changes: in reindex mode cell c of sequence 0 holds position c (see read_direct), and
 // the compacted cache keeps exactly that. The state is never copied.
 //
-// Portable (any backend, keep mode, M-RoPE): copy the sequence's state out (llama_state_seq_get_data)
-// into buffer A, score and select, gather the kept rows of every head into buffer B with rewritten cell
-// records (keys re-rotated in reindex mode), and hand B back (llama_state_seq_set_data). llama.cpp wipes
-// the sequence when set_data fails; A is untouched then and goes back instead.
+// Portable (any backend, keep mode, M-RoPE, sliding-window and hybrid memories): copy the sequence's state
+// out (llama_state_seq_get_data) into buffer A, score and select, gather the kept rows of every head into
+// buffer B with rewritten cell records (keys re-rotated in reindex mode), carry the parts after the first
+// KV cache (a sliding-window cache, a recurrent state), and hand B back (llama_state_seq_set_data).
+// llama.cpp wipes the sequence when set_data fails; A is untouched then and goes back instead.
 //
 // Both paths run the same scoring, selection and re-rotation code on the same bytes, so they leave
 // byte-identical caches (tests/test_direct_pass.py). All buffers are sized once; a pass allocates nothing.
@@ -1329,7 +1330,8 @@ class KVPass {
         const int sliding_delta = move_sliding ? NPOS[C - 1] - view_.pos[size_t(slot_cells_.back())] : 0;
         const size_t sliding_out = move_sliding ? plan_sliding(sliding_delta) : 0;
         const size_t rest_begin = move_sliding ? view_.other_caches[0].end : view_.carried_begin;
-        const size_t out_size = 8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
+        const size_t out_size =
+            8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
         if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
 
         py::gil_scoped_release nogil;
