@@ -24,6 +24,7 @@ class FrameRecord:
     n_pos: int  # positions it spans; fewer than n_tokens on M-RoPE models
     nx: int  # patch grid of its image tokens
     ny: int
+    wrapper_tokens: int = 0  # text tokens mtmd puts around the image (Gemma 3: <start_of_image>, <end_of_image>)
 
 
 class SlotTable:
@@ -95,7 +96,12 @@ class VideoMemory:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.records[-1].nx, self.records[-1].ny) if self.records else (0, 0)
+        """The grid the policies score a frame's tokens on. A frame wrapped in text tokens is scored as one row
+        of all its tokens: a wrapper token is compared with the same wrapper in the recent frames, as a patch is."""
+        if not self.records:
+            return (0, 0)
+        last = self.records[-1]
+        return (last.n_tokens, 1) if last.wrapper_tokens else (last.nx, last.ny)
 
     @property
     def tokens_per_frame(self) -> int:

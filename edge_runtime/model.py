@@ -31,6 +31,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SEQ = 0  # the video memory lives in sequence 0; nothing else is ever decoded into another sequence
+# llama.h: only the parts of the state that are not a plain KV cache (a sliding-window cache, a recurrent state)
+STATE_PARTIAL_ONLY = 1
 GGUF_MAGIC = b"GGUF"
 _NO_POST_DECODE = mtmd.mtmd_helper_post_decode_callback()  # a NULL callback: ctypes refuses None
 
@@ -69,6 +71,7 @@ class KVGeometry:
     scaling_type: str  # "" or "none" or "linear" can be re-rotated; YaRN and others cannot yet
     architecture: str
     rope_sections: tuple[int, ...] = ()  # M-RoPE: rotary pairs per section (t, h, w, e), e.g. (16, 24, 24, 0)
+    freq_base_swa: float = 10000.0  # sliding-window layers' RoPE base (Gemma 3); they are never scaled
 
     @property
     def mrope(self) -> bool:
@@ -87,6 +90,7 @@ class EncodedFrame:
     ny: int
     decode: list[int] = field(default_factory=list)  # the chunks that go into the KV cache, in order
     wrapper: tuple[list[int], list[int]] = ((), ())  # text tokens mtmd puts around the decoded image
+    image_tokens: int = 0  # of n_tokens, the image's (the rest: text around it, such as <start_of_image>)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,10 @@ class Family:
     # Tiling projectors (idefics3) cut a frame into tiles plus a global view: decode the global view only,
     # one image a frame, as SmolVLM2 sees video frames.
     global_view_only: bool = False
+    # mtmd reports a non-M-RoPE image as nx = tokens, ny = 1 (mtmd.cpp split_batch_to_chunk). Projectors
+    # whose tokens are a square grid, row by row (LLaVA's mlp on a square image, idefics3 after its pixel
+    # shuffle), get that grid back, so that --pool pools 2-D neighbours.
+    square_grid: bool = False
     # Decode mtmd's wrapper text (<|vision_start|> ... <|vision_end|>) once around the whole video instead of
     # around every frame: Qwen's own video format, and it leaves a frame exactly its image tokens.
     wrap_video_once: bool = False
@@ -115,7 +123,8 @@ FAMILIES = {
     "qwen2.5vl_merger": Family("Qwen2.5-VL", frame_side=336, wrap_video_once=True),
     "qwen3vl_merger": Family("Qwen3-VL", frame_side=336, wrap_video_once=True,
                       not_compressible="interleaved M-RoPE and deepstack are not verified against a test model yet"),
-    "idefics3": Family("SmolVLM/SmolVLM2 (idefics3)", global_view_only=True, wrap_video_once=True),
+    "idefics3": Family("SmolVLM/SmolVLM2 (idefics3)", global_view_only=True, square_grid=True, wrap_video_once=True),
+    "mlp": Family("LLaVA (mlp)", square_grid=True),
 }
 GENERIC_FAMILY = Family("generic")
 
@@ -326,6 +335,9 @@ class VisionLanguageModel:
             "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[config.flash_attn]
         cparams.no_perf = True
+        # Sliding-window layers (Gemma 3) need their window plus one ubatch of cells; llama.cpp's default
+        # (swa_full) gives them as many as the global layers, memory spent on tokens they never show again.
+        cparams.swa_full = False
         cache_types = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type values
         if config.cache_type not in cache_types:
             raise ModelError(f"unknown cache type {config.cache_type}; use one of {', '.join(cache_types)}")
@@ -389,6 +401,13 @@ class VisionLanguageModel:
         if config.frame_side is not None and not self.token_px:
             log.warning("the frame size has no effect on %s: its projector resizes every frame to its own size",
                         self.family.name if self.family is not GENERIC_FAMILY else self.projector or "this model")
+        # A sliding-window cache or a recurrent state beside the KV cache: parts of the memory that removing
+        # positions cannot put back (see partial_state).
+        self.has_partial_state = False
+        if self.kv_capture is not None:
+            from edge_runtime._native import state_layout
+            layout = state_layout(self.ctx_address, self.uses_mrope)
+            self.has_partial_state = layout["n_caches"] > 1 or layout["recurrent"]
 
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
@@ -440,6 +459,8 @@ class VisionLanguageModel:
             # llama.cpp's metadata API leaves arrays out: read the sections from the file (M-RoPE only).
             rope_sections=tuple(_gguf_int_array(Path(self.config.model_path), f"{arch}.rope.dimension_sections"))
             if self.uses_mrope else (),
+            # llama.cpp's default when the GGUF has no rope.freq_base_swa (llama_hparams)
+            freq_base_swa=number("rope.freq_base_swa", 10000.0),
         )
 
     def _describe(self) -> str:
@@ -537,6 +558,24 @@ class VisionLanguageModel:
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
         return bytes(buf[:n])
 
+    def partial_state(self) -> bytes | None:
+        """The parts of sequence 0's state that removing positions cannot put back: a sliding-window cache
+        (its window moves on and reuses cells) and a recurrent state (it cannot be rolled back). None for a
+        plain KV cache (llama.cpp would give the whole cache)."""
+        if not self.has_partial_state:
+            return None
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, SEQ, STATE_PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, SEQ, STATE_PARTIAL_ONLY)
+        return bytes(buf[:n])
+
+    def restore_partial_state(self, blob: bytes) -> None:
+        """Put back what partial_state() returned (the rest of the state is left as it is)."""
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), SEQ, STATE_PARTIAL_ONLY) != len(blob):
+            raise ModelError(f"llama.cpp could not restore the sliding-window or recurrent state: "
+                             f"{NATIVE_LOG.first_error(latest=True)}")
+
     @property
     def ctx_address(self) -> int:
         """The llama_context pointer as an integer, for the native pass."""
@@ -584,18 +623,26 @@ class VisionLanguageModel:
             raise
         for i in frame.decode:
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            frame.n_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            frame.n_tokens += n
             frame.n_pos += mtmd.mtmd_input_chunk_get_n_pos(chunk)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 image = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
                 frame.nx = mtmd.mtmd_image_tokens_get_nx(image)
                 frame.ny = mtmd.mtmd_image_tokens_get_ny(image)
-        if self.family.global_view_only:
-            # mtmd reports nx = tokens, ny = 1 for projectors without M-RoPE (mtmd.cpp split_batch_to_chunk);
-            # idefics3's pixel shuffle leaves a square grid, row by row.
+                frame.image_tokens += n
+                # A non-causal image (Gemma 3) must be decoded in one ubatch: mtmd would split it into
+                # batches that cannot see each other, a silently different memory.
+                if mtmd.mtmd_decode_use_non_causal(self.mtmd_ctx, chunk) and n > self.config.n_batch:
+                    self.free_frame(frame)
+                    raise ModelError(f"{self.metadata('general.architecture')} decodes each image non-causally in "
+                                     f"one batch: the batch size (n_batch = n_ubatch, {self.config.n_batch}) must "
+                                     f"be at least the frame's {n} image tokens")
+        if self.family.square_grid and frame.ny == 1:
             side = int(round(frame.nx ** 0.5))
             if side * side != frame.nx * frame.ny:
-                raise ModelError(f"{self.family.name}: a global view of {frame.nx * frame.ny} tokens is not a "
+                self.free_frame(frame)
+                raise ModelError(f"{self.family.name}: an image of {frame.nx * frame.ny} tokens is not a "
                                  "square patch grid, which compression needs")
             frame.nx = frame.ny = side
         return frame

@@ -7,10 +7,11 @@
 // cell metadata changes: in reindex mode cell c of sequence 0 holds position c (see read_direct), and
 // the compacted cache keeps exactly that. The state is never copied.
 //
-// Portable (any backend, keep mode, M-RoPE): copy the sequence's state out (llama_state_seq_get_data)
-// into buffer A, score and select, gather the kept rows of every head into buffer B with rewritten cell
-// records (keys re-rotated in reindex mode), and hand B back (llama_state_seq_set_data). llama.cpp wipes
-// the sequence when set_data fails; A is untouched then and goes back instead.
+// Portable (any backend, keep mode, M-RoPE, sliding-window and hybrid memories): copy the sequence's state
+// out (llama_state_seq_get_data) into buffer A, score and select, gather the kept rows of every head into
+// buffer B with rewritten cell records (keys re-rotated in reindex mode), carry the parts after the first
+// KV cache (a sliding-window cache, a recurrent state), and hand B back (llama_state_seq_set_data).
+// llama.cpp wipes the sequence when set_data fails; A is untouched then and goes back instead.
 //
 // Both paths run the same scoring, selection and re-rotation code on the same bytes, so they leave
 // byte-identical caches (tests/test_direct_pass.py). All buffers are sized once; a pass allocates nothing.
@@ -514,6 +515,7 @@ class KVPass {
            std::vector<int> rope_sections)
         : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
           dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
+        layout_ = edge::layout_of(llama_get_model(ctx_), mrope);
         rope_.type = rope_type;
         rope_.n_rot = n_rot;
         rope_.freq_base = freq_base;
@@ -533,6 +535,14 @@ class KVPass {
         for (int p = 0; p < table_n_; ++p) fill_tables(p, &rc_[size_t(p) * nr], &rs_[size_t(p) * nr]);
     }
 
+    // The sliding-window layers' RoPE, for re-indexing their cache (same type and rotated dimensions).
+    void set_sliding_rope(double freq_base, double freq_scale) {
+        sliding_rope_ = rope_;
+        sliding_rope_.freq_base = freq_base;
+        sliding_rope_.freq_scale = freq_scale;
+        sliding_rope_set_ = true;
+    }
+
     // Portable path: copy the sequence's state into buffer A and parse it; sizes A and B on the first call.
     void read() {
         direct_ = plan_ = moved_ = false;
@@ -540,9 +550,9 @@ class KVPass {
         if (a_.empty()) {
             a_.resize(size);
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
             check_layout();
-            size_t cap = std::max(edge::state_size_for(view_, size_t(max_cells_)), size);
+            size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
             a_.resize(cap);
             b_.resize(cap);
         } else {
@@ -550,7 +560,7 @@ class KVPass {
                 throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
                                          std::to_string(a_.size()) + " (more cells than the budget?)");
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
         }
         if (view_.cell_count > uint32_t(max_cells_))
             throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
@@ -609,6 +619,12 @@ class KVPass {
     std::string direct_support(KVCapture &cap) {
         cap_ = nullptr;
         if (mrope_) return "M-RoPE models keep x/y positions per cell, which the in-place pass does not rewrite";
+        if (layout_.n_caches > 1)
+            return "sliding-window models keep a second KV cache (the sliding layers') whose cells hold other "
+                   "positions than the global one's";
+        if (layout_.recurrent)
+            return "hybrid models keep a recurrent state beside the KV cache, and llama.cpp cannot free the end of "
+                   "a recurrent sequence (seq_rm) as the in-place pass does";
         if (rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
             return "re-rotation in place supports normal and NeoX RoPE only";
         if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
@@ -873,6 +889,8 @@ class KVPass {
                 for (size_t i = 0; i < cc; ++i, w += e)
                     std::memcpy(b + w, a + LV.v_offset + (d * cc + size_t(order[i])) * e, e);
         }
+        std::memcpy(b + w, a + view_.carried_begin, view_.carried_bytes());  // the other caches, the recurrent state
+        w += view_.carried_bytes();
         if (w != size_a_) throw std::logic_error("relayout size mismatch");
         if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) throw std::runtime_error("relayout: set_data failed");
     }
@@ -907,17 +925,18 @@ class KVPass {
         sections_known_ = true;
     }
 
-    double angle(double pos, int i) const {
-        return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
+    static double angle(const Rope &rope, double pos, int i) {
+        return pos * rope.freq_scale * std::pow(rope.freq_base, -2.0 * i / rope.n_rot);
     }
 
-    // Rows C and S (RopeLayout) for one position.
-    void fill_tables(int pos, float *C, float *S) const {
+    // Rows C and S (RopeLayout) for one position, with the model's RoPE or another one (sliding layers).
+    void fill_tables(int pos, float *C, float *S) const { fill_tables(rope_, pos, C, S); }
+    void fill_tables(const Rope &rope, int pos, float *C, float *S) const {
         const int half = rl_.n_rot / 2;
         for (int d = 0; d < rl_.n_rot; ++d) {
             const int i = rl_.neox ? d % half : d / 2;
             const bool first = rl_.neox ? d < half : d % 2 == 0;
-            const double th = pair_turns_[size_t(i)] ? angle(pos, i) : 0.0;
+            const double th = pair_turns_[size_t(i)] ? angle(rope, pos, i) : 0.0;
             C[d] = float(std::cos(th));
             S[d] = float(first ? std::sin(th) : -std::sin(th));
         }
@@ -993,7 +1012,7 @@ class KVPass {
         std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, 0));
         blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), 0));
         try {
-            edge::parse_state(blob.data(), blob.size(), mrope_, dview_);
+            edge::parse_state(blob.data(), blob.size(), layout_, dview_);
         } catch (const std::exception &e) {
             return e.what();
         }
@@ -1363,7 +1382,14 @@ class KVPass {
     void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t N, bool rerotate) {
         const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
         fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
-        const size_t out_size = edge::state_size_for(view_, cells);
+        // Reindex mode moves a sliding-window cache along with the sequence (plan_sliding); every other part
+        // after the compressed cache goes back as it was.
+        const bool move_sliding = rerotate && !view_.other_caches.empty() && C > 0;
+        const int sliding_delta = move_sliding ? NPOS[C - 1] - view_.pos[size_t(slot_cells_.back())] : 0;
+        const size_t sliding_out = move_sliding ? plan_sliding(sliding_delta) : 0;
+        const size_t rest_begin = move_sliding ? view_.other_caches[0].end : view_.carried_begin;
+        const size_t out_size =
+            8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
         if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
 
         py::gil_scoped_release nogil;
@@ -1405,7 +1431,19 @@ class KVPass {
             v_at[l] = w;
             w += view_.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
         }
+        if (move_sliding && write_sliding(b + w, sliding_delta) != sliding_out)
+            throw std::logic_error("re-indexed sliding-window cache size mismatch");
+        const size_t rest_at = w + sliding_out;
+        w = rest_at + (view_.size - rest_begin);
         if (w != out_size) throw std::logic_error("compressed state size mismatch");
+        // The parts after the compressed cache (the sliding-window cache in keep mode, the recurrent state)
+        // go back as they were.
+        std::memcpy(b + rest_at, a + rest_begin, view_.size - rest_begin);
+        // A recurrent state sits at the sequence's last position (the hybrid memory's seq_pos_min/max take
+        // it into account): give it the last kept slot's, which reindex mode lowers. Its data stay as they were.
+        if (view_.has_recurrent && C > 0)
+            for (size_t off : view_.recurrent.pos_offset)
+                std::memcpy(b + rest_at + (off - rest_begin), &NPOS[C - 1], 4);
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
             write_keys(l, b + k_at[l], K, C, NPOS, RP, N, rerotate, S);
             write_values(l, b + v_at[l], K, C);
@@ -1416,6 +1454,88 @@ class KVPass {
                 throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
             throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
         }
+    }
+
+    // Reindex mode on a sliding-window model (Gemma 3): the sliding layers' cache holds the sequence's last
+    // n_swa positions, llama.cpp's own window, and is not compressed. It moves with the end of the sequence:
+    // every video cell by the same delta (the compressed cache's new end minus its old one), keys re-rotated
+    // by delta with the sliding layers' RoPE, so each token keeps its distance to the next frame and the
+    // window shows what it showed. Video cells that would land in the system prompt's positions (a window
+    // longer than |C|) are dropped; the prompt's own cells, if still in the window, stay. Returns the
+    // section's bytes; plan_sliding checks everything write_sliding relies on.
+    size_t plan_sliding(int delta) {
+        const edge::CacheView &c = view_.other_caches[0];
+        if (!sliding_rope_set_)
+            throw std::runtime_error("the sliding-window layers' RoPE is not known (set_sliding_rope): cannot re-index");
+        const size_t H = size_t(n_head_);
+        for (const auto &L : c.layers) {
+            if (L.k_type != GGML_TYPE_F16 && L.k_type != GGML_TYPE_F32)
+                throw std::runtime_error(std::string("the sliding-window KV cache is ") + ggml_type_name(ggml_type(L.k_type)));
+            if (L.k_row_bytes != H * size_t(dk_) * ggml_type_size(ggml_type(L.k_type)))
+                throw std::runtime_error("the sliding-window cache's K rows do not match n_head_kv x head_dim");
+        }
+        sliding_keep_.clear();
+        for (uint32_t i = 0; i < c.cell_count; ++i)
+            if (c.pos[i] < n_prefix_ || c.pos[i] + delta >= n_prefix_) sliding_keep_.push_back(int32_t(i));
+        sliding_c_.resize(size_t(rl_.n_rot));
+        sliding_s_.resize(size_t(rl_.n_rot));
+        fill_tables(sliding_rope_, delta < 0 ? -delta : delta, sliding_c_.data(), sliding_s_.data());
+        return edge::cache_size_for(c, view_.mrope, sliding_keep_.size());
+    }
+
+    size_t write_sliding(uint8_t *out, int delta) {
+        const edge::CacheView &c = view_.other_caches[0];
+        const uint8_t *a = a_.data();
+        const size_t H = size_t(n_head_), n = sliding_keep_.size();
+        size_t w = 0;
+        auto put = [&](const void *src, size_t k) { std::memcpy(out + w, src, k); w += k; };
+        const uint32_t one = 1, cells = uint32_t(n);
+        put(&one, 4);
+        put(&cells, 4);
+        const size_t rec = (c.cells_end - c.cell_offset[0]) / c.cell_count;
+        auto moves = [&](int32_t i) { return c.pos[size_t(i)] >= n_prefix_; };  // video cells move, the prompt stays
+        for (int32_t i : sliding_keep_) {
+            std::memcpy(out + w, a + c.cell_offset[size_t(i)], rec);
+            if (moves(i)) {
+                const int32_t pos = c.pos[size_t(i)] + delta;
+                std::memcpy(out + w, &pos, 4);
+            }
+            w += rec;
+        }
+        put(&c.v_trans, 4);
+        put(&c.n_layer, 4);
+        float *tmp = scratch_[0].unit.data();
+        for (const auto &L : c.layers) {
+            put(a + L.k_offset - 12, 12);  // type, row bytes
+            const size_t row = L.k_row_bytes, hb = row / H;
+            for (int32_t i : sliding_keep_) {
+                const uint8_t *src = a + L.k_offset + size_t(i) * row;
+                if (!moves(i) || delta == 0) {
+                    put(src, row);
+                    continue;
+                }
+                for (size_t h = 0; h < H; ++h) {
+                    if (L.k_type == GGML_TYPE_F16)
+                        move_key(reinterpret_cast<const uint16_t *>(src + h * hb), reinterpret_cast<uint16_t *>(out + w + h * hb),
+                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
+                    else
+                        move_key(reinterpret_cast<const float *>(src + h * hb), reinterpret_cast<float *>(out + w + h * hb),
+                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
+                }
+                w += row;
+            }
+        }
+        for (const auto &L : c.layers) {
+            put(a + L.v_offset - 12, 12);  // type, row bytes (or element bytes, n_embd_v)
+            if (!c.v_trans) {
+                for (int32_t i : sliding_keep_) put(a + L.v_offset + size_t(i) * L.v_row_bytes, L.v_row_bytes);
+                continue;
+            }
+            const size_t e = L.v_elem_bytes;
+            for (size_t d = 0; d < L.n_embd_v; ++d)
+                for (int32_t i : sliding_keep_) put(a + L.v_offset + (d * c.cell_count + size_t(i)) * e, e);
+        }
+        return w;
     }
 
     // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
@@ -1507,7 +1627,12 @@ class KVPass {
     int n_prefix_, n_head_, dk_, dv_;
     bool mrope_;
     int max_cells_;
+    edge::StateLayout layout_;  // which parts the model's sequence state has
     Rope rope_;
+    Rope sliding_rope_;  // the sliding-window layers' RoPE (Gemma 3: their own base, no scaling)
+    bool sliding_rope_set_ = false;
+    std::vector<int32_t> sliding_keep_;  // the sliding cache's cells a re-index keeps
+    std::vector<float> sliding_c_, sliding_s_;  // its one rotation (every moved key turns by the same delta)
     RopeLayout rl_;
     std::vector<uint8_t> pair_turns_;  // per rotary pair: whether it turns with the position (M-RoPE e pairs do not)
     bool sections_known_ = false;      // M-RoPE: sections given, so keys can be re-rotated
@@ -1537,8 +1662,85 @@ class KVPass {
     std::vector<Scratch> scratch_;
 };
 
+// Sequence 0's state of a context, part by part, as parse_state reads it: what the session sizes its
+// bookkeeping by (the layers and heads of the cache it compresses) and what tests pin llama.cpp's layout with.
+py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows) {
+    auto *ctx = reinterpret_cast<llama_context *>(ctx_address);
+    const edge::StateLayout layout = edge::layout_of(llama_get_model(ctx), mrope);
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, 0));
+    blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), 0));
+    StateView v;
+    edge::parse_state(blob.data(), blob.size(), layout, v);
+    auto cache = [&](const edge::CacheView &c) {
+        py::dict d;
+        if (rows) {  // every layer's K and V as float32 [cells, n_embd_k or n_embd_v], cells in blob order
+            py::list ks, vs;
+            for (const auto &L : c.layers) {
+                const size_t ek = ggml_type_size(ggml_type(L.k_type)), nk = L.k_row_bytes / ek;
+                py::array_t<float> k({py::ssize_t(c.cell_count), py::ssize_t(nk)});
+                to_float(L.k_type, blob.data() + L.k_offset, k.mutable_data(), c.cell_count * nk);
+                ks.append(k);
+                const size_t nv = c.v_trans ? L.n_embd_v : L.v_row_bytes / ggml_type_size(ggml_type(L.v_type));
+                py::array_t<float> v({py::ssize_t(c.cell_count), py::ssize_t(nv)});
+                float *o = v.mutable_data();
+                if (!c.v_trans) {
+                    to_float(L.v_type, blob.data() + L.v_offset, o, c.cell_count * nv);
+                } else {
+                    for (size_t dim = 0; dim < nv; ++dim)
+                        for (size_t i = 0; i < c.cell_count; ++i)
+                            to_float(L.v_type, blob.data() + L.v_offset + (dim * c.cell_count + i) * L.v_elem_bytes,
+                                     o + i * nv + dim, 1);
+                }
+                vs.append(v);
+            }
+            d["keys"] = ks;
+            d["values"] = vs;
+        }
+        d["bytes"] = c.end - c.begin;
+        d["positions"] = c.pos;
+        d["v_trans"] = c.v_trans != 0;
+        std::vector<uint64_t> k_rows, v_rows;
+        std::vector<std::string> k_types;
+        for (const auto &L : c.layers) {
+            k_rows.push_back(L.k_row_bytes);
+            v_rows.push_back(c.v_trans ? uint64_t(L.v_elem_bytes) * L.n_embd_v : L.v_row_bytes);
+            k_types.push_back(ggml_type_name(ggml_type(L.k_type)));
+        }
+        d["k_row_bytes"] = k_rows;
+        d["v_row_bytes"] = v_rows;
+        d["k_types"] = k_types;
+        return d;
+    };
+    py::list caches;
+    caches.append(cache(v));
+    for (const auto &c : v.other_caches) caches.append(cache(c));
+    py::dict out;
+    out["bytes"] = v.size;
+    out["caches"] = caches;
+    if (v.has_recurrent) {
+        py::dict r;
+        r["bytes"] = v.recurrent.end - v.recurrent.begin;
+        r["cells"] = v.recurrent.cell_count;
+        r["n_layer"] = v.recurrent.n_layer;
+        r["records"] = v.recurrent.n_records;
+        out["recurrent"] = r;
+    } else {
+        out["recurrent"] = py::none();
+    }
+    return out;
+}
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edge-runtime's KV compression pass over llama.cpp's KV cache (InfiniPot-V).";
+    m.def("state_layout", [](uintptr_t ctx, bool mrope) {
+        const edge::StateLayout s = edge::layout_of(llama_get_model(reinterpret_cast<llama_context *>(ctx)), mrope);
+        py::dict d;
+        d["n_caches"] = s.n_caches;
+        d["recurrent"] = s.recurrent;
+        return d;
+    }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
+    m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"), py::arg("rows") = false,
+          "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
     py::class_<KVCapture>(m, "KVCapture")
         .def(py::init<int>(), py::arg("n_layer"))
         .def_property_readonly("callback", &KVCapture::callback)
@@ -1552,6 +1754,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1,
              py::arg("rope_sections") = std::vector<int>{})
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
+        .def("set_sliding_rope", &KVPass::set_sliding_rope, py::arg("freq_base"), py::arg("freq_scale"))
         // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
         .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
         .def("read_direct", &KVPass::read_direct, py::arg("n_video"), py::call_guard<py::gil_scoped_release>())

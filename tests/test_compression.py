@@ -60,9 +60,11 @@ class CheckedInfiniPotV(InfiniPotV):
         frame, patch, rot_pos = memory.slots.arrays()
         geo = self.geometry
         # NeoX and M-RoPE pair halves; an M-RoPE key moved by a whole position turns every t, h and w pair
-        # alike, so without an e section (Qwen2-VL's (16, 24, 24, 0)) it is a NeoX turn.
+        # alike, so without an e section (Qwen2-VL's (16, 24, 24, 0)) it is a NeoX turn. Linear RoPE scaling
+        # (Gemma 3's global layers) multiplies every position by freq_scale.
         assert not geo.rope_sections or geo.rope_sections[3] == 0
-        unrotated = ref.rope_rotate(keys, -rot_pos, geo.freq_base, geo.n_rot, neox=geo.rope_type != 0)
+        unrotated = ref.rope_rotate(keys, -rot_pos * geo.freq_scale, geo.freq_base, geo.n_rot,
+                                    neox=geo.rope_type != 0)
         oldest = recent_frames(memory, self.recent_fraction)
         recent = sorted({int(f) for f in frame[0, 0] if f >= oldest})
         expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
