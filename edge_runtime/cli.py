@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16",
                    help="KV cache type (q8_0 halves it but cannot be compressed yet)")
     m.add_argument("--cpu", action="store_true", help="do not offload to a GPU even if llama.cpp has one")
+    m.add_argument("--frame-size", type=int, metavar="PX", default=None,
+                   help="longer side, in px, frames are resized to for models that take any size: Qwen2-VL and "
+                        "Qwen2.5-VL (28 px a token; default 336: 12 x 7 = 84 tokens a 16:9 frame, 12 x 9 = 108 a "
+                        "4:3 one). SmolVLM2 always sees the global view of a frame (64 tokens for the 256M and "
+                        "500M models); LLaVA-style projectors their fixed image size")
 
     c = p.add_argument_group("memory budget and compression")
     c.add_argument("--budget", type=int, metavar="M",
@@ -222,7 +227,7 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
     text_model, mmproj, lora = model_files(args)
     model = VisionLanguageModel(ModelConfig(
         model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=n_ctx, flash_attn=args.flash_attn,
-        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type,
+        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
         **({"n_threads": args.threads} if args.threads else {})))
     session = Session(model, SessionConfig(
         system_prompt=args.system_prompt, question_room=args.question_room,

@@ -24,6 +24,7 @@ class FrameRecord:
     n_pos: int  # positions it spans; fewer than n_tokens on M-RoPE models
     nx: int  # patch grid of its image tokens
     ny: int
+    wrapper_tokens: int = 0  # text tokens mtmd puts around the image (Gemma 3: <start_of_image>, <end_of_image>)
 
 
 class SlotTable:
@@ -36,13 +37,16 @@ class SlotTable:
         self.rot_pos = np.zeros(shape, np.int32)
         self.n = 0
 
-    def append(self, frame_index: int, n_tokens: int, pos0: int) -> None:
+    def append(self, frame_index: int, n_tokens: int, pos0: int, one_position: bool = False) -> None:
+        """A new frame's tokens at positions pos0.. (one_position: all at pos0, as M-RoPE frames are)."""
         end = self.n + n_tokens
         if end > self.frame.shape[2]:
             raise ValueError(f"slot table full ({self.frame.shape[2]} slots)")
         self.frame[:, :, self.n:end] = frame_index
         self.patch[:, :, self.n:end] = np.arange(n_tokens, dtype=np.int32)
-        self.rot_pos[:, :, self.n:end] = np.arange(pos0, pos0 + n_tokens, dtype=np.int32)
+        # M-RoPE: the t, y and x sections all start at pos0 (y, x add the row and column): pos0 is the one
+        # rotation the pass undoes or changes; the row and column stay in the key, the same in every frame.
+        self.rot_pos[:, :, self.n:end] = pos0 if one_position else np.arange(pos0, pos0 + n_tokens, dtype=np.int32)
         self.n = end
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +96,12 @@ class VideoMemory:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.records[-1].nx, self.records[-1].ny) if self.records else (0, 0)
+        """The grid the policies score a frame's tokens on. A frame wrapped in text tokens is scored as one row
+        of all its tokens: a wrapper token is compared with the same wrapper in the recent frames, as a patch is."""
+        if not self.records:
+            return (0, 0)
+        last = self.records[-1]
+        return (last.n_tokens, 1) if last.wrapper_tokens else (last.nx, last.ny)
 
     @property
     def tokens_per_frame(self) -> int:

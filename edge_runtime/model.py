@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import importlib.resources
 import logging
+import mmap
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -20,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
+import gguf
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
@@ -27,6 +31,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SEQ = 0  # the video memory lives in sequence 0; nothing else is ever decoded into another sequence
+# llama.h: only the parts of the state that are not a plain KV cache (a sliding-window cache, a recurrent state)
+STATE_PARTIAL_ONLY = 1
 GGUF_MAGIC = b"GGUF"
 _NO_POST_DECODE = mtmd.mtmd_helper_post_decode_callback()  # a NULL callback: ctypes refuses None
 
@@ -47,6 +53,7 @@ class ModelConfig:
     verbose: bool = False  # llama.cpp's own log on stderr
     cache_type: str = "f16"  # K and V cache type: f16 (compressible), f32, or q8_0 (half the memory, not yet)
     lora_path: Path | None = None  # a llama.cpp LoRA adapter GGUF for the text model (the trained edge-vlm has one)
+    frame_side: int | None = None  # px of a frame's longer side for families that take any size (None: the family's)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class KVGeometry:
     freq_scale: float  # linear scaling: positions are multiplied by this
     scaling_type: str  # "" or "none" or "linear" can be re-rotated; YaRN and others cannot yet
     architecture: str
+    rope_sections: tuple[int, ...] = ()  # M-RoPE: rotary pairs per section (t, h, w, e), e.g. (16, 24, 24, 0)
+    freq_base_swa: float = 10000.0  # sliding-window layers' RoPE base (Gemma 3); they are never scaled
 
     @property
     def mrope(self) -> bool:
@@ -79,6 +88,45 @@ class EncodedFrame:
     n_pos: int  # positions it takes: fewer than n_tokens on M-RoPE models
     nx: int  # patch grid of the image tokens
     ny: int
+    decode: list[int] = field(default_factory=list)  # the chunks that go into the KV cache, in order
+    wrapper: tuple[list[int], list[int]] = ((), ())  # text tokens mtmd puts around the decoded image
+    image_tokens: int = 0  # of n_tokens, the image's (the rest: text around it, such as <start_of_image>)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family needs beyond llama.cpp + mtmd's defaults: every family-specific knob is here."""
+
+    name: str
+    # M-RoPE projectors take any frame size (28 px a token for Qwen2/2.5-VL): resize the longer side to this
+    # many px, aligned to whole tokens, so every frame of a stream has the same patch grid.
+    frame_side: int | None = None
+    # Tiling projectors (idefics3) cut a frame into tiles plus a global view: decode the global view only,
+    # one image a frame, as SmolVLM2 sees video frames.
+    global_view_only: bool = False
+    # mtmd reports a non-M-RoPE image as nx = tokens, ny = 1 (mtmd.cpp split_batch_to_chunk). Projectors
+    # whose tokens are a square grid, row by row (LLaVA's mlp on a square image, idefics3 after its pixel
+    # shuffle), get that grid back, so that --pool pools 2-D neighbours.
+    square_grid: bool = False
+    # Decode mtmd's wrapper text (<|vision_start|> ... <|vision_end|>) once around the whole video instead of
+    # around every frame: Qwen's own video format, and it leaves a frame exactly its image tokens.
+    wrap_video_once: bool = False
+    # Why the KV cache of this family cannot be compressed yet ("" when it can).
+    not_compressible: str = ""
+
+
+# By mmproj projector type (clip.projector_type, as tools/mtmd/clip-impl.h names them). Families not listed
+# decode frames as mtmd makes them.
+QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger")
+FAMILIES = {
+    "qwen2vl_merger": Family("Qwen2-VL", frame_side=336, wrap_video_once=True),
+    "qwen2.5vl_merger": Family("Qwen2.5-VL", frame_side=336, wrap_video_once=True),
+    "qwen3vl_merger": Family("Qwen3-VL", frame_side=336, wrap_video_once=True,
+                      not_compressible="interleaved M-RoPE and deepstack are not verified against a test model yet"),
+    "idefics3": Family("SmolVLM/SmolVLM2 (idefics3)", global_view_only=True, square_grid=True, wrap_video_once=True),
+    "mlp": Family("LLaVA (mlp)", square_grid=True),
+}
+GENERIC_FAMILY = Family("generic")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,6 +214,77 @@ def resolve_model(name: str | Path) -> Path:
     return Path(name)
 
 
+def _projector_info(path: Path) -> tuple[str, int, int]:
+    """(projector type, px per output token side, tokens of one view) of an mmproj, from its GGUF metadata
+    (llama.cpp has no API for them).
+
+    px per token: patch_size x spatial merge for M-RoPE projectors (Qwen2/2.5-VL: 14 x 2 = 28), else 0.
+    Tokens of one view: (image_size / patch_size / scale_factor)^2 for idefics3 (SmolVLM2-256M: 512 / 16 / 4
+    -> 64; clip.cpp clip_n_output_tokens), else 0.
+    """
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str) -> object:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    projector = str(value("clip.projector_type") or value("clip.vision.projector_type") or "")
+    patch = int(value("clip.vision.patch_size") or 0)
+    merge = int(value("clip.vision.spatial_merge_size") or 2)  # clip.cpp's default for Qwen-VL
+    token_px = patch * merge if projector in QWEN_PROJECTORS else 0
+    view_tokens = 0
+    if projector == "idefics3" and patch:
+        side = int(value("clip.vision.image_size") or 0) // patch // int(value("clip.vision.projector.scale_factor")
+                                                                          or 1)
+        view_tokens = side * side
+    return projector, token_px, view_tokens
+
+
+def _gguf_int_array(path: Path, key: str) -> list[int]:
+    """One integer array of a GGUF's metadata ([] if absent), read by walking the header only.
+
+    gguf.GGUFReader would do, but it makes a numpy view of every token of the vocabulary first (seconds).
+    """
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        off = 8  # magic, version
+
+        def take(fmt: str) -> int:
+            nonlocal off
+            (v,) = struct.unpack_from("<" + fmt, m, off)
+            off += struct.calcsize(fmt)
+            return v
+
+        def skip(vtype: int) -> None:
+            nonlocal off
+            if vtype == 8:  # string
+                n = take("Q")
+                off += n
+            elif vtype == 9:  # array
+                etype, n = take("I"), take("Q")
+                if etype in scalar:
+                    off += n * struct.calcsize(scalar[etype])
+                else:
+                    for _ in range(n):
+                        skip(etype)
+            else:
+                off += struct.calcsize(scalar[vtype])
+
+        take("Q")  # tensors
+        for _ in range(take("Q")):
+            n = take("Q")
+            name = bytes(m[off: off + n]).decode(errors="replace")
+            off += n
+            vtype = take("I")
+            if name == key and vtype == 9:
+                etype, n = take("I"), take("Q")
+                if etype not in scalar:
+                    return []
+                return [int(take(scalar[etype])) for _ in range(n)]
+            skip(vtype)
+    return []
+
+
 def _check_gguf(path: Path, what: str, flag: str) -> None:
     if not path.is_file():
         raise ModelError(f"{what} not found: {path} (pass an existing GGUF file with {flag})")
@@ -216,6 +335,9 @@ class VisionLanguageModel:
             "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[config.flash_attn]
         cparams.no_perf = True
+        # Sliding-window layers (Gemma 3) need their window plus one ubatch of cells; llama.cpp's default
+        # (swa_full) gives them as many as the global layers, memory spent on tokens they never show again.
+        cparams.swa_full = False
         cache_types = {"f16": 1, "f32": 0, "q8_0": 8}  # ggml_type values
         if config.cache_type not in cache_types:
             raise ModelError(f"unknown cache type {config.cache_type}; use one of {', '.join(cache_types)}")
@@ -249,6 +371,13 @@ class VisionLanguageModel:
         tparams.n_threads = config.n_threads
         tparams.print_timings = False
         tparams.warmup = False  # a warm-up encode costs seconds on a Pi; the first frame pays instead
+        self.projector, self.token_px, view_tokens = _projector_info(Path(config.mmproj_path))
+        self.family = FAMILIES.get(self.projector, GENERIC_FAMILY)
+        if self.family.global_view_only and view_tokens:
+            # Only the global view is decoded: capping an image at one view's tokens makes mtmd cut a single
+            # tile instead of up to 4 x 4 from a 2048 px resize (mtmd-image.cpp, idefics3 preprocess): the
+            # global view is still the whole frame at the tile size, for a fraction of the resizing.
+            tparams.image_max_tokens = view_tokens
         NATIVE_LOG.clear()
         self.mtmd_ctx = mtmd.mtmd_init_from_file(str(config.mmproj_path).encode(), self.model, tparams)
         if not self.mtmd_ctx:
@@ -263,6 +392,22 @@ class VisionLanguageModel:
             raise ModelError(f"the mmproj {config.mmproj_path} has no vision encoder (audio-only?)")
         self.marker = mtmd.mtmd_default_marker()
         self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self.mtmd_ctx))
+        if self.uses_mrope and self.projector not in FAMILIES:
+            # mtmd gives these M-RoPE positions too, but their cache has not been checked against a test model.
+            self.family = Family(self.projector, not_compressible="its M-RoPE cache is not verified yet")
+        if config.frame_side is not None and config.frame_side < 1:
+            self.close()
+            raise ModelError(f"a frame size must be a positive number of px, not {config.frame_side}")
+        if config.frame_side is not None and not self.token_px:
+            log.warning("the frame size has no effect on %s: its projector resizes every frame to its own size",
+                        self.family.name if self.family is not GENERIC_FAMILY else self.projector or "this model")
+        # A sliding-window cache or a recurrent state beside the KV cache: parts of the memory that removing
+        # positions cannot put back (see partial_state).
+        self.has_partial_state = False
+        if self.kv_capture is not None:
+            from edge_runtime._native import state_layout
+            layout = state_layout(self.ctx_address, self.uses_mrope)
+            self.has_partial_state = layout["n_caches"] > 1 or layout["recurrent"]
 
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
@@ -311,6 +456,11 @@ class VisionLanguageModel:
             freq_scale=llama_cpp.llama_model_rope_freq_scale_train(self.model),
             scaling_type=self.metadata(f"{arch}.rope.scaling.type") or "",
             architecture=arch,
+            # llama.cpp's metadata API leaves arrays out: read the sections from the file (M-RoPE only).
+            rope_sections=tuple(_gguf_int_array(Path(self.config.model_path), f"{arch}.rope.dimension_sections"))
+            if self.uses_mrope else (),
+            # llama.cpp's default when the GGUF has no rope.freq_base_swa (llama_hparams)
+            freq_base_swa=number("rope.freq_base_swa", 10000.0),
         )
 
     def _describe(self) -> str:
@@ -331,8 +481,9 @@ class VisionLanguageModel:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, n_max, add_special, True)
         return list(tokens[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """A token's text; special: also control tokens (<global-img>), as mtmd looks them up."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
         return self._piece.raw[: max(n, 0)]
 
     def is_end_of_generation(self, token: int) -> bool:
@@ -407,6 +558,24 @@ class VisionLanguageModel:
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
         return bytes(buf[:n])
 
+    def partial_state(self) -> bytes | None:
+        """The parts of sequence 0's state that removing positions cannot put back: a sliding-window cache
+        (its window moves on and reuses cells) and a recurrent state (it cannot be rolled back). None for a
+        plain KV cache (llama.cpp would give the whole cache)."""
+        if not self.has_partial_state:
+            return None
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, SEQ, STATE_PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, SEQ, STATE_PARTIAL_ONLY)
+        return bytes(buf[:n])
+
+    def restore_partial_state(self, blob: bytes) -> None:
+        """Put back what partial_state() returned (the rest of the state is left as it is)."""
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(blob), SEQ, STATE_PARTIAL_ONLY) != len(blob):
+            raise ModelError(f"llama.cpp could not restore the sliding-window or recurrent state: "
+                             f"{NATIVE_LOG.first_error(latest=True)}")
+
     @property
     def ctx_address(self) -> int:
         """The llama_context pointer as an integer, for the native pass."""
@@ -417,9 +586,22 @@ class VisionLanguageModel:
 
     # -- frames --------------------------------------------------------------------------------------
 
+    def frame_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a frame is resized to before mtmd sees it: the family's size, or as it comes."""
+        side = self.config.frame_side or self.family.frame_side
+        if side is None or self.token_px <= 0:
+            return width, height
+        scale = side / max(width, height)
+        px = self.token_px
+        return (max(px, round(width * scale / px) * px), max(px, round(height * scale / px) * px))
+
     def encode_frame(self, rgb: np.ndarray) -> EncodedFrame:
         """Run the projector on one contiguous H x W x 3 RGB frame; the embeddings stay in mtmd."""
         h, w = rgb.shape[:2]
+        size = self.frame_size(w, h)
+        if size != (w, h):
+            rgb = np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+            w, h = size
         bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         chunks = mtmd.mtmd_input_chunks_init()
         try:
@@ -434,15 +616,83 @@ class VisionLanguageModel:
         finally:
             mtmd.mtmd_bitmap_free(bitmap)
         frame = EncodedFrame(chunks=chunks, n_tokens=0, n_pos=0, nx=0, ny=0)
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        try:
+            self._choose_chunks(frame)
+        except BaseException:
+            self.free_frame(frame)
+            raise
+        for i in frame.decode:
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            frame.n_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            frame.n_tokens += n
             frame.n_pos += mtmd.mtmd_input_chunk_get_n_pos(chunk)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 image = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
                 frame.nx = mtmd.mtmd_image_tokens_get_nx(image)
                 frame.ny = mtmd.mtmd_image_tokens_get_ny(image)
+                frame.image_tokens += n
+                # A non-causal image (Gemma 3) must be decoded in one ubatch: mtmd would split it into
+                # batches that cannot see each other, a silently different memory.
+                if mtmd.mtmd_decode_use_non_causal(self.mtmd_ctx, chunk) and n > self.config.n_batch:
+                    self.free_frame(frame)
+                    raise ModelError(f"{self.metadata('general.architecture')} decodes each image non-causally in "
+                                     f"one batch: the batch size (n_batch = n_ubatch, {self.config.n_batch}) must "
+                                     f"be at least the frame's {n} image tokens")
+        if self.family.square_grid and frame.ny == 1:
+            side = int(round(frame.nx ** 0.5))
+            if side * side != frame.nx * frame.ny:
+                self.free_frame(frame)
+                raise ModelError(f"{self.family.name}: an image of {frame.nx * frame.ny} tokens is not a "
+                                 "square patch grid, which compression needs")
+            frame.nx = frame.ny = side
         return frame
+
+    def chunk_text_tokens(self, chunk: int) -> list[int]:
+        """The tokens of one of mtmd's text chunks."""
+        n = ctypes.c_size_t(0)
+        ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+        return list(ptr[: n.value])
+
+    def _choose_chunks(self, frame: EncodedFrame) -> None:
+        """Which of mtmd's chunks go into the KV cache: all, or (wrap_video_once) one image without its wrapper."""
+        n_chunks = mtmd.mtmd_input_chunks_size(frame.chunks)
+        kinds = [mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(frame.chunks, i)) for i in range(n_chunks)]
+        images = [i for i, k in enumerate(kinds) if k == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        if not self.family.wrap_video_once:
+            frame.decode = list(range(n_chunks))
+            return
+        if not images:
+            raise ModelError(f"{self.family.name}: mtmd made no image from a frame")
+        if self.family.global_view_only:
+            # idefics3 adds the global view after the tiles (mtmd.cpp: ov_img_first is false), after the
+            # text "<fake_token_around_image><global-img>"; check that, so a change in mtmd fails loudly.
+            chosen = images[-1]
+            before = self.chunk_text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, chosen - 1)) if chosen else []
+            if not before or self.token_bytes(before[-1], special=True) != b"<global-img>":
+                raise ModelError(f"{self.family.name}: mtmd's last image of a frame is not its global view "
+                                 "(<global-img>); this llama.cpp lays out tiles differently")
+        elif len(images) == 1:
+            chosen = images[0]
+        else:
+            raise ModelError(f"{self.family.name}: mtmd cut a frame into {len(images)} images; one image a frame "
+                             "is needed (a smaller frame size?)")
+        frame.decode = [chosen]
+        around = []
+        for i in (chosen - 1, chosen + 1):
+            ok = 0 <= i < n_chunks and kinds[i] == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT
+            around.append(self.chunk_text_tokens(mtmd.mtmd_input_chunks_get(frame.chunks, i)) if ok else [])
+        if any(t < 0 for t in around[0] + around[1]):
+            raise ModelError(f"{self.family.name}: the text model's vocabulary lacks the tokens mtmd puts around an "
+                             "image (pass the text model made for this mmproj)")
+        frame.wrapper = (around[0], around[1])
+
+    def video_wrapper(self) -> tuple[list[int], list[int]]:
+        """Text tokens to decode once before and once after the whole video (wrap_video_once families)."""
+        if not self.family.wrap_video_once:
+            return [], []
+        probe = self.encode_frame(np.zeros((64, 64, 3), np.uint8))
+        self.free_frame(probe)
+        return list(probe.wrapper[0]), list(probe.wrapper[1])
 
     def decode_frame(self, frame: EncodedFrame, pos0: int) -> tuple[float, float]:
         """Encode (projector) and decode (language model) a frame at pos0; returns (encode_ms, decode_ms).
@@ -452,7 +702,7 @@ class VisionLanguageModel:
         """
         encode_ms = decode_ms = 0.0
         pos = pos0
-        for i in range(mtmd.mtmd_input_chunks_size(frame.chunks)):
+        for i in frame.decode:
             chunk = mtmd.mtmd_input_chunks_get(frame.chunks, i)
             kind = mtmd.mtmd_input_chunk_get_type(chunk)
             if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -490,7 +740,7 @@ class VisionLanguageModel:
         """
         frame = self.encode_frame(np.ascontiguousarray(rgb, dtype=np.uint8))
         try:
-            for i in range(mtmd.mtmd_input_chunks_size(frame.chunks)):
+            for i in frame.decode:
                 chunk = mtmd.mtmd_input_chunks_get(frame.chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     continue  # the marker's wrapper text, if the model has any

@@ -10,6 +10,7 @@ the cache (the bookkeeping of what each slot holds is in memory.py).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import logging
 import resource
 import time
@@ -17,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
+import llama_cpp
 import numpy as np
 
 from edge_runtime import _native
 from edge_runtime.memory import FrameRecord, SlotTable, VideoMemory
-from edge_runtime.model import ModelError, VisionLanguageModel
+from edge_runtime.model import KVGeometry, ModelError, VisionLanguageModel
 from edge_runtime.policies import FullCache, MemoryFull, Policy, SettingsError
 from edge_runtime.sources import Frame
 
@@ -82,6 +84,19 @@ class Status:
     next_pos: int  # the position the next frame takes: bounded in reindex mode
 
 
+def compressed_cache_geometry(geometry: KVGeometry, parts: dict) -> KVGeometry:
+    """The layers and KV heads of the cache the pass compresses, as the state says (_native.state_parts).
+
+    That is the first KV cache, which holds every token: all layers of a plain model, only the global layers
+    of a sliding-window model (Gemma 3), only the attention layers of a hybrid one (LFM2, whose layer 0 is a
+    convolution: the model-wide n_head_kv is 0 there).
+    """
+    first = parts["caches"][0]
+    elem = {"f16": 2, "f32": 4}.get(first["k_types"][0]) if first["k_types"] else None
+    n_head_kv = first["k_row_bytes"][0] // (elem * geometry.head_dim_k) if elem else geometry.n_head_kv
+    return dataclasses.replace(geometry, n_layer=len(first["k_row_bytes"]), n_head_kv=n_head_kv)
+
+
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MiB, read from the OS."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -107,7 +122,10 @@ class Session:
 
         opening = model.chat_prompt([("system", self.config.system_prompt), ("user", VIDEO_MARK)], False)
         self.opening_text = opening.split(VIDEO_MARK)[0]  # system prompt and the start of the user turn
-        prefix = model.tokenize(self.opening_text, add_special=True)
+        # Families that wrap the whole video once (Qwen: <|vision_start|> ... <|vision_end|>): the opening
+        # wrapper ends the prefix, the closing one starts every question.
+        video_open, self.video_close = model.video_wrapper()
+        prefix = model.tokenize(self.opening_text, add_special=True) + video_open
         capacity = model.n_ctx - len(prefix) - self.config.question_room
         if capacity <= 0:
             raise ModelError(f"a context of {model.n_ctx} tokens leaves no room for video after the system "
@@ -116,6 +134,11 @@ class Session:
         budget = self._check_settings(capacity, len(prefix))
         model.remove_positions(0)  # a fresh memory, also when a model is reused
         model.decode_tokens(prefix, 0)
+        # What the state holds besides the one KV cache every model has (the sliding-window cache of Gemma 3,
+        # the recurrent state of LFM2): the pass carries it, questions save and restore it.
+        self.state_parts = _native.state_parts(model.ctx_address, self.geometry.mrope)
+        self.geometry = compressed_cache_geometry(self.geometry, self.state_parts)
+        self._check_family()
         slots = SlotTable(self.geometry.n_layer, self.geometry.n_head_kv, capacity)
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots)
@@ -139,12 +162,26 @@ class Session:
         if cfg.positions not in ("keep", "reindex"):
             raise SettingsError(f"positions must be keep or reindex, not {cfg.positions}")
         geometry = self.geometry
+        family = self.model.family
+        if family.not_compressible and self.policy.compresses:
+            raise SettingsError(f"{family.name} cannot be compressed yet: {family.not_compressible}; use --policy full")
         if cfg.positions == "reindex" and self.policy.compresses:
-            if geometry.rope_type not in (0, 2) or geometry.scaling_type not in ("", "none", "linear"):
+            # M-RoPE (Qwen2/2.5-VL) re-rotates like NeoX once its sections say which pairs turn (native/kv_pass.cpp).
+            mrope_ok = geometry.rope_type == llama_cpp.LLAMA_ROPE_TYPE_MROPE and len(geometry.rope_sections) == 4
+            if (geometry.rope_type not in (0, 2) and not mrope_ok) or geometry.scaling_type not in ("", "none",
+                                                                                                    "linear"):
                 raise SettingsError(
                     f"{geometry.architecture} models (RoPE type {geometry.rope_type}, scaling "
                     f"'{geometry.scaling_type or 'none'}') cannot be re-indexed yet: use --positions keep")
         return cfg.budget
+
+    def _check_family(self) -> None:
+        """What a model family's memory cannot do yet: one line naming the family and the missing piece."""
+        arch = self.geometry.architecture
+        if len(self.state_parts["caches"]) > 1 and self.state_parts["recurrent"] is not None and self.policy.compresses:
+            # The parser and the pass would carry both parts, but no such model has been verified here.
+            raise SettingsError(f"{arch}: compressing a hybrid memory with a sliding window (two KV caches and a "
+                                "recurrent state) is not verified yet; use --policy full")
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -160,9 +197,6 @@ class Session:
             if encoded.n_tokens > mem.budget:
                 raise SettingsError(f"one frame needs {encoded.n_tokens} tokens but the video memory holds "
                                     f"{mem.budget}: raise --budget or --ctx, or lower --question-room")
-            if self.policy.compresses and encoded.n_tokens != encoded.nx * encoded.ny:
-                raise ModelError(f"this model wraps each frame in {encoded.n_tokens - encoded.nx * encoded.ny} "
-                                 "text tokens, which compression does not handle yet: use --policy full")
             if mem.video_tokens + encoded.n_tokens > mem.budget:
                 if not self.policy.compresses:
                     raise MemoryFull(
@@ -174,9 +208,10 @@ class Session:
         finally:
             self.model.free_frame(encoded)
         record = FrameRecord(index=self.frames_seen, timestamp=frame.timestamp, pos0=mem.next_pos,
-                             n_tokens=encoded.n_tokens, n_pos=encoded.n_pos, nx=encoded.nx, ny=encoded.ny)
+                             n_tokens=encoded.n_tokens, n_pos=encoded.n_pos, nx=encoded.nx, ny=encoded.ny,
+                             wrapper_tokens=encoded.n_tokens - encoded.image_tokens)
         mem.records.append(record)
-        mem.slots.append(record.index, record.n_tokens, record.pos0)
+        mem.slots.append(record.index, record.n_tokens, record.pos0, one_position=self.geometry.mrope)
         mem.next_pos += record.n_pos
         mem.frames_since_pass += 1
         self.frames_seen += 1
@@ -191,7 +226,10 @@ class Session:
             self._pass = _native.KVPass(
                 self.model.ctx_address, mem.prefix_tokens, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v,
                 geo.mrope, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads)
+                mem.prefix_tokens + mem.budget, self.model.n_ctx, self.model.config.n_threads,
+                list(geo.rope_sections))
+            if len(self.state_parts["caches"]) > 1:  # reindex mode moves the sliding layers' cache too
+                self._pass.set_sliding_rope(geo.freq_base_swa, 1.0)
         return self._pass
 
     def _read(self, kv: _native.KVPass) -> None:
@@ -247,10 +285,15 @@ class Session:
         # Cells get compact positions either way; a cell's position only orders it before the question.
         # reindex: right after the prompt, keys re-rotated to match; keep: ending just below the next
         # frame (llama.cpp wants new tokens at the highest position + 1), keys keep their rotation.
+        # M-RoPE keep: a frame spans fewer positions than tokens, so there is no room below the next frame;
+        # each cell keeps the position of head (0, 0)'s token, which keeps the cells in time order.
         reindex = self.config.positions == "reindex"
-        first = mem.prefix_tokens if reindex else mem.next_pos - keep
-        new_pos = np.arange(first, first + keep, dtype=np.int32)
         rot_pos = np.ascontiguousarray(mem.slots.rot_pos[:, :, :mem.video_tokens])  # read before keep() rewrites it
+        if not reindex and self.geometry.mrope:
+            new_pos = np.ascontiguousarray(rot_pos[0, 0, kept[0, 0]], dtype=np.int32)
+        else:
+            first = mem.prefix_tokens if reindex else mem.next_pos - keep
+            new_pos = np.arange(first, first + keep, dtype=np.int32)
         try:
             kv.apply(kept, new_pos, rot_pos, reindex)
         except (RuntimeError, ValueError) as e:  # refused before anything moved, or restored by the pass
@@ -260,7 +303,9 @@ class Session:
                           "state_bytes": kv.state_bytes, "path": kv.path}
         mem.slots.keep(kept, new_pos if reindex else None)
         if reindex:
-            mem.next_pos = mem.prefix_tokens + keep
+            # M-RoPE: the last slot's row and column reach max(nx, ny) - 1 past its position; text and new
+            # frames must start above every position a key holds.
+            mem.next_pos = mem.prefix_tokens + keep + (mem.records[-1].n_pos - 1 if self.geometry.mrope else 0)
         present = set(mem.slots.frames_present().tolist())
         mem.records = [r for r in mem.records if r.index in present]
         mem.frames_since_pass = 0
@@ -299,7 +344,7 @@ class Session:
         model, mem = self.model, self.memory
         max_tokens = self.config.max_answer_tokens if max_tokens is None else max_tokens
         t0 = time.perf_counter()
-        tokens = model.tokenize(self.question_prompt(question))
+        tokens = self.video_close + model.tokenize(self.question_prompt(question))
         room = model.n_ctx - mem.prefix_tokens - mem.video_tokens
         if len(tokens) + max_tokens > room:
             raise ModelError(f"the question needs {len(tokens) + max_tokens} tokens but only {room} are free; "
@@ -310,6 +355,7 @@ class Session:
         pieces: list[str] = []
         ttft_ms = 0.0
         n_out = 0
+        partial = model.partial_state()
         try:
             model.decode_tokens(tokens, pos_q)
             pos = pos_q + len(tokens)
@@ -333,6 +379,10 @@ class Session:
                 pos += 1
         finally:
             model.free_sampler(sampler)
+            # A sliding window moved on and a recurrent state took the question in; neither can be cut back
+            # by positions, so they are put back first (then a hybrid memory lets the KV positions go).
+            if partial is not None:
+                model.restore_partial_state(partial)
             model.remove_positions(pos_q)  # the question and answer leave; the video memory stays
         tail = utf8.decode(b"", final=True)
         if tail:

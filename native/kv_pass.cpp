@@ -7,10 +7,11 @@
 // cell metadata changes: in reindex mode cell c of sequence 0 holds position c (see read_direct), and
 // the compacted cache keeps exactly that. The state is never copied.
 //
-// Portable (any backend, keep mode, M-RoPE): copy the sequence's state out (llama_state_seq_get_data)
-// into buffer A, score and select, gather the kept rows of every head into buffer B with rewritten cell
-// records (keys re-rotated in reindex mode), and hand B back (llama_state_seq_set_data). llama.cpp wipes
-// the sequence when set_data fails; A is untouched then and goes back instead.
+// Portable (any backend, keep mode, M-RoPE, sliding-window and hybrid memories): copy the sequence's state
+// out (llama_state_seq_get_data) into buffer A, score and select, gather the kept rows of every head into
+// buffer B with rewritten cell records (keys re-rotated in reindex mode), carry the parts after the first
+// KV cache (a sliding-window cache, a recurrent state), and hand B back (llama_state_seq_set_data).
+// llama.cpp wipes the sequence when set_data fails; A is untouched then and goes back instead.
 //
 // Both paths run the same scoring, selection and re-rotation code on the same bytes, so they leave
 // byte-identical caches (tests/test_direct_pass.py). All buffers are sized once; a pass allocates nothing.
@@ -52,7 +53,7 @@ namespace {
 
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-// Rotary embedding as llama.cpp applies it to keys (normal: adjacent pairs; NeoX: halves).
+// Rotary embedding as llama.cpp applies it to keys (normal: adjacent pairs; NeoX and M-RoPE: halves).
 struct Rope {
     int type = LLAMA_ROPE_TYPE_NORM;
     int n_rot = 0;
@@ -510,17 +511,21 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
 class KVPass {
   public:
     KVPass(uintptr_t ctx, int n_prefix, int n_head_kv, int head_dim_k, int head_dim_v, bool mrope, int rope_type,
-           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads)
+           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads,
+           std::vector<int> rope_sections)
         : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
           dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
+        layout_ = edge::layout_of(llama_get_model(ctx_), mrope);
         rope_.type = rope_type;
         rope_.n_rot = n_rot;
         rope_.freq_base = freq_base;
         rope_.freq_scale = freq_scale;
         // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
         // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
-        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX;
+        // M-RoPE pairs its dims as NeoX does (ggml-cpu/ops.cpp rotate_pairs, MROPE and IMROPE cases).
+        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX || multi_rope();
         rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
+        set_pair_turns(rope_sections);
         rl_.D = head_dim_k;
         rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
         table_n_ = std::max(max_position, 1);
@@ -530,6 +535,14 @@ class KVPass {
         for (int p = 0; p < table_n_; ++p) fill_tables(p, &rc_[size_t(p) * nr], &rs_[size_t(p) * nr]);
     }
 
+    // The sliding-window layers' RoPE, for re-indexing their cache (same type and rotated dimensions).
+    void set_sliding_rope(double freq_base, double freq_scale) {
+        sliding_rope_ = rope_;
+        sliding_rope_.freq_base = freq_base;
+        sliding_rope_.freq_scale = freq_scale;
+        sliding_rope_set_ = true;
+    }
+
     // Portable path: copy the sequence's state into buffer A and parse it; sizes A and B on the first call.
     void read() {
         direct_ = plan_ = moved_ = false;
@@ -537,9 +550,9 @@ class KVPass {
         if (a_.empty()) {
             a_.resize(size);
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
             check_layout();
-            size_t cap = std::max(edge::state_size_for(view_, size_t(max_cells_)), size);
+            size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
             a_.resize(cap);
             b_.resize(cap);
         } else {
@@ -547,7 +560,7 @@ class KVPass {
                 throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
                                          std::to_string(a_.size()) + " (more cells than the budget?)");
             size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), 0);
-            edge::parse_state(a_.data(), size_a_, mrope_, view_);
+            edge::parse_state(a_.data(), size_a_, layout_, view_);
         }
         if (view_.cell_count > uint32_t(max_cells_))
             throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
@@ -558,8 +571,21 @@ class KVPass {
         for (uint32_t c = 0; c < view_.cell_count; ++c)
             (view_.pos[c] < n_prefix_ ? prefix_cells_ : slot_cells_).push_back(int32_t(c));
         auto by_pos = [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; };
-        std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
         std::sort(prefix_cells_.begin(), prefix_cells_.end(), by_pos);
+        if (!mrope_) {
+            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
+        } else {
+            // All tokens of an M-RoPE frame share one position; within it mtmd gives token i x = pos + i % nx,
+            // y = pos + i / nx (mtmd.cpp mtmd_image_tokens_get_decoder_pos), so (pos, y, x) is time order
+            // whatever cells llama.cpp put them in. Rewritten slots keep it (apply_portable).
+            auto by_pos_yx = [&](int32_t a, int32_t b) {
+                const auto &v = view_;
+                if (v.pos[a] != v.pos[b]) return v.pos[a] < v.pos[b];
+                if (v.ext_y[a] != v.ext_y[b]) return v.ext_y[a] < v.ext_y[b];
+                return v.ext_x[a] < v.ext_x[b];
+            };
+            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos_yx);
+        }
         src_.resize(view_.n_layer);
         for (size_t l = 0; l < view_.n_layer; ++l) {
             const auto &LV = view_.layers[l];
@@ -577,10 +603,28 @@ class KVPass {
         state_bytes_ = size_a_;
     }
 
+    // Per cell of the state read last, M-RoPE only: the extension's (x, y) in slot order, [N, 2] (tests).
+    I32Array slot_ext() const {
+        if (!mrope_ || direct_) throw std::logic_error("slot_ext needs an M-RoPE state read by read()");
+        I32Array out({py::ssize_t(slot_cells_.size()), py::ssize_t(2)});
+        auto o = out.mutable_unchecked<2>();
+        for (size_t n = 0; n < slot_cells_.size(); ++n) {
+            o(py::ssize_t(n), 0) = view_.ext_x[size_t(slot_cells_[n])];
+            o(py::ssize_t(n), 1) = view_.ext_y[size_t(slot_cells_[n])];
+        }
+        return out;
+    }
+
     // Whether the direct path can work on this context at all: "" if so, else why not (said once).
     std::string direct_support(KVCapture &cap) {
         cap_ = nullptr;
         if (mrope_) return "M-RoPE models keep x/y positions per cell, which the in-place pass does not rewrite";
+        if (layout_.n_caches > 1)
+            return "sliding-window models keep a second KV cache (the sliding layers') whose cells hold other "
+                   "positions than the global one's";
+        if (layout_.recurrent)
+            return "hybrid models keep a recurrent state beside the KV cache, and llama.cpp cannot free the end of "
+                   "a recurrent sequence (seq_rm) as the in-place pass does";
         if (rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
             return "re-rotation in place supports normal and NeoX RoPE only";
         if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
@@ -759,8 +803,9 @@ class KVPass {
         const int32_t *K = kept.data(), *NPOS = new_pos.data(), *RP = rot_pos.data();
         for (size_t i = 0; i < L * H * C; ++i)
             if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
-        if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
-            throw std::runtime_error("re-rotation supports normal and NeoX RoPE only");
+        if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX &&
+            !(multi_rope() && sections_known_))
+            throw std::runtime_error("re-rotation supports normal, NeoX and (with its sections) M-RoPE only");
         if (direct_) {
             // In place, kept[j] >= j makes every move a forward copy (the source is never overwritten
             // first); that needs each head's list strictly ascending. Cell P + j keeps position P + j.
@@ -844,22 +889,54 @@ class KVPass {
                 for (size_t i = 0; i < cc; ++i, w += e)
                     std::memcpy(b + w, a + LV.v_offset + (d * cc + size_t(order[i])) * e, e);
         }
+        std::memcpy(b + w, a + view_.carried_begin, view_.carried_bytes());  // the other caches, the recurrent state
+        w += view_.carried_bytes();
         if (w != size_a_) throw std::logic_error("relayout size mismatch");
         if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) throw std::runtime_error("relayout: set_data failed");
     }
 
   private:
-    double angle(double pos, int i) const {
-        return pos * rope_.freq_scale * std::pow(rope_.freq_base, -2.0 * i / rope_.n_rot);
+    bool multi_rope() const { return rope_.type == LLAMA_ROPE_TYPE_MROPE || rope_.type == LLAMA_ROPE_TYPE_IMROPE; }
+
+    // M-RoPE: which rotary pairs turn with the position. ggml gives pair i the section of sector
+    // i % (s0 + s1 + s2 + s3): t, h (y), w (x) or e (ggml-cpu/ops.cpp ggml_mrope_cache_init; IMROPE
+    // interleaves t, h, w). mtmd puts the frame's start position in t, y and x alike and 0 in e, text
+    // tokens get 0 in e too (llama-graph.cpp llm_graph_input_pos::set_input). So moving a token by delta
+    // positions turns its t, h and w pairs by delta and leaves the e pairs alone: one NeoX rotation with
+    // the e pairs held still (their tables hold cos 1, sin 0).
+    void set_pair_turns(const std::vector<int> &sections) {
+        pair_turns_.assign(size_t(rl_.n_rot / 2), 1);
+        sections_known_ = false;
+        if (!multi_rope()) return;
+        if (sections.size() != 4) return;  // unknown: no re-rotation, and apply() refuses to re-index
+        const int s0 = sections[0], s1 = sections[1], s2 = sections[2], s3 = sections[3];
+        const int sect_dims = s0 + s1 + s2 + s3;
+        if (sect_dims <= 0) return;
+        for (size_t i = 0; i < pair_turns_.size(); ++i) {
+            const int sector = int(i) % sect_dims;
+            bool e;
+            if (rope_.type == LLAMA_ROPE_TYPE_IMROPE)
+                e = !((sector % 3 == 0 && sector < 3 * s0) || (sector % 3 == 1 && sector < 3 * s1) ||
+                      (sector % 3 == 2 && sector < 3 * s2));
+            else
+                e = sector >= s0 + s1 + s2;
+            pair_turns_[i] = !e;
+        }
+        sections_known_ = true;
     }
 
-    // Rows C and S (RopeLayout) for one position.
-    void fill_tables(int pos, float *C, float *S) const {
+    static double angle(const Rope &rope, double pos, int i) {
+        return pos * rope.freq_scale * std::pow(rope.freq_base, -2.0 * i / rope.n_rot);
+    }
+
+    // Rows C and S (RopeLayout) for one position, with the model's RoPE or another one (sliding layers).
+    void fill_tables(int pos, float *C, float *S) const { fill_tables(rope_, pos, C, S); }
+    void fill_tables(const Rope &rope, int pos, float *C, float *S) const {
         const int half = rl_.n_rot / 2;
         for (int d = 0; d < rl_.n_rot; ++d) {
             const int i = rl_.neox ? d % half : d / 2;
             const bool first = rl_.neox ? d < half : d % 2 == 0;
-            const double th = angle(pos, i);
+            const double th = pair_turns_[size_t(i)] ? angle(rope, pos, i) : 0.0;
             C[d] = float(std::cos(th));
             S[d] = float(first ? std::sin(th) : -std::sin(th));
         }
@@ -935,7 +1012,7 @@ class KVPass {
         std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, 0));
         blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), 0));
         try {
-            edge::parse_state(blob.data(), blob.size(), mrope_, dview_);
+            edge::parse_state(blob.data(), blob.size(), layout_, dview_);
         } catch (const std::exception &e) {
             return e.what();
         }
@@ -1305,7 +1382,14 @@ class KVPass {
     void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t N, bool rerotate) {
         const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
         fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
-        const size_t out_size = edge::state_size_for(view_, cells);
+        // Reindex mode moves a sliding-window cache along with the sequence (plan_sliding); every other part
+        // after the compressed cache goes back as it was.
+        const bool move_sliding = rerotate && !view_.other_caches.empty() && C > 0;
+        const int sliding_delta = move_sliding ? NPOS[C - 1] - view_.pos[size_t(slot_cells_.back())] : 0;
+        const size_t sliding_out = move_sliding ? plan_sliding(sliding_delta) : 0;
+        const size_t rest_begin = move_sliding ? view_.other_caches[0].end : view_.carried_begin;
+        const size_t out_size =
+            8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
         if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
 
         py::gil_scoped_release nogil;
@@ -1321,8 +1405,15 @@ class KVPass {
         const size_t rec = (view_.cells_end - view_.cell_offset[0]) / view_.cell_count;
         for (size_t i = 0; i < NP; ++i) put(a + view_.cell_offset[prefix_cells_[i]], rec);
         for (size_t j = 0; j < C; ++j) {
-            std::memcpy(b + w, a + view_.cell_offset[slot_cells_[K[j]]], rec);  // head (0, 0)'s token: seq ids
+            const size_t src = size_t(slot_cells_[K[j]]);
+            std::memcpy(b + w, a + view_.cell_offset[src], rec);  // head (0, 0)'s token: seq ids
             std::memcpy(b + w, &NPOS[j], 4);
+            if (mrope_) {
+                // x and y move with the position, as the keys turn: (pos, y, x) stays in slot order.
+                const int32_t delta = NPOS[j] - view_.pos[src];
+                const int32_t xy[2] = {view_.ext_x[src] + delta, view_.ext_y[src] + delta};
+                std::memcpy(b + w + edge::kCellExtOffset, xy, 8);
+            }
             w += rec;
         }
         put32(view_.v_trans);
@@ -1340,7 +1431,19 @@ class KVPass {
             v_at[l] = w;
             w += view_.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
         }
+        if (move_sliding && write_sliding(b + w, sliding_delta) != sliding_out)
+            throw std::logic_error("re-indexed sliding-window cache size mismatch");
+        const size_t rest_at = w + sliding_out;
+        w = rest_at + (view_.size - rest_begin);
         if (w != out_size) throw std::logic_error("compressed state size mismatch");
+        // The parts after the compressed cache (the sliding-window cache in keep mode, the recurrent state)
+        // go back as they were.
+        std::memcpy(b + rest_at, a + rest_begin, view_.size - rest_begin);
+        // A recurrent state sits at the sequence's last position (the hybrid memory's seq_pos_min/max take
+        // it into account): give it the last kept slot's, which reindex mode lowers. Its data stay as they were.
+        if (view_.has_recurrent && C > 0)
+            for (size_t off : view_.recurrent.pos_offset)
+                std::memcpy(b + rest_at + (off - rest_begin), &NPOS[C - 1], 4);
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
             write_keys(l, b + k_at[l], K, C, NPOS, RP, N, rerotate, S);
             write_values(l, b + v_at[l], K, C);
@@ -1351,6 +1454,88 @@ class KVPass {
                 throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
             throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
         }
+    }
+
+    // Reindex mode on a sliding-window model (Gemma 3): the sliding layers' cache holds the sequence's last
+    // n_swa positions, llama.cpp's own window, and is not compressed. It moves with the end of the sequence:
+    // every video cell by the same delta (the compressed cache's new end minus its old one), keys re-rotated
+    // by delta with the sliding layers' RoPE, so each token keeps its distance to the next frame and the
+    // window shows what it showed. Video cells that would land in the system prompt's positions (a window
+    // longer than |C|) are dropped; the prompt's own cells, if still in the window, stay. Returns the
+    // section's bytes; plan_sliding checks everything write_sliding relies on.
+    size_t plan_sliding(int delta) {
+        const edge::CacheView &c = view_.other_caches[0];
+        if (!sliding_rope_set_)
+            throw std::runtime_error("the sliding-window layers' RoPE is not known (set_sliding_rope): cannot re-index");
+        const size_t H = size_t(n_head_);
+        for (const auto &L : c.layers) {
+            if (L.k_type != GGML_TYPE_F16 && L.k_type != GGML_TYPE_F32)
+                throw std::runtime_error(std::string("the sliding-window KV cache is ") + ggml_type_name(ggml_type(L.k_type)));
+            if (L.k_row_bytes != H * size_t(dk_) * ggml_type_size(ggml_type(L.k_type)))
+                throw std::runtime_error("the sliding-window cache's K rows do not match n_head_kv x head_dim");
+        }
+        sliding_keep_.clear();
+        for (uint32_t i = 0; i < c.cell_count; ++i)
+            if (c.pos[i] < n_prefix_ || c.pos[i] + delta >= n_prefix_) sliding_keep_.push_back(int32_t(i));
+        sliding_c_.resize(size_t(rl_.n_rot));
+        sliding_s_.resize(size_t(rl_.n_rot));
+        fill_tables(sliding_rope_, delta < 0 ? -delta : delta, sliding_c_.data(), sliding_s_.data());
+        return edge::cache_size_for(c, view_.mrope, sliding_keep_.size());
+    }
+
+    size_t write_sliding(uint8_t *out, int delta) {
+        const edge::CacheView &c = view_.other_caches[0];
+        const uint8_t *a = a_.data();
+        const size_t H = size_t(n_head_), n = sliding_keep_.size();
+        size_t w = 0;
+        auto put = [&](const void *src, size_t k) { std::memcpy(out + w, src, k); w += k; };
+        const uint32_t one = 1, cells = uint32_t(n);
+        put(&one, 4);
+        put(&cells, 4);
+        const size_t rec = (c.cells_end - c.cell_offset[0]) / c.cell_count;
+        auto moves = [&](int32_t i) { return c.pos[size_t(i)] >= n_prefix_; };  // video cells move, the prompt stays
+        for (int32_t i : sliding_keep_) {
+            std::memcpy(out + w, a + c.cell_offset[size_t(i)], rec);
+            if (moves(i)) {
+                const int32_t pos = c.pos[size_t(i)] + delta;
+                std::memcpy(out + w, &pos, 4);
+            }
+            w += rec;
+        }
+        put(&c.v_trans, 4);
+        put(&c.n_layer, 4);
+        float *tmp = scratch_[0].unit.data();
+        for (const auto &L : c.layers) {
+            put(a + L.k_offset - 12, 12);  // type, row bytes
+            const size_t row = L.k_row_bytes, hb = row / H;
+            for (int32_t i : sliding_keep_) {
+                const uint8_t *src = a + L.k_offset + size_t(i) * row;
+                if (!moves(i) || delta == 0) {
+                    put(src, row);
+                    continue;
+                }
+                for (size_t h = 0; h < H; ++h) {
+                    if (L.k_type == GGML_TYPE_F16)
+                        move_key(reinterpret_cast<const uint16_t *>(src + h * hb), reinterpret_cast<uint16_t *>(out + w + h * hb),
+                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
+                    else
+                        move_key(reinterpret_cast<const float *>(src + h * hb), reinterpret_cast<float *>(out + w + h * hb),
+                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
+                }
+                w += row;
+            }
+        }
+        for (const auto &L : c.layers) {
+            put(a + L.v_offset - 12, 12);  // type, row bytes (or element bytes, n_embd_v)
+            if (!c.v_trans) {
+                for (int32_t i : sliding_keep_) put(a + L.v_offset + size_t(i) * L.v_row_bytes, L.v_row_bytes);
+                continue;
+            }
+            const size_t e = L.v_elem_bytes;
+            for (size_t d = 0; d < L.n_embd_v; ++d)
+                for (int32_t i : sliding_keep_) put(a + L.v_offset + (d * c.cell_count + size_t(i)) * e, e);
+        }
+        return w;
     }
 
     // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
@@ -1442,8 +1627,15 @@ class KVPass {
     int n_prefix_, n_head_, dk_, dv_;
     bool mrope_;
     int max_cells_;
+    edge::StateLayout layout_;  // which parts the model's sequence state has
     Rope rope_;
+    Rope sliding_rope_;  // the sliding-window layers' RoPE (Gemma 3: their own base, no scaling)
+    bool sliding_rope_set_ = false;
+    std::vector<int32_t> sliding_keep_;  // the sliding cache's cells a re-index keeps
+    std::vector<float> sliding_c_, sliding_s_;  // its one rotation (every moved key turns by the same delta)
     RopeLayout rl_;
+    std::vector<uint8_t> pair_turns_;  // per rotary pair: whether it turns with the position (M-RoPE e pairs do not)
+    bool sections_known_ = false;      // M-RoPE: sections given, so keys can be re-rotated
     int table_n_ = 1;
     std::vector<float> rc_, rs_;
     // portable path
@@ -1470,8 +1662,85 @@ class KVPass {
     std::vector<Scratch> scratch_;
 };
 
+// Sequence 0's state of a context, part by part, as parse_state reads it: what the session sizes its
+// bookkeeping by (the layers and heads of the cache it compresses) and what tests pin llama.cpp's layout with.
+py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows) {
+    auto *ctx = reinterpret_cast<llama_context *>(ctx_address);
+    const edge::StateLayout layout = edge::layout_of(llama_get_model(ctx), mrope);
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, 0));
+    blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), 0));
+    StateView v;
+    edge::parse_state(blob.data(), blob.size(), layout, v);
+    auto cache = [&](const edge::CacheView &c) {
+        py::dict d;
+        if (rows) {  // every layer's K and V as float32 [cells, n_embd_k or n_embd_v], cells in blob order
+            py::list ks, vs;
+            for (const auto &L : c.layers) {
+                const size_t ek = ggml_type_size(ggml_type(L.k_type)), nk = L.k_row_bytes / ek;
+                py::array_t<float> k({py::ssize_t(c.cell_count), py::ssize_t(nk)});
+                to_float(L.k_type, blob.data() + L.k_offset, k.mutable_data(), c.cell_count * nk);
+                ks.append(k);
+                const size_t nv = c.v_trans ? L.n_embd_v : L.v_row_bytes / ggml_type_size(ggml_type(L.v_type));
+                py::array_t<float> v({py::ssize_t(c.cell_count), py::ssize_t(nv)});
+                float *o = v.mutable_data();
+                if (!c.v_trans) {
+                    to_float(L.v_type, blob.data() + L.v_offset, o, c.cell_count * nv);
+                } else {
+                    for (size_t dim = 0; dim < nv; ++dim)
+                        for (size_t i = 0; i < c.cell_count; ++i)
+                            to_float(L.v_type, blob.data() + L.v_offset + (dim * c.cell_count + i) * L.v_elem_bytes,
+                                     o + i * nv + dim, 1);
+                }
+                vs.append(v);
+            }
+            d["keys"] = ks;
+            d["values"] = vs;
+        }
+        d["bytes"] = c.end - c.begin;
+        d["positions"] = c.pos;
+        d["v_trans"] = c.v_trans != 0;
+        std::vector<uint64_t> k_rows, v_rows;
+        std::vector<std::string> k_types;
+        for (const auto &L : c.layers) {
+            k_rows.push_back(L.k_row_bytes);
+            v_rows.push_back(c.v_trans ? uint64_t(L.v_elem_bytes) * L.n_embd_v : L.v_row_bytes);
+            k_types.push_back(ggml_type_name(ggml_type(L.k_type)));
+        }
+        d["k_row_bytes"] = k_rows;
+        d["v_row_bytes"] = v_rows;
+        d["k_types"] = k_types;
+        return d;
+    };
+    py::list caches;
+    caches.append(cache(v));
+    for (const auto &c : v.other_caches) caches.append(cache(c));
+    py::dict out;
+    out["bytes"] = v.size;
+    out["caches"] = caches;
+    if (v.has_recurrent) {
+        py::dict r;
+        r["bytes"] = v.recurrent.end - v.recurrent.begin;
+        r["cells"] = v.recurrent.cell_count;
+        r["n_layer"] = v.recurrent.n_layer;
+        r["records"] = v.recurrent.n_records;
+        out["recurrent"] = r;
+    } else {
+        out["recurrent"] = py::none();
+    }
+    return out;
+}
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edge-runtime's KV compression pass over llama.cpp's KV cache (InfiniPot-V).";
+    m.def("state_layout", [](uintptr_t ctx, bool mrope) {
+        const edge::StateLayout s = edge::layout_of(llama_get_model(reinterpret_cast<llama_context *>(ctx)), mrope);
+        py::dict d;
+        d["n_caches"] = s.n_caches;
+        d["recurrent"] = s.recurrent;
+        return d;
+    }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
+    m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"), py::arg("rows") = false,
+          "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
     py::class_<KVCapture>(m, "KVCapture")
         .def(py::init<int>(), py::arg("n_layer"))
         .def_property_readonly("callback", &KVCapture::callback)
@@ -1479,11 +1748,13 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("complete", &KVCapture::complete)
         .def("describe", &KVCapture::describe);
     py::class_<KVPass>(m, "KVPass")
-        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int>(), py::arg("ctx"),
-             py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
+        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int, std::vector<int>>(),
+             py::arg("ctx"), py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
              py::arg("mrope"), py::arg("rope_type"), py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale"),
-             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1)
+             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1,
+             py::arg("rope_sections") = std::vector<int>{})
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
+        .def("set_sliding_rope", &KVPass::set_sliding_rope, py::arg("freq_base"), py::arg("freq_scale"))
         // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
         .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
         .def("read_direct", &KVPass::read_direct, py::arg("n_video"), py::call_guard<py::gil_scoped_release>())
@@ -1495,6 +1766,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("state_bytes", &KVPass::state_bytes)
         .def_property_readonly("buffer_bytes", &KVPass::buffer_bytes)
         .def("slot_positions", &KVPass::slot_positions)
+        .def("slot_ext", &KVPass::slot_ext)
         .def("keys", &KVPass::keys)
         .def("values", &KVPass::values)
         .def("select", &KVPass::select, py::arg("slot_frame"), py::arg("slot_patch"), py::arg("rot_pos"),

@@ -111,6 +111,21 @@ def read_tokenizer_fields(source: Path) -> tuple[TokenizerField, ...]:
     return tuple(fields)
 
 
+def with_added_tokens(fields: tuple[TokenizerField, ...], tokens: list[str]) -> tuple[TokenizerField, ...]:
+    """SmolLM2's tokenizer plus `tokens` as control tokens at the end of the vocabulary, as a VLM's text model
+    adds its image markers (<|vision_start|>, <global-img>, ...) to its base tokenizer."""
+    out: list[TokenizerField] = []
+    for key, vtype, value, sub_type in fields:
+        if key == "tokenizer.ggml.tokens":
+            value = list(value) + [t.encode() for t in tokens]
+        elif key == "tokenizer.ggml.token_type":
+            value = list(value) + [int(gguf.TokenType.CONTROL)] * len(tokens)
+        elif key == "tokenizer.ggml.scores":
+            value = list(value) + [0.0] * len(tokens)
+        out.append((key, vtype, value, sub_type))
+    return tuple(out)
+
+
 def write_gguf(writer: gguf.GGUFWriter, path: Path) -> None:
     """Write to a temporary name then rename, so a reader never sees a half-written fixture."""
     tmp = path.with_name(path.name + ".tmp")

@@ -8,7 +8,6 @@ from types import ModuleType
 
 import cv2
 import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
@@ -60,7 +59,12 @@ class CheckedInfiniPotV(InfiniPotV):
         kept = super().select(memory, kv, keep)
         frame, patch, rot_pos = memory.slots.arrays()
         geo = self.geometry
-        unrotated = ref.rope_rotate(keys, -rot_pos, geo.freq_base, geo.n_rot, neox=geo.rope_type == 2)
+        # NeoX and M-RoPE pair halves; an M-RoPE key moved by a whole position turns every t, h and w pair
+        # alike, so without an e section (Qwen2-VL's (16, 24, 24, 0)) it is a NeoX turn. Linear RoPE scaling
+        # (Gemma 3's global layers) multiplies every position by freq_scale.
+        assert not geo.rope_sections or geo.rope_sections[3] == 0
+        unrotated = ref.rope_rotate(keys, -rot_pos * geo.freq_scale, geo.freq_base, geo.n_rot,
+                                    neox=geo.rope_type != 0)
         oldest = recent_frames(memory, self.recent_fraction)
         recent = sorted({int(f) for f in frame[0, 0] if f >= oldest})
         expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
@@ -157,16 +161,8 @@ def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> N
 
 
 def frame_embeddings(model: VisionLanguageModel, image: np.ndarray) -> np.ndarray:
-    """The projector's output for one frame: [tokens, n_embd]."""
-    encoded = model.encode_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    try:
-        chunk = next(mtmd.mtmd_input_chunks_get(encoded.chunks, i) for i in range(mtmd.mtmd_input_chunks_size(
-            encoded.chunks)) if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(encoded.chunks, i)) == 1)
-        assert mtmd.mtmd_encode_chunk(model.mtmd_ctx, chunk) == 0
-        ptr = mtmd.mtmd_get_output_embd(model.mtmd_ctx)
-        return np.ctypeslib.as_array(ptr, shape=(encoded.n_tokens, model.n_embd)).copy()
-    finally:
-        model.free_frame(encoded)
+    """The projector's output for one BGR frame, of the image the session decodes: [tokens, n_embd]."""
+    return model.frame_embeddings(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
 def decode_embeddings(model: VisionLanguageModel, embd: np.ndarray, positions: np.ndarray) -> None:

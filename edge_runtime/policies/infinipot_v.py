@@ -42,6 +42,9 @@ class InfiniPotV(Policy):
         self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
 
     def check(self, memory: VideoMemory, keep: int) -> None:
+        if self.pool and memory.records and memory.records[-1].wrapper_tokens:
+            raise SettingsError("VaN pooling needs a frame's tokens on its patch grid, and this model wraps each "
+                                "frame in text tokens: drop --pool")
         p = memory.tokens_per_frame
         r = min(max(1, round(self.recent_fraction * memory.budget / p)), memory.frames_since_pass)
         protected = math.floor(self.alpha * keep) if self.use_tar and self.use_van else keep

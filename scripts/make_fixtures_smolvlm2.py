@@ -1,0 +1,109 @@
+"""Write a tiny random-weight SmolVLM2 pair (llama text model + idefics3 mmproj) with `gguf`.
+
+The same idea as make_fixtures.py (the real llama.cpp on files that build in a second), for the family
+that tiles its images. Two files:
+
+* ``tiny-smolvlm2.gguf``: the tiny llama of make_fixtures.py (SmolVLM2's text model is SmolLM2, a llama)
+  with SmolLM2's tokenizer plus the tokens SmolVLM2 adds and mtmd looks up around an image
+  (<fake_token_around_image>, <global-img>, <row_1_col_1>).
+* ``tiny-idefics3-mmproj.gguf``: projector type ``idefics3``: a SigLIP-style tower on 128 px tiles of
+  16 px patches (8 x 8), a 2 x 2 pixel shuffle and one linear layer (mm.model.fc) to the text width: 4 x 4 =
+  16 tokens a view. preproc_image_size (the longest edge a frame is resized to before tiling) is 256, so
+  a 4:3 frame becomes 2 x 2 tiles plus a global view, as real SmolVLM2 files tile at 2048 px; the
+  runtime decodes the global view only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_fixtures: the shared writer helpers
+import make_fixtures as base  # noqa: E402
+
+MARKERS = ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>"]
+IMAGE_SIZE = 128  # a tile and the global view
+PATCH_SIZE = 16
+SCALE_FACTOR = 2  # pixel shuffle: (128 / 16 / 2)^2 = 16 tokens a view
+LONGEST_EDGE = 256  # frames are resized to this longest edge, then cut into 128 px tiles
+V_N_EMBD, V_N_HEAD, V_N_FF, V_N_LAYER = 32, 2, 64, 2
+
+MODEL_NAME = "tiny-smolvlm2.gguf"
+MMPROJ_NAME = "tiny-idefics3-mmproj.gguf"
+
+
+def write_mmproj(path: Path, seed: int, out_width: int = base.N_EMBD) -> None:
+    rng = np.random.default_rng([seed, 21])
+    w = gguf.GGUFWriter(None, "clip")
+    w.add_name("edge-runtime tiny idefics3 projector (random weights, test fixture)")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "idefics3")  # clip-impl.h PROJECTOR_TYPE_NAMES
+    w.add_uint32("clip.vision.image_size", IMAGE_SIZE)
+    w.add_uint32("clip.vision.patch_size", PATCH_SIZE)
+    w.add_uint32("clip.vision.embedding_length", V_N_EMBD)
+    w.add_uint32("clip.vision.feed_forward_length", V_N_FF)
+    w.add_uint32("clip.vision.block_count", V_N_LAYER)
+    w.add_uint32("clip.vision.projection_dim", out_width)
+    w.add_uint32("clip.vision.attention.head_count", V_N_HEAD)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_uint32("clip.vision.projector.scale_factor", SCALE_FACTOR)
+    w.add_uint32("clip.vision.preproc_image_size", LONGEST_EDGE)  # what convert_hf_to_gguf writes for SmolVLM
+    w.add_bool("clip.use_gelu", True)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    w.add_tensor("v.patch_embd.weight", base.normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
+    w.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
+    w.add_tensor("v.position_embd.weight", base.normal(rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, V_N_EMBD))
+    for il in range(V_N_LAYER):
+        blk = f"v.blk.{il}"
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(f"{blk}.{proj}.weight", base.normal(rng, V_N_EMBD, V_N_EMBD))
+            w.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
+        for ln in ("ln1", "ln2"):
+            w.add_tensor(f"{blk}.{ln}.weight", np.ones(V_N_EMBD, dtype=np.float32))
+            w.add_tensor(f"{blk}.{ln}.bias", zeros(V_N_EMBD))
+        w.add_tensor(f"{blk}.ffn_up.weight", base.normal(rng, V_N_FF, V_N_EMBD))
+        w.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
+        w.add_tensor(f"{blk}.ffn_down.weight", base.normal(rng, V_N_EMBD, V_N_FF))
+        w.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
+    w.add_tensor("v.post_ln.weight", np.ones(V_N_EMBD, dtype=np.float32))
+    w.add_tensor("v.post_ln.bias", zeros(V_N_EMBD))
+    # After the pixel shuffle a token carries 2 x 2 patches: 4 x 32 in, the text width out.
+    w.add_tensor("mm.model.fc.weight", base.normal(rng, out_width, SCALE_FACTOR**2 * V_N_EMBD))
+    base.write_gguf(w, path)
+
+
+def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the pair into ``out_dir``; keys ``"model"`` and ``"mmproj"``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"model": out_dir / MODEL_NAME, "mmproj": out_dir / MMPROJ_NAME}
+    write_text_model(paths["model"], seed)
+    write_mmproj(paths["mmproj"], seed)
+    return paths
+
+
+def write_text_model(path: Path, seed: int, n_layer: int = base.N_LAYER, n_head_kv: int = base.N_HEAD_KV) -> None:
+    fields = base.with_added_tokens(base.read_tokenizer_fields(base.smollm2_path()), MARKERS)
+    base.write_text_model(Path(path), seed, fields, n_layer=n_layer, n_head_kv=n_head_kv)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
+    args = parser.parse_args()
+    for key, path in make_fixtures(args.out, args.seed).items():
+        print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
