@@ -36,7 +36,8 @@ def test_frames_are_recorded_with_positions_and_grid(session: Session) -> None:
     for k, r in enumerate(mem.records):
         assert r.pos0 == mem.prefix_tokens + k * TOKENS_PER_FRAME
         assert r.n_tokens == r.n_pos == TOKENS_PER_FRAME
-        assert r.nx * r.ny == TOKENS_PER_FRAME
+        # mtmd reports (16, 1); LLaVA's mlp tokens are a 4 x 4 grid row by row, which --pool needs
+        assert (r.nx, r.ny) == (4, 4) and r.nx * r.ny == TOKENS_PER_FRAME
     assert mem.video_tokens == 5 * TOKENS_PER_FRAME
     assert mem.next_pos == mem.prefix_tokens + 5 * TOKENS_PER_FRAME
     assert session.model.max_position() == mem.next_pos - 1
