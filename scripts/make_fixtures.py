@@ -26,6 +26,7 @@ import argparse
 import functools
 import importlib.resources
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -270,13 +271,18 @@ def make_mmproj(path: Path, image_size: int, seed: int = 0) -> Path:
     return Path(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def fixture_main(make: Callable[[Path, int], dict[str, Path]], doc: str | None) -> None:
+    """The command line every fixture script shares: --out, --seed, then the files it wrote."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
     args = parser.parse_args()
-    for key, path in make_fixtures(args.out, args.seed).items():
+    for key, path in make(args.out, args.seed).items():
         print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    fixture_main(make_fixtures, __doc__)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Same seed, same bytes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from make_fixtures import (  # noqa: E402
     V_N_EMBD,
     V_N_FF,
     V_N_HEAD,
+    fixture_main,
     normal,
     read_tokenizer_fields,
     smollm2_path,
@@ -159,12 +159,7 @@ def make_text_model(path: Path, head_kv_per_layer: list[int], seed: int = 0, sli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
-    args = parser.parse_args()
-    for key, path in make_fixtures(args.out, args.seed).items():
-        print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    fixture_main(make_fixtures, __doc__)
 
 
 if __name__ == "__main__":

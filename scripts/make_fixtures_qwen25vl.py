@@ -14,7 +14,6 @@ whose KV cache differs most: M-RoPE. Two files:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -139,12 +138,7 @@ def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
-    args = parser.parse_args()
-    for key, path in make_fixtures(args.out, args.seed).items():
-        print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    base.fixture_main(make_fixtures, __doc__)
 
 
 if __name__ == "__main__":

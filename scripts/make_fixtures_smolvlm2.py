@@ -15,7 +15,6 @@ that tiles its images. Two files:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -97,12 +96,7 @@ def write_text_model(path: Path, seed: int, n_layer: int = base.N_LAYER, n_head_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("fixtures"), help="output folder, default fixtures")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default: 0)")
-    args = parser.parse_args()
-    for key, path in make_fixtures(args.out, args.seed).items():
-        print(f"{key}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    base.fixture_main(make_fixtures, __doc__)
 
 
 if __name__ == "__main__":
