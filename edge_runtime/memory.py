@@ -36,6 +36,15 @@ class SlotTable:
         self.patch = np.zeros(shape, np.int32)
         self.rot_pos = np.zeros(shape, np.int32)
         self.n = 0
+        # Buffers every pass reuses: a fresh 1.5 MB array a pass costs more in page faults than the copy
+        # into it (arrays() for [30, 3, 4096]: 2 ms fresh, 0.08 ms into these).
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._scratch[name] = np.empty(shape, dtype)
+        return buf
 
     def append(self, frame_index: int, n_tokens: int, pos0: int, one_position: bool = False) -> None:
         """A new frame's tokens at positions pos0.. (one_position: all at pos0, as M-RoPE frames are)."""
@@ -54,14 +63,29 @@ class SlotTable:
         n = self.n
         return tuple(np.array(t[:, :, :n], order="C", copy=True) for t in (self.frame, self.patch, self.rot_pos))
 
+    def pass_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three tables as contiguous [L, H, n] copies for one pass, in buffers the next call overwrites."""
+        L, H, _ = self.frame.shape
+        out = []
+        for name, table in (("frame", self.frame), ("patch", self.patch), ("rot_pos", self.rot_pos)):
+            buf = self._buffer(name, (L, H, self.n), np.int32)
+            np.copyto(buf, table[:, :, :self.n])
+            out.append(buf)
+        return out[0], out[1], out[2]
+
     def keep(self, kept: np.ndarray, new_rot_pos: np.ndarray | None) -> None:
         """Slot j of head (l, h) becomes the old slot kept[l, h, j]; keys re-rotated to new_rot_pos if given."""
         L, H, c = kept.shape
         cap = self.frame.shape[2]
         # One flat gather index for all three tables: take_along_axis costs 3x as much on [30, 3, 4096].
-        flat = (kept + (np.arange(L * H, dtype=np.intp) * cap).reshape(L, H, 1)).ravel()
+        offsets = self._buffer("offsets", (L, H, 1), np.intp)
+        offsets[:, :, 0] = (np.arange(L * H, dtype=np.intp) * cap).reshape(L, H)
+        flat = self._buffer("flat", (L, H, c), np.intp)
+        np.add(kept, offsets, out=flat)
+        taken = self._buffer("taken", (L, H, c), np.int32)
         for table in (self.frame, self.patch, self.rot_pos):
-            table[:, :, :c] = np.take(table.reshape(-1), flat).reshape(L, H, c)
+            np.take(table.reshape(-1), flat, out=taken)
+            table[:, :, :c] = taken
         if new_rot_pos is not None:
             self.rot_pos[:, :, :c] = new_rot_pos
         self.n = c
@@ -73,7 +97,9 @@ class SlotTable:
             return np.zeros(0, np.int32)
         first = int(frames[:, :, 0].min())  # slots are in time order: the oldest frame is in slot 0
         seen = np.zeros(int(frames[:, :, -1].max()) - first + 1, bool)
-        seen[(frames - first).ravel()] = True
+        offset = self._buffer("present", frames.shape, np.int32)
+        np.subtract(frames, first, out=offset)
+        seen[offset.reshape(-1)] = True
         return (np.flatnonzero(seen) + first).astype(np.int32)
 
 

@@ -288,7 +288,7 @@ class Session:
         # M-RoPE keep: a frame spans fewer positions than tokens, so there is no room below the next frame;
         # each cell keeps the position of head (0, 0)'s token, which keeps the cells in time order.
         reindex = self.config.positions == "reindex"
-        rot_pos = np.ascontiguousarray(mem.slots.rot_pos[:, :, :mem.video_tokens])  # read before keep() rewrites it
+        _, _, rot_pos = mem.slots.pass_tables()  # a copy: keep() below rewrites the table
         if not reindex and self.geometry.mrope:
             new_pos = np.ascontiguousarray(rot_pos[0, 0, kept[0, 0]], dtype=np.int32)
         else:

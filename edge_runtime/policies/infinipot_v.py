@@ -53,7 +53,7 @@ class InfiniPotV(Policy):
                                 f"({r * p} tokens): raise --alpha or --budget, or lower the recent fraction")
 
     def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
-        frame, patch, rot_pos = memory.slots.arrays()
+        frame, patch, rot_pos = memory.slots.pass_tables()
         nx, ny = memory.grid
         return kv.select(frame, patch, rot_pos, nx, ny, recent_frames(memory, self.recent_fraction), keep,
                          self.alpha, self.pool, self.use_tar, self.use_van)
