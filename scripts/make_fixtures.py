@@ -181,6 +181,41 @@ def write_text_model(path: Path, seed: int, tokenizer_fields: tuple[TokenizerFie
     write_gguf(writer, path)
 
 
+def add_vit(w: gguf.GGUFWriter, rng: np.random.Generator, n_positions: int, patch_size: int, n_layer: int,
+            pre_ln: bool, post_ln: bool) -> None:
+    """The ViT clip.cpp loads for every projector here: patch embedding, learned positions (no class token),
+    pre-norm blocks; CLIP (LLaVA) has a norm before the blocks, SigLIP (gemma3, lfm2, idefics3) one after."""
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    # Conv kernel in PyTorch order (out_ch, in_ch, kh, kw) = ggml ne [kw, kh, in_ch, out_ch].
+    w.add_tensor("v.patch_embd.weight", normal(rng, V_N_EMBD, 3, patch_size, patch_size))
+    w.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
+    w.add_tensor("v.position_embd.weight", normal(rng, n_positions, V_N_EMBD))
+    if pre_ln:
+        w.add_tensor("v.pre_ln.weight", ones(V_N_EMBD))
+        w.add_tensor("v.pre_ln.bias", zeros(V_N_EMBD))
+    for il in range(n_layer):
+        blk = f"v.blk.{il}"
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(f"{blk}.{proj}.weight", normal(rng, V_N_EMBD, V_N_EMBD))
+            w.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
+        w.add_tensor(f"{blk}.ln1.weight", ones(V_N_EMBD))
+        w.add_tensor(f"{blk}.ln1.bias", zeros(V_N_EMBD))
+        w.add_tensor(f"{blk}.ffn_up.weight", normal(rng, V_N_FF, V_N_EMBD))
+        w.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
+        w.add_tensor(f"{blk}.ffn_down.weight", normal(rng, V_N_EMBD, V_N_FF))
+        w.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
+        w.add_tensor(f"{blk}.ln2.weight", ones(V_N_EMBD))
+        w.add_tensor(f"{blk}.ln2.bias", zeros(V_N_EMBD))
+    if post_ln:
+        w.add_tensor("v.post_ln.weight", ones(V_N_EMBD))
+        w.add_tensor("v.post_ln.bias", zeros(V_N_EMBD))
+
+
 def write_mmproj(path: Path, seed: int, out_width: int, image_size: int = IMAGE_SIZE) -> None:
     # The vision tower's weights do not depend on out_width, so both projector files share them.
     rng = np.random.default_rng([seed, 1])
@@ -201,39 +236,14 @@ def write_mmproj(path: Path, seed: int, out_width: int, image_size: int = IMAGE_
     writer.add_array("clip.vision.image_mean", IMAGE_MEAN)
     writer.add_array("clip.vision.image_std", IMAGE_STD)
 
-    def zeros(n: int) -> np.ndarray:
-        return np.zeros(n, dtype=np.float32)
-
-    def ones(n: int) -> np.ndarray:
-        return np.ones(n, dtype=np.float32)
-
-    # Conv kernel in PyTorch order (out_ch, in_ch, kh, kw) = ggml ne [kw, kh, in_ch, out_ch].
-    writer.add_tensor("v.patch_embd.weight", normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
-    writer.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
-    n_patches = (image_size // PATCH_SIZE) ** 2  # no class token: positions are the patches only
-    writer.add_tensor("v.position_embd.weight", normal(rng, n_patches, V_N_EMBD))
-    writer.add_tensor("v.pre_ln.weight", ones(V_N_EMBD))
-    writer.add_tensor("v.pre_ln.bias", zeros(V_N_EMBD))
-    for il in range(V_N_LAYER):
-        blk = f"v.blk.{il}"
-        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            writer.add_tensor(f"{blk}.{proj}.weight", normal(rng, V_N_EMBD, V_N_EMBD))
-            writer.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
-        writer.add_tensor(f"{blk}.ln1.weight", ones(V_N_EMBD))
-        writer.add_tensor(f"{blk}.ln1.bias", zeros(V_N_EMBD))
-        writer.add_tensor(f"{blk}.ffn_up.weight", normal(rng, V_N_FF, V_N_EMBD))
-        writer.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
-        writer.add_tensor(f"{blk}.ffn_down.weight", normal(rng, V_N_EMBD, V_N_FF))
-        writer.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
-        writer.add_tensor(f"{blk}.ln2.weight", ones(V_N_EMBD))
-        writer.add_tensor(f"{blk}.ln2.bias", zeros(V_N_EMBD))
+    add_vit(writer, rng, (image_size // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER, pre_ln=True, post_ln=False)
     # LLaVA projector: mm.0 -> GELU -> mm.2. The loader calls the biases optional but the graph adds
     # them unconditionally: without mm.2.bias, mtmd_init_from_file segfaults during its warmup.
     # mtmd takes the output width from mm.2's rows and compares it with the text model's n_embd.
     writer.add_tensor("mm.0.weight", normal(rng, MM_HIDDEN, V_N_EMBD))
-    writer.add_tensor("mm.0.bias", zeros(MM_HIDDEN))
+    writer.add_tensor("mm.0.bias", np.zeros(MM_HIDDEN, dtype=np.float32))
     writer.add_tensor("mm.2.weight", normal(rng, out_width, MM_HIDDEN))
-    writer.add_tensor("mm.2.bias", zeros(out_width))
+    writer.add_tensor("mm.2.bias", np.zeros(out_width, dtype=np.float32))
     write_gguf(writer, path)
 
 

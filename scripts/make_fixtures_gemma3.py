@@ -33,6 +33,7 @@ from make_fixtures import (  # noqa: E402
     V_N_EMBD,
     V_N_FF,
     V_N_HEAD,
+    add_vit,
     fixture_main,
     normal,
     read_tokenizer_fields,
@@ -135,40 +136,11 @@ def write_mmproj(path: Path, seed: int) -> None:
     w.add_uint32("clip.vision.projector.scale_factor", POOL)
     w.add_array("clip.vision.image_mean", IMAGE_MEAN)
     w.add_array("clip.vision.image_std", IMAGE_STD)
-    add_siglip_tower(w, rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER)
+    add_vit(w, rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER, pre_ln=False, post_ln=True)  # SigLIP
     # gemma3 projector: RMS norm (mm.soft_emb_norm), then mm.input_projection [vision width -> text width]
     w.add_tensor("mm.soft_emb_norm.weight", np.ones(V_N_EMBD, dtype=np.float32))
     w.add_tensor("mm.input_projection.weight", normal(rng, V_N_EMBD, N_EMBD))
     write_gguf(w, path)
-
-
-def add_siglip_tower(w: gguf.GGUFWriter, rng: np.random.Generator, n_positions: int, patch_size: int,
-                     n_layer: int) -> None:
-    """SigLIP's ViT (patch embedding, learned positions, pre-norm blocks, post norm), as clip.cpp loads it."""
-    def zeros(n: int) -> np.ndarray:
-        return np.zeros(n, dtype=np.float32)
-
-    def ones(n: int) -> np.ndarray:
-        return np.ones(n, dtype=np.float32)
-
-    w.add_tensor("v.patch_embd.weight", normal(rng, V_N_EMBD, 3, patch_size, patch_size))
-    w.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
-    w.add_tensor("v.position_embd.weight", normal(rng, n_positions, V_N_EMBD))
-    for il in range(n_layer):
-        blk = f"v.blk.{il}"
-        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(f"{blk}.{proj}.weight", normal(rng, V_N_EMBD, V_N_EMBD))
-            w.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
-        w.add_tensor(f"{blk}.ln1.weight", ones(V_N_EMBD))
-        w.add_tensor(f"{blk}.ln1.bias", zeros(V_N_EMBD))
-        w.add_tensor(f"{blk}.ffn_up.weight", normal(rng, V_N_FF, V_N_EMBD))
-        w.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
-        w.add_tensor(f"{blk}.ffn_down.weight", normal(rng, V_N_EMBD, V_N_FF))
-        w.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
-        w.add_tensor(f"{blk}.ln2.weight", ones(V_N_EMBD))
-        w.add_tensor(f"{blk}.ln2.bias", zeros(V_N_EMBD))
-    w.add_tensor("v.post_ln.weight", ones(V_N_EMBD))
-    w.add_tensor("v.post_ln.bias", zeros(V_N_EMBD))
 
 
 def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:

@@ -33,6 +33,7 @@ from make_fixtures import (  # noqa: E402
     V_N_EMBD,
     V_N_FF,
     V_N_HEAD,
+    add_vit,
     fixture_main,
     normal,
     read_tokenizer_fields,
@@ -40,7 +41,6 @@ from make_fixtures import (  # noqa: E402
     with_added_tokens,
     write_gguf,
 )
-from make_fixtures_gemma3 import add_siglip_tower  # noqa: E402 - the same SigLIP tower
 
 ARCH = "lfm2"
 N_EMBD = 64
@@ -132,7 +132,7 @@ def write_mmproj(path: Path, seed: int) -> None:
     w.add_uint32("clip.vision.projector.scale_factor", MERGE)
     w.add_array("clip.vision.image_mean", IMAGE_MEAN)
     w.add_array("clip.vision.image_std", IMAGE_STD)
-    add_siglip_tower(w, rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER)
+    add_vit(w, rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER, pre_ln=False, post_ln=True)  # SigLIP2
     # lfm2 projector: pixel unshuffle (MERGE^2 patches side by side), then mm.1 -> GELU -> mm.2
     merged = V_N_EMBD * MERGE * MERGE
     w.add_tensor("mm.1.weight", normal(rng, MM_HIDDEN, merged))

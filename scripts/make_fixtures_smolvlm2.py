@@ -55,26 +55,7 @@ def write_mmproj(path: Path, seed: int, out_width: int = base.N_EMBD) -> None:
     w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
 
-    def zeros(n: int) -> np.ndarray:
-        return np.zeros(n, dtype=np.float32)
-
-    w.add_tensor("v.patch_embd.weight", base.normal(rng, V_N_EMBD, 3, PATCH_SIZE, PATCH_SIZE))
-    w.add_tensor("v.patch_embd.bias", zeros(V_N_EMBD))
-    w.add_tensor("v.position_embd.weight", base.normal(rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, V_N_EMBD))
-    for il in range(V_N_LAYER):
-        blk = f"v.blk.{il}"
-        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(f"{blk}.{proj}.weight", base.normal(rng, V_N_EMBD, V_N_EMBD))
-            w.add_tensor(f"{blk}.{proj}.bias", zeros(V_N_EMBD))
-        for ln in ("ln1", "ln2"):
-            w.add_tensor(f"{blk}.{ln}.weight", np.ones(V_N_EMBD, dtype=np.float32))
-            w.add_tensor(f"{blk}.{ln}.bias", zeros(V_N_EMBD))
-        w.add_tensor(f"{blk}.ffn_up.weight", base.normal(rng, V_N_FF, V_N_EMBD))
-        w.add_tensor(f"{blk}.ffn_up.bias", zeros(V_N_FF))
-        w.add_tensor(f"{blk}.ffn_down.weight", base.normal(rng, V_N_EMBD, V_N_FF))
-        w.add_tensor(f"{blk}.ffn_down.bias", zeros(V_N_EMBD))
-    w.add_tensor("v.post_ln.weight", np.ones(V_N_EMBD, dtype=np.float32))
-    w.add_tensor("v.post_ln.bias", zeros(V_N_EMBD))
+    base.add_vit(w, rng, (IMAGE_SIZE // PATCH_SIZE) ** 2, PATCH_SIZE, V_N_LAYER, pre_ln=False, post_ln=True)
     # After the pixel shuffle a token carries 2 x 2 patches: 4 x 32 in, the text width out.
     w.add_tensor("mm.model.fc.weight", base.normal(rng, out_width, SCALE_FACTOR**2 * V_N_EMBD))
     base.write_gguf(w, path)
