@@ -281,6 +281,17 @@ def make_mmproj(path: Path, image_size: int, seed: int = 0) -> Path:
     return Path(path)
 
 
+def write_pair(out_dir: Path, seed: int, names: tuple[str, str], write_text_model: Callable[[Path, int], None],
+               write_mmproj: Callable[[Path, int], None]) -> dict[str, Path]:
+    """A family's text model and mmproj into ``out_dir`` under ``names``; returns ``{"model": ..., "mmproj": ...}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"model": out_dir / names[0], "mmproj": out_dir / names[1]}
+    write_text_model(paths["model"], seed)
+    write_mmproj(paths["mmproj"], seed)
+    return paths
+
+
 def fixture_main(make: Callable[[Path, int], dict[str, Path]], doc: str | None) -> None:
     """The command line every fixture script shares: --out, --seed, then the files it wrote."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])

@@ -40,6 +40,7 @@ from make_fixtures import (  # noqa: E402
     smollm2_path,
     with_added_tokens,
     write_gguf,
+    write_pair,
 )
 
 ARCH = "lfm2"
@@ -144,12 +145,7 @@ def write_mmproj(path: Path, seed: int) -> None:
 
 def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write the pair into ``out_dir`` and return ``{"model": ..., "mmproj": ...}``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"model": out_dir / MODEL_NAME, "mmproj": out_dir / MMPROJ_NAME}
-    write_text_model(paths["model"], seed)
-    write_mmproj(paths["mmproj"], seed)
-    return paths
+    return write_pair(out_dir, seed, (MODEL_NAME, MMPROJ_NAME), write_text_model, write_mmproj)
 
 
 def make_text_model(path: Path, head_kv_per_layer: list[int], seed: int = 0, sliding_window: int = 0) -> Path:

@@ -63,12 +63,7 @@ def write_mmproj(path: Path, seed: int, out_width: int = base.N_EMBD) -> None:
 
 def make_fixtures(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write the pair into ``out_dir``; keys ``"model"`` and ``"mmproj"``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"model": out_dir / MODEL_NAME, "mmproj": out_dir / MMPROJ_NAME}
-    write_text_model(paths["model"], seed)
-    write_mmproj(paths["mmproj"], seed)
-    return paths
+    return base.write_pair(out_dir, seed, (MODEL_NAME, MMPROJ_NAME), write_text_model, write_mmproj)
 
 
 def write_text_model(path: Path, seed: int, n_layer: int = base.N_LAYER, n_head_kv: int = base.N_HEAD_KV) -> None:

@@ -17,3 +17,13 @@ def probe_logits(model: VisionLanguageModel, pos: int) -> np.ndarray:
         model.restore_partial_state(partial)
     model.remove_positions(pos)
     return logits
+
+
+def moved_keys(kv, seen: dict, layer: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """After a pass: the layer's first `keep` keys [H, keep, D], and the keys its kept slots held before
+    (`seen` as a recording policy saved them). Values must have moved byte for byte; keys are the caller's
+    to compare (unchanged in keep mode, re-rotated in reindex mode)."""
+    kept = seen["kept"][layer]
+    old_values = np.take_along_axis(seen["values"][layer], kept[..., None], axis=1)
+    np.testing.assert_array_equal(kv.values(layer)[:, :keep], old_values)
+    return kv.keys(layer)[:, :keep], np.take_along_axis(seen["keys"][layer], kept[..., None], axis=1)

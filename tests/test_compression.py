@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
-from probes import probe_logits
+from probes import moved_keys, probe_logits
 
 from edge_runtime.memory import VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
@@ -109,10 +109,7 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
             for layer in range(kv.n_layer):
-                new_keys, new_values = kv.keys(layer)[:, :keep], kv.values(layer)[:, :keep]
-                old_keys = np.take_along_axis(seen["keys"][layer], kept[layer][..., None], axis=1)
-                old_values = np.take_along_axis(seen["values"][layer], kept[layer][..., None], axis=1)
-                np.testing.assert_array_equal(new_values, old_values)
+                new_keys, old_keys = moved_keys(kv, seen, layer, keep)
                 if positions == "keep":
                     np.testing.assert_array_equal(new_keys, old_keys)
                 else:  # re-rotated from where each key was to its compact slot, in fp16
