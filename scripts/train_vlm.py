@@ -106,13 +106,15 @@ class TrainConfig:
     workers: int = 12
     eval_every: int = 200
     steps: int = 0  # stop after this many steps (reproducible); 0: stop at --minutes
+    total_steps: int = 0  # the cosine ends at this step, across resumed calls; 0: at the end of this call
     position_gap: int = 0  # a clip draws a gap scale up to this, then gaps between its frames: long-stream distances
     sparse_fraction: float = 0.0  # clips with 1-2 brief appearances, mostly empty frames, as long streams are
     digit_weight: float = 1.0  # the digit's auxiliary loss, times this: digits are rare and the hardest to read
+    stream_frames: int = 0  # a clip stands for a stream up to this long: its empty frames weigh more in attention
     init: str = ""  # an exported model folder (mmproj.gguf, lora.gguf) to start from instead of from scratch
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
     long_eval_frames: int = 120  # held-out streams this long, full cache, contiguous positions: the benchmark's task
-    long_eval_size: int = 16
+    long_eval_size: int = 32  # x 3 questions: 16 streams (48 questions) moved 5-10 points from one eval to the next
 
 
 OBJECT_LABELS = {  # the auxiliary targets: index 0 means "no object in this frame"
@@ -136,12 +138,18 @@ SPARSE_DURATION = (1, 4)  # ... of a few frames each, so most of a 12-frame clip
 
 
 def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int,
-                 position_gap: int = 0, sparse: bool = False) -> dict:
-    """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames.
+                 position_gap: int = 0, sparse: bool = False, stream_frames: int = 0) -> dict:
+    """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames,
+    key_weight (how many tokens each token counts as in attention).
 
     With position_gap, the clip draws a gap scale up to it, and each frame starts up to that many positions
     after the previous one ends: relative distances between a question and its evidence then span what a
     long stream has, while the clip stays short. sparse: few, brief appearances (SPARSE_EVENTS, SPARSE_DURATION).
+
+    With stream_frames, the clip draws a stream length L in [n_frames, stream_frames] and each of its empty
+    frames counts as (L - frames with an object) / (empty frames) frames in every attention: the softmax
+    mass that background takes in a long stream, where a few appearances sit among ~100 empty frames.
+    The frames themselves stay n_frames; only their weight in the softmax (vlm_text's key_weight) changes.
     """
     stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
               else scenes.make_stream(seed, n_frames))
@@ -170,7 +178,14 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
         ids += head + ans
         labels += [-100] * len(head) + ans
     positions += range(positions[-1] + 1, positions[-1] + 1 + len(ids) - len(positions))
-    return {"ids": ids, "labels": labels, "positions": positions,
+    key_weight = [1.0] * len(ids)
+    empty = [t for t in range(n_frames) if stream.event_at(t) is None]
+    if stream_frames > n_frames and empty:
+        weight = (rng.randint(n_frames, stream_frames) - (n_frames - len(empty))) / len(empty)
+        first = len(tokens["prefix"])
+        for t in empty:
+            key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
+    return {"ids": ids, "labels": labels, "positions": positions, "key_weight": key_weight,
             "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
             "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
             "kinds": [q.kind for q in chosen]}
@@ -241,7 +256,8 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             single = rng.random() < cfg.single_frame_fraction
             n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
             yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf,
-                               cfg.position_gap, sparse=rng.random() < cfg.sparse_fraction)
+                               cfg.position_gap, sparse=rng.random() < cfg.sparse_fraction,
+                               stream_frames=cfg.stream_frames)
             k += 1
 
     class Examples(torch.utils.data.IterableDataset):
@@ -256,14 +272,17 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         img = torch.zeros((len(items), T), dtype=torch.bool)
         labels = torch.full((len(items), T), -100, dtype=torch.long)
         positions = torch.zeros((len(items), T), dtype=torch.long)
+        key_weight = torch.ones((len(items), T))
         for i, x in enumerate(items):
             t = torch.tensor(x["ids"])
             ids[i, :len(t)] = t.clamp(min=0)
             img[i, :len(t)] = t < 0
             labels[i, :len(t)] = torch.tensor(x["labels"])
             positions[i, :len(t)] = torch.tensor(x["positions"])
+            key_weight[i, :len(t)] = torch.tensor(x["key_weight"])
             positions[i, len(t):] = positions[i, len(t) - 1] + 1 + torch.arange(T - len(t))  # padding, no loss
         return {"ids": ids, "img": img, "labels": labels, "positions": positions,
+                "key_weight": key_weight if bool((key_weight != 1).any()) else None,
                 "frames": torch.from_numpy(np.concatenate([x["frames"] for x in items])),
                 "frame_labels": torch.tensor([fl for x in items for fl in x["frame_labels"]]),
                 "kinds": [x["kinds"] for x in items]}
@@ -273,6 +292,10 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
     heldout = {name: collate([make_example(10 * TRAIN_SEED_BASE + i * 97 + j, n, cfg.turns, tokens, tpf)
                               for j in range(cfg.eval_size)])
                for i, (name, n) in enumerate((("1 frame", 1), (f"{cfg.max_frames} frames", cfg.max_frames)))}
+    if cfg.stream_frames:  # the training-time stand-in for long streams, beside the real ones below
+        heldout[f"{cfg.max_frames} frames as {cfg.stream_frames}"] = collate(
+            [make_example(10 * TRAIN_SEED_BASE + 30_000 + j, cfg.max_frames, cfg.turns, tokens, tpf, sparse=True,
+                          stream_frames=cfg.stream_frames) for j in range(cfg.eval_size)])
     if cfg.long_eval_size:  # in batches of 4: ~4,400 tokens each
         long_clips = [make_example(10 * TRAIN_SEED_BASE + 50_000 + j, cfg.long_eval_frames, cfg.turns, tokens, tpf)
                       for j in range(cfg.long_eval_size)]
@@ -286,7 +309,8 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             pooled = torch.cat([emb.mean(1), emb.amax(1)], -1)
             x = text.embed(b["ids"].to(device))
             x = x.masked_scatter(b["img"].to(device)[..., None], emb.to(x.dtype))
-            h = text(x, b["positions"].to(device))
+            h = text(x, b["positions"].to(device),
+                     None if b["key_weight"] is None else b["key_weight"].to(device, non_blocking=True))
             labels = b["labels"].to(device)
             sel = labels[:, 1:] != -100
             logits = text.logits(h[:, :-1][sel]).float()
@@ -329,7 +353,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
     deadline = t0 + cfg.minutes * 60
     step = step0
     history = []
-    total_steps_guess = step0 + cfg.steps if cfg.steps else None
+    total_steps_guess = cfg.total_steps or (step0 + cfg.steps if cfg.steps else None)
     if cfg.init and step0 == 0:  # where the starting model stands, on the same held-out clips
         history.append({"step": 0, "s": 0, **evaluate()})
         log.info("eval %s", json.dumps(history[-1]))
@@ -349,17 +373,18 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         # start, kernels compile; a guess from them came out 40 % short), so time steps 50 to 150.
         if step - step0 == 50:
             t50 = time.time()
-        if step - step0 == 150 and not cfg.steps:
+        if step - step0 == 150 and not (cfg.steps or cfg.total_steps):
             rate = 100 / (time.time() - t50)
             total_steps_guess = step + int(rate * (deadline - time.time()))
             log.info("%.2f steps/s: about %d steps in the budget", rate, total_steps_guess - step0)
         if step % 25 == 0:
             log.info("step %d loss %.3f aux %.3f (%.0f s)", step, loss.item(), aux_loss.item(), time.time() - t0)
-        if step % cfg.eval_every == 0 or time.time() > deadline or step - step0 == cfg.steps:
+        done = time.time() > deadline or step - step0 == cfg.steps or step == cfg.total_steps
+        if step % cfg.eval_every == 0 or done:
             acc = evaluate()
             history.append({"step": step, "s": round(time.time() - t0), "loss": round(loss.item(), 4), **acc})
             log.info("eval %s", json.dumps(history[-1]))
-        if time.time() > deadline or step - step0 == cfg.steps:
+        if done:
             break
     out.mkdir(parents=True, exist_ok=True)
     # Weights come back as state dicts (each file under the 16 MiB a device call returns); `export`

@@ -159,14 +159,19 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
                                        for k in ("attn_q", "attn_k", "attn_v", "attn_output",
                                                  "ffn_gate", "ffn_up", "ffn_down")})
 
-        def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
             B, T, _ = x.shape
             h = rms(x, self.attn_norm)
             q = self.proj["attn_q"](h).view(B, T, n_head, head_dim).transpose(1, 2)
             k = self.proj["attn_k"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
             v = self.proj["attn_v"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if mask is None:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:  # KV heads repeated by hand: the kernels that take an additive mask do not all take GQA
+                k, v = (t.repeat_interleave(n_head // n_kv, 1) for t in (k, v))
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + self.proj["attn_output"](a.transpose(1, 2).reshape(B, T, n_embd))
             h = rms(x, self.ffn_norm)
             return x + self.proj["ffn_down"](F.silu(self.proj["ffn_gate"](h)) * self.proj["ffn_up"](h))
@@ -190,14 +195,25 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
         def embed(self, ids: torch.Tensor) -> torch.Tensor:
             return self.embd[ids]
 
-        def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-            """Input embeddings [B, T, n_embd] at positions [B, T] (default 0..T-1) -> final hidden states (normed)."""
+        def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                    key_weight: torch.Tensor | None = None) -> torch.Tensor:
+            """Input embeddings [B, T, n_embd] at positions [B, T] (default 0..T-1) -> final hidden states (normed).
+
+            key_weight [B, T] (>= 1): in every attention, token j counts as key_weight[j] copies of itself,
+            its softmax weight multiplied by that before normalising (log added to its logits). A token
+            counted n times attends exactly as n identical tokens at its position would be attended.
+            """
+            T = x.shape[1]
             if positions is None:
-                positions = torch.arange(x.shape[1], device=x.device)[None]
+                positions = torch.arange(T, device=x.device)[None]
             ang = positions.float()[..., None] * self.inv_freq  # [B or 1, T, n_rot / 2]
             cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # broadcast over heads
+            mask = None
+            if key_weight is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                mask = torch.where(causal, key_weight.float().log()[:, None, None, :], float("-inf")).to(x.dtype)
             for blk in self.blocks:
-                x = blk(x, cos, sin)
+                x = blk(x, cos, sin, mask)
             return rms(x, self.out_norm)
 
         def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""scripts/vlm_text.py: the attention's key weight means what the trainer relies on.
+
+train_vlm counts each empty frame of a short clip as several frames (the long stream it stands for) by
+weighting its tokens in every softmax. That is only honest if a token weighted n attends exactly like n
+identical copies of it: pinned here on a one-layer random model, where the copies can be written out.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+from conftest import load_script
+
+torch = pytest.importorskip("torch")
+
+HPARAMS = {"n_layer": 1, "n_embd": 32, "n_ff": 48, "n_head": 4, "n_head_kv": 2, "rope_base": 10000.0,
+           "n_rot": 8, "eps": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def text_model() -> torch.nn.Module:
+    vlm_text: ModuleType = load_script("vlm_text")
+    g = torch.Generator().manual_seed(0)
+    e, ff, kv = HPARAMS["n_embd"], HPARAMS["n_ff"], HPARAMS["n_embd"] // HPARAMS["n_head"] * HPARAMS["n_head_kv"]
+    shapes = {"attn_q": (e, e), "attn_k": (kv, e), "attn_v": (kv, e), "attn_output": (e, e),
+              "ffn_gate": (ff, e), "ffn_up": (ff, e), "ffn_down": (e, ff)}
+    weights = {f"blk.0.{k}.weight": torch.randn(*s, generator=g) / s[1] ** 0.5 for k, s in shapes.items()}
+    weights |= {"blk.0.attn_norm.weight": torch.ones(1, e), "blk.0.ffn_norm.weight": torch.ones(1, e),
+                "token_embd.weight": torch.randn(50, e, generator=g), "output_norm.weight": torch.ones(1, e)}
+    return vlm_text.build_text_model(HPARAMS, weights, None, torch.float32)
+
+
+def test_a_token_weighted_n_attends_as_n_copies_of_it(text_model: torch.nn.Module) -> None:
+    x = torch.randn(1, 10, HPARAMS["n_embd"], generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(10)[None] * 7
+    weight = torch.ones(1, 10)
+    weight[0, 3] = 3.0  # token 3 stands for three copies of itself
+    with torch.no_grad():
+        weighted = text_model(x, positions, weight)
+        copies = [0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9]  # written out, at the same position
+        written = text_model(x[:, copies], positions[:, copies])
+    # Token 3 itself sees all three copies only as the last of them; everything after sees all three.
+    assert torch.allclose(weighted[:, 3:], written[:, 5:], atol=1e-5)
+    assert torch.allclose(weighted[:, :3], written[:, :3], atol=1e-5)
+    assert not torch.allclose(weighted[:, 4:], text_model(x, positions)[:, 4:], atol=1e-3)  # the weight matters
+
+
+def test_weight_one_is_the_plain_causal_model(text_model: torch.nn.Module) -> None:
+    x = torch.randn(2, 9, HPARAMS["n_embd"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(text_model(x, None, torch.ones(2, 9)), text_model(x), atol=1e-5)
