@@ -288,7 +288,7 @@ class Session:
         # M-RoPE keep: a frame spans fewer positions than tokens, so there is no room below the next frame;
         # each cell keeps the position of head (0, 0)'s token, which keeps the cells in time order.
         reindex = self.config.positions == "reindex"
-        _, _, rot_pos = mem.slots.pass_tables()  # a copy: keep() below rewrites the table
+        _, _, rot_pos = mem.slots.pass_tables()  # the table itself: apply() reads it before keep() rewrites it
         if not reindex and self.geometry.mrope:
             new_pos = np.ascontiguousarray(rot_pos[0, 0, kept[0, 0]], dtype=np.int32)
         else:
@@ -301,12 +301,11 @@ class Session:
         t3 = time.perf_counter()
         self.last_pass = {"read_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "apply_ms": (t3 - t2) * 1e3,
                           "state_bytes": kv.state_bytes, "path": kv.path}
-        mem.slots.keep(kept, new_pos if reindex else None)
+        present = set(mem.slots.keep(kept, new_pos if reindex else None).tolist())
         if reindex:
             # M-RoPE: the last slot's row and column reach max(nx, ny) - 1 past its position; text and new
             # frames must start above every position a key holds.
             mem.next_pos = mem.prefix_tokens + keep + (mem.records[-1].n_pos - 1 if self.geometry.mrope else 0)
-        present = set(mem.slots.frames_present().tolist())
         mem.records = [r for r in mem.records if r.index in present]
         mem.frames_since_pass = 0
         mem.passes += 1

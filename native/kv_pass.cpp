@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -61,12 +62,8 @@ struct Rope {
     double freq_scale = 1.0;
 };
 
-// A score and its slot. The order of choice, the contract the NumPy reference shares: highest score
-// first, ties: lower slot index first.
-struct Scored {
-    double score;
-    int32_t slot;
-};
+// The order of choice, the contract the NumPy reference shares: highest score first, ties: lower slot index
+// first. Scores are doubles, ranked through their bits as unsigned keys in the same order.
 
 // A double's bits as an unsigned key in the same order (-0 and +0 made one, as == has them).
 inline uint64_t order_key(double x) {
@@ -76,55 +73,54 @@ inline uint64_t order_key(double x) {
     return (b >> 63) ? ~b : b | (uint64_t(1) << 63);
 }
 
-// Keep the k best of c[0..n) in c[0..k), the others after them, both in the order they came. c must
-// come in slot order. The k-th highest key comes from a radix select (8 bits a round, each round on the
-// survivors of the last); then one pass takes everything above it and, of the ties at it, the first met
-// (the lowest slots). keys, rest: n of scratch each.
-void top_k(Scored *c, size_t n, size_t k, uint64_t *keys, Scored *rest) {
-    if (k >= n || k == 0) return;
-    for (size_t i = 0; i < n; ++i) keys[i] = order_key(c[i].score);
-    uint64_t *cur = reinterpret_cast<uint64_t *>(rest);  // the survivors, in rest's room until the partition
-    std::copy(keys, keys + n, cur);
-    size_t m = n, kk = k;  // the threshold is the kk-th highest of cur[0..m)
-    uint64_t t = keys[0], all_or = 0, all_and = ~uint64_t(0);
+// The k-th highest of keys[0..n) (1 <= k < n) and how many keys lie strictly above it. A radix select: 8
+// bits a round, from the highest byte in which the keys differ, each round on the survivors of the last
+// (in scratch, n entries); a few survivors are finished by nth_element.
+struct Kth {
+    uint64_t key;
+    size_t above;
+};
+
+inline Kth kth_key(const uint64_t *keys, size_t n, size_t k, uint64_t *scratch) {
+    uint64_t all_or = 0, all_and = ~uint64_t(0);
     for (size_t i = 0; i < n; ++i) all_or |= keys[i], all_and &= keys[i];
-    const uint64_t differ = all_or ^ all_and;  // scores share their top bits: start below them
-    int top = 0;
-    while (top < 56 && (differ >> (top + 8)) != 0) top += 8;
-    for (int shift = differ ? top : -1; shift >= 0; shift -= 8) {
-        size_t hist[256] = {};
-        for (size_t i = 0; i < m; ++i) ++hist[(cur[i] >> shift) & 255];
+    const uint64_t differ = all_or ^ all_and;
+    if (differ == 0) return {keys[0], 0};
+    int shift = 0;
+    while (shift < 56 && (differ >> (shift + 8)) != 0) shift += 8;
+    const uint64_t *cur = keys;
+    size_t m = n, kk = k;  // the threshold is the kk-th highest of cur[0..m)
+    for (;; shift -= 8) {
+        if (m <= 32) {
+            std::copy(cur, cur + m, scratch);
+            std::nth_element(scratch, scratch + (kk - 1), scratch + m, std::greater<uint64_t>());
+            const uint64_t t = scratch[kk - 1];
+            size_t above = k - kk;
+            for (size_t i = 0; i < m; ++i) above += scratch[i] > t;
+            return {t, above};
+        }
+        // Two histograms, even and odd entries: runs of one bucket do not wait on their own counts.
+        uint32_t hist[2][256] = {};
+        size_t i = 0;
+        for (; i + 2 <= m; i += 2) {
+            ++hist[0][(cur[i] >> shift) & 255];
+            ++hist[1][(cur[i + 1] >> shift) & 255];
+        }
+        if (i < m) ++hist[0][(cur[i] >> shift) & 255];
         int bucket = 255;
-        for (; hist[bucket] < kk; --bucket) kk -= hist[bucket];
+        for (; hist[0][bucket] + hist[1][bucket] < kk; --bucket) kk -= hist[0][bucket] + hist[1][bucket];
         size_t w = 0;
-        for (size_t i = 0; i < m; ++i) {
-            cur[w] = cur[i];
+        for (i = 0; i < m; ++i) {
+            scratch[w] = cur[i];  // w <= i: in place once cur is scratch
             w += int((cur[i] >> shift) & 255) == bucket;
         }
+        cur = scratch;
         m = w;
-        if (m == 1 || shift == 0) {
-            t = cur[0];
-            break;
-        }
+        if (m == 1 || shift == 0) return {cur[0], k - kk};  // every survivor equals the threshold
     }
-    size_t above = 0;
-    for (size_t i = 0; i < n; ++i) above += keys[i] > t;
-    size_t ties = k - above, w = 0, o = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const size_t tie = keys[i] == t && ties > 0;
-        const size_t take = (keys[i] > t) | tie;
-        ties -= tie;
-        const Scored x = c[i];
-        c[w] = x;  // w <= i: never overwrites one not yet seen
-        rest[o] = x;
-        w += take;
-        o += 1 - take;
-    }
-    std::copy(rest, rest + o, c + w);
 }
 
-// Eight floats at a time: AVX2/FMA, Arm NEON, or plain loops. The reductions keep eight partial sums
-// and add them up in a fixed order, so a score has the same bits whichever path computed it.
+// Eight floats at a time: AVX2/FMA, Arm NEON, or plain loops (sixteen with AVX-512, further down).
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 struct F8 {
     __m256 v;
@@ -132,6 +128,7 @@ struct F8 {
 inline F8 f8_load(const float *p) { return {_mm256_loadu_ps(p)}; }
 inline void f8_store(float *p, F8 a) { _mm256_storeu_ps(p, a.v); }
 inline F8 f8_zero() { return {_mm256_setzero_ps()}; }
+inline F8 f8_add(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline F8 f8_mul(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline F8 f8_fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }    // a * b + c
 inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a * b
@@ -145,6 +142,7 @@ struct F8 {
 inline F8 f8_load(const float *p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
 inline void f8_store(float *p, F8 a) { vst1q_f32(p, a.lo), vst1q_f32(p + 4, a.hi); }
 inline F8 f8_zero() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
+inline F8 f8_add(F8 a, F8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
 inline F8 f8_mul(F8 a, F8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
 inline F8 f8_fma(F8 a, F8 b, F8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
 inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi)}; }
@@ -167,6 +165,10 @@ inline F8 f8_load(const float *p) {
 }
 inline void f8_store(float *p, F8 a) { std::memcpy(p, a.v, sizeof a.v); }
 inline F8 f8_zero() { return F8{}; }
+inline F8 f8_add(F8 a, F8 b) {
+    for (int k = 0; k < 8; ++k) a.v[k] += b.v[k];
+    return a;
+}
 inline F8 f8_mul(F8 a, F8 b) {
     for (int k = 0; k < 8; ++k) a.v[k] *= b.v[k];
     return a;
@@ -200,6 +202,34 @@ inline float f8_sum(F8 a) {
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
+// The one order every reduction (dot products, squared norms) adds in, at any vector width: sixteen partial
+// sums, lane k taking dims d = k (mod 16) in increasing d; then lanes k and k + 8 are added, then the eight
+// as f8_sum does. So a score has the same bits with AVX-512, AVX2 or NEON, and each partial sum is a chain
+// of D / 16 additions, not D / 8: half the wait on the adder. The eight-wide builds keep two accumulators,
+// dims 16m + k and 16m + 8 + k.
+struct Acc {
+    F8 lo = f8_zero(), hi = f8_zero();
+};
+inline float acc_sum(const Acc &a) { return f8_sum(f8_add(a.lo, a.hi)); }
+// The accumulator of the 8 dims from d on.
+inline F8 &acc_of(Acc &a, int d) { return (d & 8) ? a.hi : a.lo; }
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// Sixteen floats at a time: lanes 0-7 and 8-15 are Acc's lo and hi, so the order above holds as it is.
+inline __m512 f16_load(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 f16_load(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+}
+inline void f16_store(float *p, __m512 a) { _mm512_storeu_ps(p, a); }
+inline void f16_store(uint16_t *p, __m512 a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtps_ph(a, 0));
+}
+inline float f16_sum(__m512 a) {
+    return f8_sum(f8_add(F8{_mm512_castps512_ps256(a)}, F8{_mm512_extractf32x8_ps(a, 1)}));
+}
+#define EDGE_WIDE16 1
+#endif
+
 // One head's key and its rotary pairs as llama.cpp rotates them: normal RoPE pairs (2i, 2i + 1), NeoX
 // pairs (i, i + n_rot / 2); dims from n_rot on are not rotated. With per-position tables C[d] = cos of
 // d's pair angle and S[d] = +sin for a pair's first element, -sin for its second:
@@ -208,12 +238,12 @@ inline float f8_sum(F8 a) {
 struct RopeLayout {
     bool neox = false;
     int n_rot = 0, D = 0;
-    bool vec = false;  // whole blocks of 8: no block straddles a pair or the unrotated tail
+    bool vec = false;    // whole blocks of 8: no block straddles a pair or the unrotated tail
+    bool vec16 = false;  // whole blocks of 16 as well (the AVX-512 kernels)
 };
 
-template <typename E> inline F8 partner8(const E *x, F8 xv, int d, const RopeLayout &r) {
-    if (!r.neox) return f8_swap_pairs(xv);
-    const int half = r.n_rot / 2;
+template <bool NEOX, typename E> inline F8 partner8(const E *x, F8 xv, int d, int half) {
+    if constexpr (!NEOX) return f8_swap_pairs(xv);
     return f8_load(x + (d < half ? d + half : d - half));
 }
 
@@ -223,24 +253,52 @@ template <typename E> inline float partner1(const E *x, int d, const RopeLayout 
     return f_load(x + (d < half ? d + half : d - half));
 }
 
+#ifdef EDGE_WIDE16
+template <bool NEOX, typename E> inline __m512 partner16(const E *x, __m512 xv, int d, int half) {
+    if constexpr (!NEOX) return _mm512_permute_ps(xv, 0xB1);
+    return f16_load(x + (d < half ? d + half : d - half));
+}
+#endif
+
+// The vector kernels below take the pairing as a template argument (no test of it per block): f gets
+// std::true_type for NeoX pairs, std::false_type for normal ones.
+template <typename F> inline auto by_pairing(const RopeLayout &r, F &&f) {
+    return r.neox ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // u = R(-pos) x; returns |x|^2 (a rotation keeps the norm).
+template <bool NEOX>
+inline float unrotate_vec(const float *__restrict x, const float *__restrict C, const float *__restrict S,
+                          const RopeLayout &r, float *__restrict u) {
+    const int half = r.n_rot / 2;
+#ifdef EDGE_WIDE16
+    if (r.vec16) {
+        __m512 n2 = _mm512_setzero_ps();
+        for (int d = 0; d < r.D; d += 16) {
+            const __m512 xv = f16_load(x + d);
+            f16_store(u + d, d < r.n_rot ? _mm512_fmadd_ps(partner16<NEOX>(x, xv, d, half), f16_load(S + d),
+                                                           _mm512_mul_ps(xv, f16_load(C + d)))
+                                         : xv);
+            n2 = _mm512_fmadd_ps(xv, xv, n2);
+        }
+        return f16_sum(n2);
+    }
+#endif
+    Acc n2;
+    for (int d = 0; d < r.D; d += 8) {
+        const F8 xv = f8_load(x + d);
+        f8_store(u + d, d < r.n_rot ? f8_fma(partner8<NEOX>(x, xv, d, half), f8_load(S + d), f8_mul(xv, f8_load(C + d)))
+                                    : xv);
+        F8 &a = acc_of(n2, d);
+        a = f8_fma(xv, xv, a);
+    }
+    return acc_sum(n2);
+}
+
 inline float unrotate(const float *__restrict x, const float *__restrict C, const float *__restrict S,
                       const RopeLayout &r, float *__restrict u) {
-    if (r.vec) {
-        F8 n2 = f8_zero();
-        int d = 0;
-        for (; d < r.n_rot; d += 8) {
-            const F8 xv = f8_load(x + d);
-            f8_store(u + d, f8_fma(partner8(x, xv, d, r), f8_load(S + d), f8_mul(xv, f8_load(C + d))));
-            n2 = f8_fma(xv, xv, n2);
-        }
-        for (; d < r.D; d += 8) {
-            const F8 xv = f8_load(x + d);
-            f8_store(u + d, xv);
-            n2 = f8_fma(xv, xv, n2);
-        }
-        return f8_sum(n2);
-    }
+    if (r.vec)
+        return by_pairing(r, [&](auto neox) { return unrotate_vec<decltype(neox)::value>(x, C, S, r, u); });
     float n2 = 0;
     for (int d = 0; d < r.D; ++d) {
         u[d] = d < r.n_rot ? x[d] * C[d] + partner1(x, d, r) * S[d] : x[d];
@@ -250,26 +308,43 @@ inline float unrotate(const float *__restrict x, const float *__restrict C, cons
 }
 
 // (R(-pos) x) . T without storing the turned key; |x|^2 into n2. x: f16 or f32, as the cache stores it.
+template <bool NEOX, typename E>
+inline float unrotate_dot_vec(const E *__restrict x, const float *__restrict C, const float *__restrict S,
+                              const float *__restrict T, const RopeLayout &r, float &n2) {
+    const int half = r.n_rot / 2;
+#ifdef EDGE_WIDE16
+    if (r.vec16) {
+        __m512 dot = _mm512_setzero_ps(), nn = _mm512_setzero_ps();
+        for (int d = 0; d < r.D; d += 16) {
+            const __m512 xv = f16_load(x + d);
+            const __m512 u = d < r.n_rot ? _mm512_fmadd_ps(partner16<NEOX>(x, xv, d, half), f16_load(S + d),
+                                                           _mm512_mul_ps(xv, f16_load(C + d)))
+                                         : xv;
+            dot = _mm512_fmadd_ps(u, f16_load(T + d), dot);
+            nn = _mm512_fmadd_ps(xv, xv, nn);
+        }
+        n2 = f16_sum(nn);
+        return f16_sum(dot);
+    }
+#endif
+    Acc dot, nn;
+    for (int d = 0; d < r.D; d += 8) {
+        const F8 xv = f8_load(x + d);
+        const F8 u =
+            d < r.n_rot ? f8_fma(partner8<NEOX>(x, xv, d, half), f8_load(S + d), f8_mul(xv, f8_load(C + d))) : xv;
+        F8 &a = acc_of(dot, d), &b = acc_of(nn, d);
+        a = f8_fma(u, f8_load(T + d), a);
+        b = f8_fma(xv, xv, b);
+    }
+    n2 = acc_sum(nn);
+    return acc_sum(dot);
+}
+
 template <typename E>
 inline float unrotate_dot(const E *__restrict x, const float *__restrict C, const float *__restrict S,
                           const float *__restrict T, const RopeLayout &r, float &n2) {
-    if (r.vec) {
-        F8 dot = f8_zero(), nn = f8_zero();
-        int d = 0;
-        for (; d < r.n_rot; d += 8) {
-            const F8 xv = f8_load(x + d);
-            const F8 u = f8_fma(partner8(x, xv, d, r), f8_load(S + d), f8_mul(xv, f8_load(C + d)));
-            dot = f8_fma(u, f8_load(T + d), dot);
-            nn = f8_fma(xv, xv, nn);
-        }
-        for (; d < r.D; d += 8) {
-            const F8 xv = f8_load(x + d);
-            dot = f8_fma(xv, f8_load(T + d), dot);
-            nn = f8_fma(xv, xv, nn);
-        }
-        n2 = f8_sum(nn);
-        return f8_sum(dot);
-    }
+    if (r.vec)
+        return by_pairing(r, [&](auto neox) { return unrotate_dot_vec<decltype(neox)::value>(x, C, S, T, r, n2); });
     float dot = 0, nn = 0;
     for (int d = 0; d < r.D; ++d) {
         const float xd = f_load(x + d);
@@ -297,11 +372,35 @@ inline void rotate_to(const float *__restrict x, const float *__restrict C, cons
 
 // dst = R(+pos) src (forward) or R(-pos) src, in the cache's own type; dst may be src (in place: a
 // NeoX pair's two halves are read before either is written). tmp: 2 D floats for the scalar path.
+// Element by element: the same bits at any vector width.
 template <typename E>
 inline void move_key(const E *src, E *dst, const float *__restrict C, const float *__restrict S, bool forward,
                      const RopeLayout &r, float *__restrict tmp) {
-    auto turn = [forward](F8 x, F8 p, F8 c, F8 s) { return forward ? f8_fnma(p, s, f8_mul(x, c)) : f8_fma(p, s, f8_mul(x, c)); };
     if (r.vec) {
+#ifdef EDGE_WIDE16
+        if (r.vec16) {
+            auto turn = [forward](__m512 x, __m512 p, __m512 c, __m512 s) {
+                return forward ? _mm512_fnmadd_ps(p, s, _mm512_mul_ps(x, c)) : _mm512_fmadd_ps(p, s, _mm512_mul_ps(x, c));
+            };
+            if (!r.neox) {
+                for (int d = 0; d < r.n_rot; d += 16) {
+                    const __m512 x = f16_load(src + d);
+                    f16_store(dst + d, turn(x, _mm512_permute_ps(x, 0xB1), f16_load(C + d), f16_load(S + d)));
+                }
+            } else {
+                const int half = r.n_rot / 2;
+                for (int i = 0; i < half; i += 16) {
+                    const __m512 a = f16_load(src + i), b = f16_load(src + half + i);
+                    f16_store(dst + i, turn(a, b, f16_load(C + i), f16_load(S + i)));
+                    f16_store(dst + half + i, turn(b, a, f16_load(C + half + i), f16_load(S + half + i)));
+                }
+            }
+            if (dst != src)
+                for (int d = r.n_rot; d < r.D; ++d) dst[d] = src[d];
+            return;
+        }
+#endif
+        auto turn = [forward](F8 x, F8 p, F8 c, F8 s) { return forward ? f8_fnma(p, s, f8_mul(x, c)) : f8_fma(p, s, f8_mul(x, c)); };
         if (!r.neox) {
             for (int d = 0; d < r.n_rot; d += 8) {
                 const F8 x = f8_load(src + d);
@@ -330,13 +429,24 @@ inline void move_key(const E *src, E *dst, const float *__restrict C, const floa
 }
 
 template <typename E> inline float sum_squares(const E *__restrict x, int D) {
+#ifdef EDGE_WIDE16
+    if (D % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            const __m512 v = f16_load(x + d);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        return f16_sum(acc);
+    }
+#endif
     if (D % 8 == 0) {
-        F8 acc = f8_zero();
+        Acc acc;
         for (int d = 0; d < D; d += 8) {
             const F8 v = f8_load(x + d);
-            acc = f8_fma(v, v, acc);
+            F8 &a = acc_of(acc, d);
+            a = f8_fma(v, v, a);
         }
-        return f8_sum(acc);
+        return acc_sum(acc);
     }
     float s = 0;
     for (int d = 0; d < D; ++d) s += f_load(x + d) * f_load(x + d);
@@ -370,11 +480,31 @@ inline void prefetch_row(const uint8_t *p, size_t n) {
 #endif
 }
 
+// The bookkeeping of slot n + kBook of every head (H rows of a table, M apart), asked for early: the tables
+// were last touched before the pass streamed the whole cache through the CPU's caches, so they come from
+// memory, and a sweep reads H entries 4 bytes wide (H streams a hardware prefetcher may not follow).
+constexpr size_t kBook = 64;
+
+inline void prefetch_book(const int32_t *t, size_t H, size_t M, size_t n, size_t N) {
+    if (n + kBook < N)
+        for (size_t h = 0; h < H; ++h) prefetch_row(reinterpret_cast<const uint8_t *>(t + h * M + n + kBook), 1);
+}
+
 // A head's bytes from one cell to another (never overlapping): short copies the compiler keeps inline.
 inline void copy_bytes(uint8_t *__restrict dst, const uint8_t *__restrict src, size_t n) {
     size_t i = 0;
+    for (; i + 32 <= n; i += 32) std::memcpy(dst + i, src + i, 32);
     for (; i + 8 <= n; i += 8) std::memcpy(dst + i, src + i, 8);
     for (; i < n; ++i) dst[i] = src[i];
+}
+
+// A row the CPU is about to write, asked for with intent to write: the stores then do not wait for it.
+inline void prefetch_row_for_write(uint8_t *p, size_t n) {
+#if defined(__GNUC__)
+    for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 1);
+#else
+    (void)p, (void)n;
+#endif
 }
 
 inline void to_float(int type, const uint8_t *src, float *dst, size_t n) {
@@ -476,9 +606,8 @@ struct Scratch {
     std::vector<float> run, vacc;       // transposed V: one dimension over the slots; [H][N] sums of squares
     std::vector<double> tar, van;       // [H][N]
     std::vector<double> pooled, grid;
-    std::vector<Scored> cand, rest;
-    std::vector<uint64_t> keys;
-    std::vector<int32_t> slots;
+    std::vector<uint64_t> keys, radix;  // candidates' order keys; kth_key's scratch
+    std::vector<int32_t> cand, slots;   // candidates' slots; the kept slots
     std::vector<uint8_t> mark;          // [H][N]: kept (recent, then chosen)
     std::vector<uint8_t> any_recent, any_past, present;
 };
@@ -528,6 +657,7 @@ class KVPass {
         set_pair_turns(rope_sections);
         rl_.D = head_dim_k;
         rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
+        rl_.vec16 = rl_.n_rot % 16 == 0 && rl_.D % 16 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 16 == 0);
         table_n_ = std::max(max_position, 1);
         const size_t nr = size_t(rl_.n_rot);
         rc_.resize(size_t(table_n_) * nr);
@@ -738,14 +868,15 @@ class KVPass {
     py::array_t<float> values(int layer) { return rows(layer, false); }
 
     // InfiniPot-V selection (or its TaR-only / VaN-only ablations) for every (layer, head).
-    // slot_frame, slot_patch, rot_pos: [L, H, N] int32 bookkeeping (frame id, patch y*nx+x, the position
-    // the stored key is rotated at). Returns kept slot indices [L, H, keep], ascending.
+    // slot_frame, slot_patch, rot_pos: [L, H, M >= N] int32 bookkeeping (frame id, patch y*nx+x, the
+    // position the stored key is rotated at) of the N slots; the session's tables are read in place.
+    // Returns kept slot indices [L, H, keep], ascending.
     I32Array select(const I32Array &slot_frame, const I32Array &slot_patch, const I32Array &rot_pos, int nx, int ny,
                     int recent_min_frame, int keep, double alpha, bool pool, bool use_tar, bool use_van) {
         const size_t L = n_layer_, H = size_t(n_head_), N = slot_cells_.size(), p = size_t(nx) * ny;
-        check_bookkeeping(slot_frame, L, H, N);
-        check_bookkeeping(slot_patch, L, H, N);
-        check_bookkeeping(rot_pos, L, H, N);
+        const size_t M = check_bookkeeping(slot_frame, L, H, N);
+        if (check_bookkeeping(slot_patch, L, H, N) != M || check_bookkeeping(rot_pos, L, H, N) != M)
+            throw std::invalid_argument("the bookkeeping arrays differ in shape");
         if (keep <= 0 || size_t(keep) > N) throw std::invalid_argument("keep must be in [1, slots]");
         if (nx <= 0 || ny <= 0) throw std::invalid_argument("empty patch grid");
         const int32_t *F = slot_frame.data(), *P = slot_patch.data(), *R = rot_pos.data();
@@ -766,8 +897,8 @@ class KVPass {
             // in the CPU's cache, and nothing may fail once a byte moved.
             for_layers(L, scratch_, [&](size_t l, Scratch &) {
                 for (size_t h = 0; h < H; ++h) {
-                    const size_t base = (l * H + h) * N;
-                    const size_t r = mark_recent(marks_.data() + base, F + base, P + base, p, recent_min_frame, l, h);
+                    const size_t at = (l * H + h) * M;
+                    const size_t r = mark_recent(marks_.data() + (l * H + h) * N, F + at, P + at, p, recent_min_frame, l, h);
                     recent_[l * H + h] = r;
                     if (size_t(keep) < r * p) throw std::invalid_argument("|C| is smaller than the recent frames");
                     if (use_tar && use_van && long(std::floor(alpha * double(keep))) < long(r * p))
@@ -776,9 +907,9 @@ class KVPass {
             });
             for_layers(L, scratch_, [&](size_t l, Scratch &S) {
                 int32_t *kept = o + l * H * size_t(keep);
-                select_layer(S, l, F, P, R, nx, p, recent_min_frame, size_t(keep), alpha, pool ? pool_kernel(l, L) : 1,
-                             use_tar, use_van, kept);
-                if (move) move_layer(l, S, kept, size_t(keep), R + l * H * N, N);
+                select_layer(S, l, F + l * H * M, P + l * H * M, R + l * H * M, M, nx, p, size_t(keep), alpha,
+                             pool ? pool_kernel(l, L) : 1, use_tar, use_van, kept);
+                if (move) move_layer(l, S, kept, size_t(keep), R + l * H * M, M);
             });
         }
         if (move) {
@@ -799,10 +930,15 @@ class KVPass {
             throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
         const size_t C = size_t(kept.shape(2));
         if (new_pos.ndim() != 1 || size_t(new_pos.shape(0)) != C) throw std::invalid_argument("new_pos must be [C]");
-        check_bookkeeping(rot_pos, L, H, N);
+        const size_t M = check_bookkeeping(rot_pos, L, H, N);
         const int32_t *K = kept.data(), *NPOS = new_pos.data(), *RP = rot_pos.data();
-        for (size_t i = 0; i < L * H * C; ++i)
-            if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
+        // select() already moved every layer (plan_in_place) by a selection it made itself, in range and
+        // ascending: the same bytes need no second look.
+        const bool as_moved =
+            direct_ && moved_ && C == moved_keep_ && std::memcmp(K, moved_kept_.data(), L * H * C * 4) == 0;
+        if (!as_moved)
+            for (size_t i = 0; i < L * H * C; ++i)
+                if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
         if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX &&
             !(multi_rope() && sections_known_))
             throw std::runtime_error("re-rotation supports normal, NeoX and (with its sections) M-RoPE only");
@@ -810,27 +946,28 @@ class KVPass {
             // In place, kept[j] >= j makes every move a forward copy (the source is never overwritten
             // first); that needs each head's list strictly ascending. Cell P + j keeps position P + j.
             if (!rerotate) throw std::invalid_argument("the direct path runs in reindex mode only");
-            for (size_t lh = 0; lh < L * H; ++lh)
-                for (size_t j = 1; j < C; ++j)
-                    if (K[lh * C + j] <= K[lh * C + j - 1])
-                        throw std::invalid_argument("kept slots must be strictly ascending per head");
+            if (!as_moved)
+                for (size_t lh = 0; lh < L * H; ++lh)
+                    for (size_t j = 1; j < C; ++j)
+                        if (K[lh * C + j] <= K[lh * C + j - 1])
+                            throw std::invalid_argument("kept slots must be strictly ascending per head");
             for (size_t j = 0; j < C; ++j)
                 if (NPOS[j] != n_prefix_ + int32_t(j))
                     throw std::invalid_argument("the direct path gives slot j position n_prefix + j");
             if (moved_) {
-                // select() already moved every layer (plan_in_place): this must be that very selection.
+                // The cells hold select()'s choice already: this must be that very selection.
                 moved_ = false;
-                if (C != moved_keep_ || std::memcmp(K, moved_kept_.data(), L * H * C * 4) != 0)
+                if (!as_moved)
                     throw std::runtime_error("the selection applied in place differs from the one written back: "
                                              "the memory no longer matches its bookkeeping");
                 finish_direct(C);
                 return;
             }
             py::gil_scoped_release nogil;
-            apply_direct(K, C, RP, N);
+            apply_direct(K, C, RP, M);
             return;
         }
-        apply_portable(K, C, NPOS, RP, N, rerotate);
+        apply_portable(K, C, NPOS, RP, M, rerotate);
     }
 
     // Hand back exactly the state read last (a pass that failed half-way, or a test of the restore path).
@@ -990,7 +1127,7 @@ class KVPass {
             for (auto *v : {&S.tar, &S.van}) v->resize(H * cells);
             S.pooled.resize(cells);
             S.cand.resize(cells);
-            S.rest.resize(cells);
+            S.radix.resize(cells);
             S.keys.resize(cells);
             S.slots.resize(cells);
             S.mark.resize(H * cells);
@@ -1060,10 +1197,12 @@ class KVPass {
         }
     }
 
-    static void check_bookkeeping(const I32Array &x, size_t L, size_t H, size_t N) {
-        if (x.ndim() != 3 || size_t(x.shape(0)) != L || size_t(x.shape(1)) != H || size_t(x.shape(2)) != N)
-            throw std::invalid_argument("bookkeeping arrays must be [n_layer, n_head_kv, n_slots] = [" +
+    // A bookkeeping table [L, H, M]: slot n of (l, h) at (l * H + h) * M + n, for n < N <= M. Returns M.
+    static size_t check_bookkeeping(const I32Array &x, size_t L, size_t H, size_t N) {
+        if (x.ndim() != 3 || size_t(x.shape(0)) != L || size_t(x.shape(1)) != H || size_t(x.shape(2)) < N)
+            throw std::invalid_argument("bookkeeping arrays must be [n_layer, n_head_kv, >= n_slots] = [" +
                                         std::to_string(L) + ", " + std::to_string(H) + ", " + std::to_string(N) + "]");
+        return size_t(x.shape(2));
     }
 
     static int pool_kernel(size_t l, size_t L) {
@@ -1074,22 +1213,20 @@ class KVPass {
     }
 
     // One layer: scores for all heads (each K and V row read once for every head), then per head the
-    // InfiniPot-V choice.
-    void select_layer(Scratch &S, size_t l, const int32_t *F, const int32_t *P, const int32_t *R, int nx, size_t p,
-                      int recent_min_frame, size_t keep, double alpha, int kernel, bool use_tar, bool use_van,
-                      int32_t *out) const {
+    // InfiniPot-V choice. F, P, R: this layer's bookkeeping, head h's slots at h * M.
+    void select_layer(Scratch &S, size_t l, const int32_t *F, const int32_t *P, const int32_t *R, size_t M, int nx,
+                      size_t p, size_t keep, double alpha, int kernel, bool use_tar, bool use_van, int32_t *out) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size();
         const size_t *r = recent_.data() + l * H;
         std::memcpy(S.mark.data(), marks_.data() + l * H * N, H * N);  // select() marked the recent slots
-        (void)recent_min_frame;
         // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
         const bool van_rows = use_tar && use_van && !v_trans_;
-        if (use_tar) tar_layer(S, l, P + l * H * N, R + l * H * N, p, r, van_rows);
+        if (use_tar) tar_layer(S, l, P, R, M, p, van_rows);
         if (use_van) {
             if (!van_rows) van_layer(S, l);
             if (kernel > 1)
                 for (size_t h = 0; h < H; ++h)
-                    pool_van(S, S.van.data() + h * N, F + (l * H + h) * N, P + (l * H + h) * N, nx, p, kernel);
+                    pool_van(S, S.van.data() + h * N, F + h * M, P + h * M, nx, p, kernel);
         }
         for (size_t h = 0; h < H; ++h)
             choose(S, h, r[h] * p, keep, alpha, use_tar, use_van, out + h * keep);
@@ -1123,7 +1260,7 @@ class KVPass {
     // = -(1/r) k̂_n . S_patch(n), with S_q the sum of the recent frames' unit keys (un-rotated to position
     // 0) at patch q. Two sweeps over the layer's rows: recent slots fill S, past slots take one fused
     // un-rotate-and-dot each.
-    void tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t p, const size_t *r,
+    void tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t M, size_t p,
                    bool van_rows) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_);
         const LayerSrc &L = src_[l];
@@ -1137,6 +1274,8 @@ class KVPass {
         float *u = S.unit.data(), *tmp = S.unit.data() + D, *row = S.raw.data();
         const float *c = nullptr, *s = nullptr;
         for (size_t n = 0; n < N; ++n) {
+            prefetch_book(rpos, H, M, n, N);
+            prefetch_book(patch, H, M, n, N);
             if (!S.any_recent[n]) continue;
             if (n + kAhead < N) {
                 prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
@@ -1146,27 +1285,29 @@ class KVPass {
             to_float(L.k_type, L.k + size_t(slot_cells_[n]) * L.k_row, row, H * D);
             for (size_t h = 0; h < H; ++h) {
                 if (!S.mark[h * N + n]) continue;
-                tables(rpos[h * N + n], c, s, tmp);
+                tables(rpos[h * M + n], c, s, tmp);
                 const float norm = std::sqrt(unrotate(row + h * D, c, s, rl_, u));
                 const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;  // cos = a.b / max(|a||b|, eps)
-                float *sum = S.sum.data() + (h * p + size_t(patch[h * N + n])) * D;
+                float *sum = S.sum.data() + (h * p + size_t(patch[h * M + n])) * D;
                 for (size_t d = 0; d < D; ++d) sum[d] += u[d] * inv;
             }
         }
         if (L.k_type == GGML_TYPE_F16)
-            tar_past(S, L, reinterpret_cast<const uint16_t *>(L.k), patch, rpos, p, r, van_rows);
+            tar_past(S, L, reinterpret_cast<const uint16_t *>(L.k), patch, rpos, M, p, van_rows);
         else
-            tar_past(S, L, reinterpret_cast<const float *>(L.k), patch, rpos, p, r, van_rows);
+            tar_past(S, L, reinterpret_cast<const float *>(L.k), patch, rpos, M, p, van_rows);
     }
 
     // TaR of the past slots, one fused un-rotate-and-dot each, straight from the cache's f16 or f32.
     template <typename E>
-    void tar_past(Scratch &S, const LayerSrc &L, const E *k, const int32_t *patch, const int32_t *rpos, size_t p,
-                  const size_t *r, bool van_rows) const {
+    void tar_past(Scratch &S, const LayerSrc &L, const E *k, const int32_t *patch, const int32_t *rpos, size_t M,
+                  size_t p, bool van_rows) const {
         const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_), row = L.k_row / sizeof(E);
         float *tmp = S.unit.data() + D;
         const float *c = nullptr, *s = nullptr;
         for (size_t n = 0; n < N; ++n) {
+            prefetch_book(rpos, H, M, n, N);
+            prefetch_book(patch, H, M, n, N);
             if (!S.any_past[n]) continue;
             if (n + kAhead < N) {
                 prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
@@ -1177,13 +1318,15 @@ class KVPass {
             const E *x = k + size_t(slot_cells_[n]) * row;
             for (size_t h = 0; h < H; ++h) {
                 if (S.mark[h * N + n]) continue;
-                tables(rpos[h * N + n], c, s, tmp);
+                tables(rpos[h * M + n], c, s, tmp);
                 float n2;
                 const float dot =
-                    unrotate_dot(x + h * D, c, s, S.sum.data() + (h * p + size_t(patch[h * N + n])) * D, rl_, n2);
+                    unrotate_dot(x + h * D, c, s, S.sum.data() + (h * p + size_t(patch[h * M + n])) * D, rl_, n2);
                 const float norm = std::sqrt(n2);
                 const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;
-                S.tar[h * N + n] = -double(dot) * inv / double(r[h]);
+                // -(1/r) of this is the TaR score; only its rank within the head counts, so the constant
+                // factor is left out.
+                S.tar[h * N + n] = -double(dot) * inv;
             }
         }
     }
@@ -1259,29 +1402,27 @@ class KVPass {
         const size_t N = slot_cells_.size();
         uint8_t *mark = S.mark.data() + h * N;
         const double *tar = S.tar.data() + h * N, *van = S.van.data() + h * N;
-        Scored *cand = S.cand.data();
+        uint64_t *key = S.keys.data();
+        int32_t *slot = S.cand.data();
         const double *first = use_tar ? tar : van;
-        // Branch-free passes: which slots are in or out is data, not a pattern a predictor learns.
+        // The candidates, the unmarked slots in slot order. Branch-free passes: which slots are in or out
+        // is data, not a pattern a predictor learns.
         size_t nc = 0;
         for (size_t n = 0; n < N; ++n) {
-            cand[nc] = {first[n], int32_t(n)};
+            key[nc] = order_key(first[n]);
+            slot[nc] = int32_t(n);
             nc += !mark[n];
         }
         size_t n_kept_past = keep - rp;
         if (use_tar && use_van) {
             long n_tar = long(std::floor(alpha * double(keep))) - long(rp);
             if (n_tar < 0) throw std::invalid_argument("alpha * |C| must cover the recent frames");
-            size_t nt = std::min(size_t(n_tar), nc);
-            top_k(cand, nc, nt, S.keys.data(), S.rest.data());
-            for (size_t i = 0; i < nt; ++i) mark[size_t(cand[i].slot)] = 1;  // protected by TaR
-            // The rest of the room goes to the highest VaN among the unprotected.
-            size_t m = 0;
-            for (size_t i = nt; i < nc; ++i) cand[m++] = {van[cand[i].slot], cand[i].slot};
-            nc = m;
+            const size_t nt = std::min(size_t(n_tar), nc);
+            // Protected by TaR; the rest of the room goes to the highest VaN among the others.
+            nc = take_best(S, mark, nc, nt, van);
             n_kept_past -= nt;
         }
-        top_k(cand, nc, n_kept_past, S.keys.data(), S.rest.data());
-        for (size_t i = 0; i < std::min(n_kept_past, nc); ++i) mark[size_t(cand[i].slot)] = 1;
+        take_best(S, mark, nc, std::min(n_kept_past, nc), nullptr);
         int32_t *all = S.slots.data();
         size_t k = 0;
         for (size_t n = 0; n < N; ++n) {
@@ -1292,29 +1433,74 @@ class KVPass {
         if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
     }
 
+    // Mark the k best of the nc candidates in S (keys, slots; slot order): all above the k-th key and, of
+    // those equal to it, the first met. With `next`, the others stay candidates, in slot order, keyed by
+    // next[slot]; returns how many.
+    static size_t take_best(Scratch &S, uint8_t *mark, size_t nc, size_t k, const double *next) {
+        uint64_t *key = S.keys.data();
+        int32_t *slot = S.cand.data();
+        Kth t{~uint64_t(0), 0};  // k = 0: none taken
+        if (k >= nc && nc > 0)
+            t = {0, 0}, k = nc;  // all taken
+        else if (k > 0)
+            t = kth_key(key, nc, k, S.radix.data());
+        size_t ties = k - t.above, m = 0;
+        for (size_t i = 0; i < nc; ++i) {
+            const size_t tie = key[i] == t.key && ties > 0;
+            const size_t take = (key[i] > t.key) | tie;
+            ties -= tie;
+            mark[size_t(slot[i])] |= uint8_t(take);
+            if (next) {
+                key[m] = order_key(next[slot[i]]);  // m <= i: never overwrites one not yet seen
+                slot[m] = slot[i];
+                m += 1 - take;
+            }
+        }
+        return m;
+    }
+
     // In place: for every layer and head, slot j <- kept[j] (a forward move, kept[j] >= j), keys turned
     // from their stored rotation to position P + j on the way; then the cells after P + C are freed.
     // Nothing here can fail: apply() checked every input before.
-    void apply_direct(const int32_t *K, size_t C, const int32_t *RP, size_t N) {
+    void apply_direct(const int32_t *K, size_t C, const int32_t *RP, size_t M) {
         for_layers(n_layer_, scratch_, [&](size_t l, Scratch &S) {
-            move_layer(l, S, K + l * size_t(n_head_) * C, C, RP + l * size_t(n_head_) * N, N);
+            move_layer(l, S, K + l * size_t(n_head_) * C, C, RP + l * size_t(n_head_) * M, M);
         }, true);
         finish_direct(C);
     }
 
-    // Layer l in place: kept = [H][C] slots of this layer, rp = [H][N] their stored rotations.
-    void move_layer(size_t l, Scratch &S, const int32_t *kept, size_t C, const int32_t *rp, size_t N) const {
+    // Layer l in place: kept = [H][C] slots of this layer, rp = their stored rotations, head h's at h * M.
+    // One sweep over the cells for K and V rows alike, the rows of a few cells ahead asked for early (the
+    // sources to read, the destinations to write, the RoPE rows).
+    void move_layer(size_t l, Scratch &S, const int32_t *kept, size_t C, const int32_t *rp, size_t M) const {
         const size_t H = size_t(n_head_), P0 = size_t(n_prefix_);
         const LayerSrc &Ls = src_[l];
-        const size_t kb = Ls.k_row / H;
+        const size_t kb = Ls.k_row / H, vb = Ls.v_row / H;
+        const bool v_rows = !v_trans_;
         float *tmp = S.unit.data();
-        auto keys = [&](auto elem) {
+        auto sweep = [&](auto elem) {
             using E = decltype(elem);
             for (size_t j = 0; j < C; ++j) {
+                if (j + kAhead < C) {
+                    const size_t ja = P0 + j + kAhead;
+                    prefetch_row_for_write(Ls.k + ja * Ls.k_row, Ls.k_row);
+                    if (v_rows) prefetch_row_for_write(Ls.v + ja * Ls.v_row, Ls.v_row);
+                    for (size_t h = 0; h < H; ++h) {
+                        const size_t a = size_t(kept[h * C + j + kAhead]);
+                        prefetch_row(Ls.k + (P0 + a) * Ls.k_row + h * kb, kb);
+                        if (v_rows) prefetch_row(Ls.v + (P0 + a) * Ls.v_row + h * vb, vb);
+                        prefetch_tables(int(ja) - rp[h * M + a]);
+                    }
+                }
+                if (j + kBook < C)
+                    for (size_t h = 0; h < H; ++h)
+                        prefetch_row(reinterpret_cast<const uint8_t *>(rp + h * M + kept[h * C + j + kBook]), 1);
                 uint8_t *dst = Ls.k + (P0 + j) * Ls.k_row;
                 for (size_t h = 0; h < H; ++h) {
                     const size_t s = size_t(kept[h * C + j]);
-                    const int delta = int(P0 + j) - rp[h * N + s];
+                    const int delta = int(P0 + j) - rp[h * M + s];
+                    if (v_rows && s != j)
+                        copy_bytes(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
                     if (s == j && delta == 0) continue;
                     const uint8_t *from = Ls.k + (P0 + s) * Ls.k_row + h * kb;
                     if (delta == 0)
@@ -1325,18 +1511,10 @@ class KVPass {
             }
         };
         if (Ls.k_type == GGML_TYPE_F16)
-            keys(uint16_t{});
+            sweep(uint16_t{});
         else
-            keys(float{});
-        if (!v_trans_) {
-            const size_t vb = Ls.v_row / H;
-            for (size_t j = 0; j < C; ++j)
-                for (size_t h = 0; h < H; ++h) {
-                    const size_t s = size_t(kept[h * C + j]);
-                    if (s != j) copy_bytes(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
-                }
-            return;
-        }
+            sweep(float{});
+        if (v_rows) return;
         const size_t Dv = size_t(dv_);
         auto runs = [&](auto elem) {
             using T = decltype(elem);
@@ -1379,7 +1557,7 @@ class KVPass {
         return true;
     }
 
-    void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t N, bool rerotate) {
+    void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t M, bool rerotate) {
         const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
         fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
         // Reindex mode moves a sliding-window cache along with the sequence (plan_sliding); every other part
@@ -1445,7 +1623,7 @@ class KVPass {
             for (size_t off : view_.recurrent.pos_offset)
                 std::memcpy(b + rest_at + (off - rest_begin), &NPOS[C - 1], 4);
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
-            write_keys(l, b + k_at[l], K, C, NPOS, RP, N, rerotate, S);
+            write_keys(l, b + k_at[l], K, C, NPOS, RP, M, rerotate, S);
             write_values(l, b + v_at[l], K, C);
         });
         if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) {
@@ -1540,7 +1718,7 @@ class KVPass {
 
     // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
     void write_keys(size_t l, uint8_t *out, const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP,
-                    size_t N, bool rerotate, Scratch &S) const {
+                    size_t M, bool rerotate, Scratch &S) const {
         const auto &LV = view_.layers[l];
         const size_t H = size_t(n_head_), row = LV.k_row_bytes, hb = row / H;
         const uint8_t *src = a_.data() + LV.k_offset;
@@ -1556,7 +1734,7 @@ class KVPass {
             for (size_t h = 0; h < H; ++h) {
                 const int32_t slot = K[(l * H + h) * C + j];
                 const uint8_t *from = src + size_t(slot_cells_[slot]) * row + h * hb;
-                const int delta = NPOS[j] - RP[(l * H + h) * N + slot];
+                const int delta = NPOS[j] - RP[(l * H + h) * M + slot];
                 if (!rerotate || delta == 0) {  // bit-exact when nothing turns
                     std::memcpy(out + h * hb, from, hb);
                     continue;
@@ -1662,6 +1840,68 @@ class KVPass {
     std::vector<Scratch> scratch_;
 };
 
+// The video memory's bookkeeping (edge_runtime/memory.py SlotTable), kept in [L, H, M] int32 tables of which
+// the first n slots of every (layer, head) are live. Native because a pass rewrites ~10^5 entries a table.
+using I32Table = py::array_t<int32_t, py::array::c_style>;  // no forcecast: written in place, never a copy
+
+size_t check_table(const I32Table &t, size_t L, size_t H, size_t M) {
+    if (t.ndim() != 3 || (L && (size_t(t.shape(0)) != L || size_t(t.shape(1)) != H || size_t(t.shape(2)) != M)))
+        throw std::invalid_argument("the slot tables must be [n_layer, n_head_kv, capacity], all alike");
+    return size_t(t.shape(2));
+}
+
+// SlotTable.keep: slot j of (l, h) becomes the old slot kept[l, h, j] in each table; rot_pos takes
+// new_rot_pos[j] instead when given. Ascending lists (every policy's) compact forward in place (kept[j] >= j:
+// nothing is overwritten before it is read); any other order goes through a copy. Returns the frame ids
+// some (layer, head) still holds, ascending, seen on the way (the tables come from memory: one sweep).
+I32Array keep_slots(I32Table frame, I32Table patch, I32Table rot_pos, size_t n, const I32Array &kept,
+                    std::optional<I32Array> new_rot_pos) {
+    const size_t L = size_t(frame.shape(0)), H = size_t(frame.shape(1)), M = check_table(frame, 0, 0, 0);
+    check_table(patch, L, H, M);
+    check_table(rot_pos, L, H, M);
+    if (kept.ndim() != 3 || size_t(kept.shape(0)) != L || size_t(kept.shape(1)) != H || size_t(kept.shape(2)) > n ||
+        n > M)
+        throw std::invalid_argument("kept must be [n_layer, n_head_kv, C <= n_slots]");
+    const size_t C = size_t(kept.shape(2));
+    if (new_rot_pos && (new_rot_pos->ndim() != 1 || size_t(new_rot_pos->shape(0)) != C))
+        throw std::invalid_argument("new_rot_pos must be [C]");
+    const int32_t *K = kept.data();
+    for (size_t i = 0; i < L * H * C; ++i)
+        if (K[i] < 0 || size_t(K[i]) >= n) throw std::invalid_argument("kept holds a slot out of range");
+    int32_t *F = frame.mutable_data(), *P = patch.mutable_data(), *R = rot_pos.mutable_data();
+    const int32_t *NR = new_rot_pos ? new_rot_pos->data() : nullptr;
+    // Each head's slots are in time order: its frames lie between its first slot's and its last's.
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    for (size_t lh = 0; lh < L * H && n > 0; ++lh) lo = std::min(lo, F[lh * M]), hi = std::max(hi, F[lh * M + n - 1]);
+    std::vector<uint8_t> seen(C > 0 ? size_t(int64_t(hi) - lo) + 1 : 0, 0);
+    std::vector<int32_t> copy;
+    for (size_t lh = 0; lh < L * H; ++lh) {
+        const int32_t *k = K + lh * C;
+        int32_t *f = F + lh * M, *p = P + lh * M, *r = R + lh * M;
+        bool ascending = true;
+        for (size_t j = 1; j < C && ascending; ++j) ascending = k[j] > k[j - 1];
+        for (int32_t *t : {f, p, r}) {
+            if (t == r && NR) {
+                std::copy(NR, NR + C, t);
+                continue;
+            }
+            if (ascending) {
+                for (size_t j = 0; j < C; ++j) t[j] = t[k[j]];
+                continue;
+            }
+            copy.assign(t, t + n);
+            for (size_t j = 0; j < C; ++j) t[j] = copy[size_t(k[j])];
+        }
+        for (size_t j = 0; j < C; ++j) seen[size_t(f[j] - lo)] = 1;
+    }
+    std::vector<int32_t> ids;
+    for (size_t i = 0; i < seen.size(); ++i)
+        if (seen[i]) ids.push_back(lo + int32_t(i));
+    I32Array out(py::ssize_t(ids.size()));
+    std::copy(ids.begin(), ids.end(), out.mutable_data());
+    return out;
+}
+
 // Sequence 0's state of a context, part by part, as parse_state reads it: what the session sizes its
 // bookkeeping by (the layers and heads of the cache it compresses) and what tests pin llama.cpp's layout with.
 py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows) {
@@ -1741,6 +1981,10 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
     m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"), py::arg("rows") = false,
           "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
+    m.def("keep_slots", &keep_slots, py::arg("frame"), py::arg("patch"), py::arg("rot_pos"), py::arg("n"),
+          py::arg("kept"), py::arg("new_rot_pos") = py::none(),
+          "Slot j of each (layer, head) becomes its old slot kept[l, h, j], in the [L, H, M] tables, in place; "
+          "returns the frame ids still held, ascending.");
     py::class_<KVCapture>(m, "KVCapture")
         .def(py::init<int>(), py::arg("n_layer"))
         .def_property_readonly("callback", &KVCapture::callback)

@@ -13,7 +13,7 @@ import pytest
 import reference_infinipot_v as ref
 from probes import moved_keys, probe_logits
 
-from edge_runtime.memory import VideoMemory
+from edge_runtime.memory import SlotTable, VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, make_policy
 from edge_runtime.policies.base import recent_frames
@@ -274,3 +274,24 @@ def test_sliding_window_keeps_the_sinks_and_the_newest(fixtures: dict[str, Path]
             session.insert_frame(frame)
         frame_of = session.memory.slots.frame[0, 0, :session.memory.video_tokens]
         assert list(frame_of[:4]) == [0, 0, 0, 0] and frame_of[-1] == 19
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_the_slot_tables_keep_what_a_gather_keeps(ascending: bool) -> None:
+    # The native bookkeeping against NumPy: ascending lists compact in place, any other order through a copy.
+    rng = np.random.default_rng(5)
+    slots = SlotTable(n_layer=3, n_head_kv=2, capacity=40)
+    for frame in range(5):
+        slots.append(frame + 10, 8, 100 + 8 * frame)
+    before = slots.arrays()
+    # Slots 8 on, so frame 10 is gone from every head.
+    kept = np.stack([[rng.choice(np.arange(8, 40), 20, replace=False) for _ in range(2)] for _ in range(3)])
+    kept = (np.sort(kept, axis=2) if ascending else kept).astype(np.int32)
+    new_rot_pos = np.arange(7, 27, dtype=np.int32)
+    present = slots.keep(kept, new_rot_pos)
+    frame, patch, rot_pos = slots.arrays()
+    np.testing.assert_array_equal(frame, np.take_along_axis(before[0], kept, axis=2))
+    np.testing.assert_array_equal(patch, np.take_along_axis(before[1], kept, axis=2))
+    np.testing.assert_array_equal(rot_pos, np.broadcast_to(new_rot_pos, kept.shape))
+    np.testing.assert_array_equal(present, np.unique(frame))
+    assert 10 not in present.tolist()
