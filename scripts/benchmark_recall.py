@@ -9,6 +9,13 @@ sized for the whole stream: the ceiling the compression policies are measured ag
     python scripts/benchmark_recall.py --streams 20 --frames 100 --budget 1/8 --out results/recall.json
     python scripts/benchmark_recall.py --frames 600 --budgets 1/16,1/8,1/4 --policies infinipot-v,sliding-window,uniform
 
+On a machine with several cores, run the policies in separate processes (--threads 1 each, and
+OMP_WAIT_POLICY=PASSIVE so that OpenMP does not spin on cores the others need), then merge:
+
+    python scripts/benchmark_recall.py --policies full,infinipot-v ... --out a.json &
+    python scripts/benchmark_recall.py --policies sliding-window,uniform ... --out b.json
+    python scripts/benchmark_recall.py --merge a.json b.json --out results/recall.json
+
 The full cache must fit the model's trained context (SmolLM2: 8192 tokens, 119 frames of 64 tokens); longer
 streams compare the capped policies alone.
 
@@ -151,6 +158,38 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, [ax], path)
 
 
+SAME_STREAMS = ("model", "mmproj", "lora", "seed", "streams", "frames", "questions_per_stream", "question_room",
+                "max_answer_tokens", "tokens_per_frame", "prefix_tokens", "depth_buckets")
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from runs over the same streams and questions in several processes (policies split up)."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        differ = [k for k in SAME_STREAMS if part["settings"].get(k) != first["settings"].get(k)]
+        if differ or part["streams"] != first["streams"]:
+            sys.exit(f"benchmark_recall: {path} ran other streams or settings than {paths[0]} "
+                     f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
+    settings = dict(first["settings"])
+    for key in ("policies", "budgets"):
+        settings[key] = list(dict.fromkeys(v for part in parts for v in part["settings"][key]))
+    return {**first, "settings": settings, "merged_from": [path.name for path in paths],
+            "runs": [run for part in parts for run in part["runs"]]}
+
+
+def write(result: dict, out: Path) -> None:
+    """The JSON, the plot beside it when there are several budgets, and one summary line a run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result) + "\n")
+    if len(result["settings"]["budgets"]) > 1:
+        plot(result, out.with_suffix(".png"))
+    for r in result["runs"]:
+        print(json.dumps({"policy": r["policy"], "budget": r["budget"], "budget_tokens": r["budget_tokens"],
+                          "accuracy": r["accuracy"], "n": r["n"],
+                          "per_depth": {k: v["accuracy"] for k, v in r["per_depth"].items()}}))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, ROOT / "fixtures")
@@ -169,9 +208,17 @@ def main() -> int:
     p.add_argument("--question-room", type=int, default=SessionConfig.question_room)
     p.add_argument("--max-answer-tokens", type=int, default=16, help="answers are a few words (default 16)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "recall.json")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RESULT",
+                   help="instead of running: combine results of the same streams (policies run in separate "
+                        "processes, one a core) into --out, and plot them")
     args = p.parse_args()
+    if args.merge:
+        write(merge(args.merge), args.out)
+        return 0
     check_model_arguments(args)
-    if args.lora is None and args.mmproj == TRAINED_MMPROJ:  # the trained encoder comes with its adapter
+    # The trained encoder comes with its adapter, however its path is written (without it the text model
+    # has never seen these embeddings and answers nonsense).
+    if args.lora is None and args.mmproj.resolve() == TRAINED_MMPROJ.resolve():
         args.lora = TRAINED_MMPROJ.parent / "lora.gguf"
     policies = [name.strip() for name in args.policies.split(",") if name.strip()]
     unknown = [name for name in policies if name not in POLICIES]
@@ -229,14 +276,7 @@ def main() -> int:
                                                  "end": e.end} for e in s.events]} for s in streams],
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result) + "\n")
-    if len(budget_texts) > 1:
-        plot(result, args.out.with_suffix(".png"))
-    for r in runs:
-        print(json.dumps({"policy": r["policy"], "budget": r["budget"], "budget_tokens": r["budget_tokens"],
-                          "accuracy": r["accuracy"], "n": r["n"],
-                          "per_depth": {k: v["accuracy"] for k, v in r["per_depth"].items()}}))
+    write(result, args.out)
     return 0
 
 

@@ -80,3 +80,23 @@ def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_p
         assert all(0 <= q["depth"] < 12 and isinstance(q["correct"], bool) and isinstance(q["answer"], str)
                    for q in records)
     assert [s["seed"] for s in result["streams"]] == [0, 1] and 0 <= result["majority_answer_accuracy"] <= 1
+
+
+def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Path], tmp_path: Path) -> None:
+    common = [*tiny(fixtures), "--streams", "1", "--frames", "8", "--questions-per-stream", "2", "--budgets", "1/4,1/2"]
+    run_script("benchmark_recall.py", *common, "--policies", "full,uniform", "--out", str(tmp_path / "a.json"))
+    run_script("benchmark_recall.py", *common, "--policies", "sliding-window", "--out", str(tmp_path / "b.json"))
+    run_script("benchmark_recall.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+               "--out", str(tmp_path / "all.json"))
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert merged["settings"]["policies"] == ["full", "uniform", "sliding-window"]
+    assert [(r["policy"], r["budget"]) for r in merged["runs"]] == [
+        ("full", None), ("uniform", "1/4"), ("uniform", "1/2"), ("sliding-window", "1/4"), ("sliding-window", "1/2")]
+    assert (tmp_path / "all.png").stat().st_size > 10_000
+    # Other streams cannot be merged in: the comparison would not be question by question.
+    run_script("benchmark_recall.py", *common, "--seed", "5", "--policies", "random", "--out", str(tmp_path / "c.json"))
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+                              str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
+    assert "seed" in refused.stderr and "Traceback" not in refused.stderr
