@@ -171,11 +171,17 @@ def merge(paths: list[Path]) -> dict:
         if differ or part["streams"] != first["streams"]:
             sys.exit(f"benchmark_recall: {path} ran other streams or settings than {paths[0]} "
                      f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
+    runs = [run for part in parts for run in part["runs"]]
+    ran = [(run["policy"], run["budget"]) for run in runs]
+    twice = next((r for r in ran if ran.count(r) > 1), None)
+    if twice:
+        what = twice[0] + (f" at budget {twice[1]}" if twice[1] else "")
+        sys.exit(f"benchmark_recall: {what} is in more than one result: merge each run once")
     settings = dict(first["settings"])
     for key in ("policies", "budgets"):
         settings[key] = list(dict.fromkeys(v for part in parts for v in part["settings"][key]))
     return {**first, "settings": settings, "merged_from": [path.name for path in paths],
-            "runs": [run for part in parts for run in part["runs"]]}
+            "runs": runs}
 
 
 def write(result: dict, out: Path) -> None:

@@ -100,3 +100,7 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
+    twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+                            str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "x.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert twice.returncode != 0 and "full is in more than one result" in twice.stderr
