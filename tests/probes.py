@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 
 from edge_runtime.model import VisionLanguageModel
@@ -27,3 +29,12 @@ def moved_keys(kv, seen: dict, layer: int, keep: int) -> tuple[np.ndarray, np.nd
     old_values = np.take_along_axis(seen["values"][layer], kept[..., None], axis=1)
     np.testing.assert_array_equal(kv.values(layer)[:, :keep], old_values)
     return kv.keys(layer)[:, :keep], np.take_along_axis(seen["keys"][layer], kept[..., None], axis=1)
+
+
+def after_each_pass(session, frames: Iterable) -> Iterator[dict]:
+    """Insert frames; after each one that set off a compression pass, yield what the policy saw in that pass."""
+    for frame in frames:
+        passes = session.memory.passes
+        session.insert_frame(frame)
+        if session.memory.passes != passes:
+            yield session.policy.seen[-1]

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
-from probes import moved_keys, probe_logits
+from probes import after_each_pass, moved_keys, probe_logits
 
 from edge_runtime.memory import SlotTable, VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
@@ -99,13 +99,9 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
         kv = session.kv_pass()
         kv.read()
         assert kv.v_trans == (flash_attn == "off")  # llamacpp-notes: no flash attention, transposed V
-        for frame in SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1):  # passes before frames 16, 20, 24, 28
-            passes = session.memory.passes
-            session.insert_frame(frame)
-            if session.memory.passes == passes:
-                continue
+        # passes before frames 16, 20, 24, 28
+        for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1)):
             # The pass just ran, then the new frame went in after the kept slots: check what moved.
-            seen = policy.seen[-1]
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
             for layer in range(kv.n_layer):

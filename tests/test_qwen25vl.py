@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import reference_infinipot_v as ref
 from conftest import load_script
-from probes import moved_keys, probe_logits
+from probes import after_each_pass, moved_keys, probe_logits
 from test_compression import CheckedInfiniPotV
 
 from edge_runtime import _native
@@ -126,13 +126,9 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(qwen: dict
         policy.geometry = geo = session.geometry
         prefix = session.memory.prefix_tokens
         kv = session.kv_pass()
-        for frame in SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1):  # passes before frames 16, 20, 24, 28
-            passes = session.memory.passes
-            session.insert_frame(frame)
-            if session.memory.passes == passes:
-                continue
+        # passes before frames 16, 20, 24, 28
+        for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1)):
             assert session.last_pass["path"] == "portable"  # cells share positions: never in place
-            seen = policy.seen[-1]
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
             pos, ext = kv.slot_positions()[:keep], kv.slot_ext()[:keep]
