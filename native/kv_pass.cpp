@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <stdexcept>
@@ -867,6 +868,16 @@ class KVPass {
     py::array_t<float> keys(int layer) { return rows(layer, true); }
     py::array_t<float> values(int layer) { return rows(layer, false); }
 
+    // Diagnostics: keep each select()'s scores (off in normal use: a copy of every score per pass).
+    void record_scores(bool on) { record_ = on; }
+
+    // The TaR and VaN scores of the last select() with record_scores(true): two [L, H, N] float64 arrays.
+    py::tuple scores() const {
+        if (rec_tar_.empty()) throw std::logic_error("no scores recorded: call record_scores(True) before select()");
+        const std::vector<py::ssize_t> shape{py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(rec_n_)};
+        return py::make_tuple(py::array_t<double>(shape, rec_tar_.data()), py::array_t<double>(shape, rec_van_.data()));
+    }
+
     // InfiniPot-V selection (or its TaR-only / VaN-only ablations) for every (layer, head).
     // slot_frame, slot_patch, rot_pos: [L, H, M >= N] int32 bookkeeping (frame id, patch y*nx+x, the
     // position the stored key is rotated at) of the N slots; the session's tables are read in place.
@@ -890,6 +901,7 @@ class KVPass {
         plan_ = false;
         marks_.resize(L * H * N);
         recent_.resize(L * H);
+        if (record_) rec_tar_.assign(L * H * N, 0.0), rec_van_.assign(L * H * N, 0.0), rec_n_ = N;
         {
             py::gil_scoped_release nogil;
             // Every input of every layer is checked (and the recent frames marked) before any layer is
@@ -1228,8 +1240,20 @@ class KVPass {
                 for (size_t h = 0; h < H; ++h)
                     pool_van(S, S.van.data() + h * N, F + h * M, P + h * M, nx, p, kernel);
         }
+        if (record_) record_layer(S, l, use_tar, use_van);
         for (size_t h = 0; h < H; ++h)
             choose(S, h, r[h] * p, keep, alpha, use_tar, use_van, out + h * keep);
+    }
+
+    // Diagnostics (scripts/retention.py): this layer's scores as the choice will read them, NaN where none
+    // was computed (TaR of the recent slots, a half the policy leaves out). Layers write disjoint rows.
+    void record_layer(const Scratch &S, size_t l, bool use_tar, bool use_van) const {
+        const size_t H = size_t(n_head_), N = slot_cells_.size();
+        const double nan = std::numeric_limits<double>::quiet_NaN();
+        for (size_t i = 0; i < H * N; ++i) {  // TaR as the paper writes it: the mean over the r recent frames
+            rec_tar_[l * H * N + i] = use_tar && !S.mark[i] ? S.tar[i] / double(recent_[l * H + i / N]) : nan;
+            rec_van_[l * H * N + i] = use_van ? S.van[i] : nan;
+        }
     }
 
     // Mark head h's slots of the recent frames (frame >= recent_min_frame); every patch of each must be
@@ -1837,6 +1861,9 @@ class KVPass {
     std::vector<int32_t> prefix_cells_, slot_cells_;
     std::vector<uint8_t> marks_;  // [L][H][N] recent slots, marked by select() before scoring
     std::vector<size_t> recent_;  // [L][H] recent frames
+    bool record_ = false;  // diagnostics: keep the scores of each select() (record_layer)
+    mutable std::vector<double> rec_tar_, rec_van_;  // [L][H][N], written by the layers' threads, disjoint rows
+    size_t rec_n_ = 0;
     std::vector<Scratch> scratch_;
 };
 
@@ -1999,6 +2026,8 @@ PYBIND11_MODULE(_native, m) {
              py::arg("rope_sections") = std::vector<int>{})
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
         .def("set_sliding_rope", &KVPass::set_sliding_rope, py::arg("freq_base"), py::arg("freq_scale"))
+        .def("record_scores", &KVPass::record_scores, py::arg("on"))
+        .def("scores", &KVPass::scores)
         // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
         .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
         .def("read_direct", &KVPass::read_direct, py::arg("n_video"), py::call_guard<py::gil_scoped_release>())

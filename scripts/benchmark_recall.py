@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
-from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
+from edge_runtime.policies import MemoryFull, SettingsError, policy_from_spec
 from edge_runtime.scenes import QUESTION_KINDS, Stream, grade, make_stream
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, s
         for i, stream in enumerate(streams):
             config = SessionConfig(budget=budget, question_room=args.question_room,
                                    max_answer_tokens=args.max_answer_tokens, seed=args.seed)
-            session = Session(model, config, make_policy(policy, seed=args.seed + i))
+            session = Session(model, config, policy_from_spec(policy, seed=args.seed + i))
             for frame in SceneSource(stream):
                 session.insert_frame(frame)
                 bar.update()
@@ -209,7 +209,9 @@ def main() -> int:
     p.add_argument("--budget", default="1/8", help="video tokens kept: a count, or a share of the stream (1/8)")
     p.add_argument("--budgets", help="several budgets instead, comma-separated (1/16,1/8,1/4): runs each and "
                    "plots accuracy against budget")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help=f"comma-separated (default {DEFAULT_POLICIES}); InfiniPot-V settings after a colon, "
+                   "joined by '+': infinipot-v:alpha=0.9+recent=0.25")
     p.add_argument("--questions-per-stream", type=int, default=8, metavar="K")
     p.add_argument("--question-room", type=int, default=SessionConfig.question_room)
     p.add_argument("--max-answer-tokens", type=int, default=16, help="answers are a few words (default 16)")
@@ -227,9 +229,11 @@ def main() -> int:
     if args.lora is None and args.mmproj.resolve() == TRAINED_MMPROJ.resolve():
         args.lora = TRAINED_MMPROJ.parent / "lora.gguf"
     policies = [name.strip() for name in args.policies.split(",") if name.strip()]
-    unknown = [name for name in policies if name not in POLICIES]
-    if unknown:
-        sys.exit(f"unknown policy {unknown[0]!r}: choose from {', '.join(POLICIES)}")
+    for spec in policies:
+        try:
+            policy_from_spec(spec)
+        except SettingsError as e:
+            sys.exit(f"benchmark_recall: {e}")
     budget_texts = list(dict.fromkeys(t.strip() for t in (args.budgets or args.budget).split(",") if t.strip()))
 
     try:

@@ -15,7 +15,7 @@ from probes import after_each_pass, moved_keys, probe_logits
 
 from edge_runtime.memory import SlotTable, VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
-from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, make_policy
+from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, TaR, Uniform, make_policy, policy_from_spec
 from edge_runtime.policies.base import recent_frames
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
@@ -56,6 +56,7 @@ class CheckedInfiniPotV(InfiniPotV):
         # Read what the selection sees first: the in-place pass moves each layer as soon as it is chosen.
         keys = np.stack([kv.keys(layer) for layer in range(kv.n_layer)])
         values = np.stack([kv.values(layer) for layer in range(kv.n_layer)])
+        kv.record_scores(True)
         kept = super().select(memory, kv, keep)
         frame, patch, rot_pos = memory.slots.arrays()
         geo = self.geometry
@@ -70,8 +71,33 @@ class CheckedInfiniPotV(InfiniPotV):
         expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
                                      pool=self.pool, use_tar=self.use_tar, use_van=self.use_van)
         np.testing.assert_array_equal(kept, expected)
+        self.check_recorded_scores(kv.scores(), unrotated, values, frame, patch, recent, memory.grid)
         self.seen.append({"keys": keys, "values": values, "kept": kept, "rot_pos": rot_pos})
         return kept
+
+
+    def check_recorded_scores(self, scores: tuple[np.ndarray, np.ndarray], keys: np.ndarray, values: np.ndarray,
+                              frame: np.ndarray, patch: np.ndarray, recent: list[int], grid: tuple[int, int]) -> None:
+        """The scores the pass records for diagnostics (scripts/retention.py) are the reference's, NaN where
+        the policy computes none."""
+        tar, van = scores
+        n_layer, (nx, ny) = frame.shape[0], grid
+        for layer, head in np.ndindex(frame.shape[:2]):
+            fr, pa = frame[layer, head], patch[layer, head]
+            past = np.flatnonzero(fr < recent[0])
+            if self.use_tar:
+                table = ref.recent_slot_table(fr, pa, recent, nx * ny)
+                np.testing.assert_allclose(tar[layer, head, past], ref.tar_scores(keys[layer, head], pa, table, past),
+                                           rtol=1e-3, atol=1e-3)
+                assert np.isnan(tar[layer, head, fr >= recent[0]]).all()
+            else:
+                assert np.isnan(tar[layer, head]).all()
+            if self.use_van:
+                kernel = ref.pool_kernel(layer, n_layer) if self.pool else 1
+                np.testing.assert_allclose(van[layer, head], ref.van_scores(values[layer, head], fr, pa, nx, kernel),
+                                           rtol=1e-3)
+            else:
+                assert np.isnan(van[layer, head]).all()
 
 
 CASES = [  # model, projector, flash attention (off: transposed V), positions, cache type, (tar, van, pool)
@@ -237,6 +263,20 @@ def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
         with pytest.raises(SettingsError, match="cannot hold the 1 recent frames"):
             for frame in SyntheticScene(n_frames=6):
                 session.insert_frame(frame)
+
+
+def test_policy_specs_carry_infinipot_v_settings_and_refuse_the_rest() -> None:
+    plain = policy_from_spec("infinipot-v")
+    assert (plain.alpha, plain.recent_fraction, plain.pool) == (0.5, 0.125, False)
+    tuned = policy_from_spec("infinipot-v:alpha=0.9+recent=0.25+pool")
+    assert (type(tuned), tuned.alpha, tuned.recent_fraction, tuned.pool) == (InfiniPotV, 0.9, 0.25, True)
+    assert isinstance(policy_from_spec("tar:recent=0.25"), TaR)
+    assert isinstance(policy_from_spec("uniform"), Uniform)
+    for spec, why in (("uniform:alpha=0.9", "only InfiniPot-V"), ("infinipot-v:beta=1", "bad setting 'beta=1'"),
+                      ("infinipot-v:alpha=high", "give a number"), ("infinipot-v:pool=1", "bad setting"),
+                      ("infinipot-v:alpha=2", "alpha must be in"), ("lru", "unknown policy 'lru'")):
+        with pytest.raises(SettingsError, match=why):
+            policy_from_spec(spec)
 
 
 def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dict[str, Path]) -> None:

@@ -90,3 +90,22 @@ def test_another_model_needs_its_mmproj(fixtures: dict[str, Path]) -> None:
                          timeout=60)
     assert run.returncode == 2
     assert "needs the multimodal projector made for it: add --mmproj PATH" in run.stderr
+
+
+def test_retention_script_measures_what_each_policy_keeps(tmp_path: Path) -> None:
+    out = tmp_path / "retention.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "retention.py"),
+                          "--threads", "2", "--streams", "1", "--frames", "24", "--budget", "1/4",
+                          "--policies", "full,infinipot-v:alpha=0.75,uniform", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert list(runs) == ["full", "infinipot-v:alpha=0.75", "uniform"]
+    # The uncapped cache holds every object token: the object masks and the slot tables line up.
+    assert runs["full"]["coverage"] == 1.0 and runs["full"]["heads_lost"] == 0.0
+    assert 0 < runs["full"]["object_share_of_past_slots"] < 0.5  # mostly background: a fixed camera
+    ipv = runs["infinipot-v:alpha=0.75"]
+    assert 0 <= ipv["coverage"] <= 1 and len(ipv["tar_auc_by_layer"]) == len(ipv["van_auc_by_layer"]) == 30
+    assert all(0 <= a <= 1 for a in ipv["tar_auc_by_layer"] + ipv["van_auc_by_layer"])
+    assert "tar_auc" not in runs["uniform"]  # scores are InfiniPot-V's
+    assert out.with_suffix(".png").stat().st_size > 10_000

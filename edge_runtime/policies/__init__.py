@@ -16,7 +16,7 @@ from edge_runtime.policies.uniform import Uniform
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FullCache, InfiniPotV, SlidingWindow, Uniform, RandomTokens, TaR, VaN)
 }
-
+SPEC_SETTINGS = {"alpha": ("alpha", float), "recent": ("recent_fraction", float), "pool": ("pool", bool)}
 
 
 def make_policy(name: str, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False,
@@ -34,5 +34,27 @@ def make_policy(name: str, alpha: float = 0.5, recent_fraction: float = 0.125, p
     return cls()
 
 
+def policy_from_spec(spec: str, seed: int = 0) -> Policy:
+    """A policy from a benchmark spec: a name, optionally with InfiniPot-V settings after a colon.
+
+    "infinipot-v", "infinipot-v:alpha=0.9", "infinipot-v:alpha=0.75+recent=0.25+pool" ('+' joins settings, so
+    that a comma-separated list of specs stays one).
+    """
+    name, _, rest = spec.partition(":")
+    kwargs: dict = {}
+    for item in filter(None, (part.strip() for part in rest.split("+"))):
+        key, eq, value = item.partition("=")
+        if key not in SPEC_SETTINGS or (eq and key == "pool") or (not eq and key != "pool"):
+            raise SettingsError(f"bad setting {item!r} in policy {spec!r}: use alpha=A, recent=R or pool")
+        arg, kind = SPEC_SETTINGS[key]
+        try:
+            kwargs[arg] = True if kind is bool else kind(value)
+        except ValueError:
+            raise SettingsError(f"bad value in {item!r} of policy {spec!r}: give a number") from None
+    if kwargs and (name not in POLICIES or not issubclass(POLICIES[name], InfiniPotV)):
+        raise SettingsError(f"{spec!r}: only InfiniPot-V and its halves (tar, van) take settings")
+    return make_policy(name, seed=seed, **kwargs)
+
+
 __all__ = ["POLICIES", "FullCache", "InfiniPotV", "MemoryFull", "Policy", "RandomTokens", "SettingsError",
-           "SlidingWindow", "TaR", "Uniform", "VaN", "make_policy"]
+           "SlidingWindow", "TaR", "Uniform", "VaN", "make_policy", "policy_from_spec"]
