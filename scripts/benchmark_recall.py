@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, s
     try:
         for i, stream in enumerate(streams):
             config = SessionConfig(budget=budget, question_room=args.question_room,
-                                   max_answer_tokens=args.max_answer_tokens, seed=args.seed)
+                                   max_answer_tokens=args.max_answer_tokens, seed=args.seed, positions=args.positions)
             session = Session(model, config, policy_from_spec(policy, seed=args.seed + i))
             for frame in SceneSource(stream):
                 session.insert_frame(frame)
@@ -140,14 +140,19 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     stream_tokens = result["settings"]["frames"] * result["settings"]["tokens_per_frame"]
-    for policy in result["settings"]["policies"]:
-        runs = sorted((r for r in result["runs"] if r["policy"] == policy), key=lambda r: r["budget_tokens"] or 0)
+    def line(run: dict) -> tuple[str, str]:
+        return run["policy"], run.get("positions", "reindex")
+
+    for policy, positions in dict.fromkeys(map(line, result["runs"])):
+        runs = sorted((r for r in result["runs"] if line(r) == (policy, positions)),
+                      key=lambda r: r["budget_tokens"] or 0)
         if policy == "full":
             for run in runs:
                 ax.axhline(run["accuracy"], color="black", linestyle="--", label="full cache (uncapped)")
             continue
         shares = [r["budget_tokens"] / stream_tokens for r in runs]
-        ax.plot(shares, [r["accuracy"] for r in runs], marker="o", label=policy)
+        label = policy if positions == "reindex" else f"{policy}, positions {positions}"
+        ax.plot(shares, [r["accuracy"] for r in runs], marker="o", label=label)
     ax.axhline(result["majority_answer_accuracy"], color="grey", linestyle=":", label="most common answer")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("budget |M| (share of the stream's video tokens)")
@@ -172,10 +177,11 @@ def merge(paths: list[Path]) -> dict:
             sys.exit(f"benchmark_recall: {path} ran other streams or settings than {paths[0]} "
                      f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
     runs = [run for part in parts for run in part["runs"]]
-    ran = [(run["policy"], run["budget"]) for run in runs]
+    ran = [(run["policy"], run["budget"], run.get("positions", "reindex")) for run in runs]
     twice = next((r for r in ran if ran.count(r) > 1), None)
     if twice:
-        what = twice[0] + (f" at budget {twice[1]}" if twice[1] else "")
+        what = twice[0] + (f" at budget {twice[1]}" if twice[1] else "") + (
+            f" with positions {twice[2]}" if twice[2] != "reindex" else "")
         sys.exit(f"benchmark_recall: {what} is in more than one result: merge each run once")
     settings = dict(first["settings"])
     for key in ("policies", "budgets"):
@@ -212,6 +218,9 @@ def main() -> int:
     p.add_argument("--policies", default=DEFAULT_POLICIES,
                    help=f"comma-separated (default {DEFAULT_POLICIES}); InfiniPot-V settings after a colon, "
                    "joined by '+': infinipot-v:alpha=0.9+recent=0.25")
+    p.add_argument("--positions", choices=["reindex", "keep"], default="reindex",
+                   help="where kept tokens sit after a pass: reindex (compact, the streaming default) or keep "
+                        "(their original positions; the stream must fit the model's trained context)")
     p.add_argument("--questions-per-stream", type=int, default=8, metavar="K")
     p.add_argument("--question-room", type=int, default=SessionConfig.question_room)
     p.add_argument("--max-answer-tokens", type=int, default=16, help="answers are a few words (default 16)")
@@ -251,6 +260,10 @@ def main() -> int:
         for text in budget_texts:
             tokens = parse_budget(text, stream_tokens, per_frame)
             plan.append((policy, text, tokens, prefix + tokens + args.question_room))
+    if args.positions == "keep" and prefix + stream_tokens + args.question_room > n_ctx_train:
+        sys.exit(f"benchmark_recall: with --positions keep the last question sits at position "
+                 f"{prefix + stream_tokens + args.question_room}, past the {n_ctx_train} the model was trained "
+                 "for: use fewer --frames or --positions reindex")
     for policy, text, _, n_ctx in plan:
         if n_ctx > n_ctx_train:  # positions past the trained context are out of distribution: no fair figure
             what = "the full cache" if text is None else f"{policy} at budget {text}"
@@ -268,7 +281,7 @@ def main() -> int:
                 records = run(args, policy, tokens, n_ctx, streams, bar)
             except (ModelError, SettingsError, MemoryFull) as e:
                 sys.exit(f"benchmark_recall: {policy}: {e}")
-            runs.append({"policy": policy, "budget": text, "budget_tokens": tokens,
+            runs.append({"policy": policy, "budget": text, "budget_tokens": tokens, "positions": args.positions,
                          **summarise(records, args.frames), "wall_s": round(time.perf_counter() - t0, 1),
                          "records": records})
 
@@ -277,6 +290,7 @@ def main() -> int:
                      "lora": args.lora.name if args.lora else None, "seed": args.seed,
                      "streams": args.streams, "frames": args.frames, "policies": policies, "budgets": budget_texts,
                      "questions_per_stream": args.questions_per_stream, "question_room": args.question_room,
+                     "positions": args.positions,
                      "max_answer_tokens": args.max_answer_tokens, "threads": args.threads,
                      "tokens_per_frame": per_frame, "prefix_tokens": prefix,
                      "depth_buckets": {name: [lo, hi] for name, lo, hi in DEPTH_BUCKETS}},

@@ -107,6 +107,8 @@ class ScoreProbe:
         shows = evidence_mask(self.stream, frame, patch, nx, ny) >= 0
         past = frame < recent_frames(memory, self.policy.recent_fraction)
         for name, scores in zip(("tar", "van"), kv.scores(), strict=True):
+            if np.isnan(scores).all():  # the half this policy leaves out
+                continue
             per_layer = []
             for layer in range(frame.shape[0]):
                 heads = [auc(s[o & p], s[~o & p])

@@ -111,6 +111,7 @@ class TrainConfig:
     sparse_fraction: float = 0.0  # clips with 1-2 brief appearances, mostly empty frames, as long streams are
     digit_weight: float = 1.0  # the digit's auxiliary loss, times this: digits are rare and the hardest to read
     stream_frames: int = 0  # a clip stands for a stream up to this long: its empty frames weigh more in attention
+    pruned_fraction: float = 0.0  # clips whose older empty frames weigh less: a capped memory keeps little background
     init: str = ""  # an exported model folder (mmproj.gguf, lora.gguf) to start from instead of from scratch
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
     long_eval_frames: int = 120  # held-out streams this long, full cache, contiguous positions: the benchmark's task
@@ -135,10 +136,14 @@ def frame_labels(stream: scenes.Stream, t: int) -> list[int]:
 
 SPARSE_EVENTS = (1, 2)  # a sparse clip: one or two appearances ...
 SPARSE_DURATION = (1, 4)  # ... of a few frames each, so most of a 12-frame clip is background, as in long streams
+# A compressed memory (InfiniPot-V at 1/8 of a stream) keeps the objects and the newest frames but little of the
+# background: an older empty frame then weighs w in [PRUNED_WEIGHT, 1] (log-uniform) instead of its stream share.
+PRUNED_WEIGHT = 0.03
+RECENT_WHOLE = 2  # the newest frames stay whole under compression (InfiniPot-V's recent frames)
 
 
 def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int,
-                 position_gap: int = 0, sparse: bool = False, stream_frames: int = 0) -> dict:
+                 position_gap: int = 0, sparse: bool = False, stream_frames: int = 0, pruned: bool = False) -> dict:
     """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames,
     key_weight (how many tokens each token counts as in attention).
 
@@ -150,6 +155,11 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     frames counts as (L - frames with an object) / (empty frames) frames in every attention: the softmax
     mass that background takes in a long stream, where a few appearances sit among ~100 empty frames.
     The frames themselves stay n_frames; only their weight in the softmax (vlm_text's key_weight) changes.
+
+    pruned: instead, the clip stands for a compressed memory, where a pass kept the distinctive tokens (the
+    objects) and dropped most of the redundant background: empty frames older than the RECENT_WHOLE newest
+    weigh w < 1, as if only a share w of their tokens were left. A model trained only on whole memories
+    answers "what is visible now" from the last object it saw once the empty frames around it are gone.
     """
     stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
               else scenes.make_stream(seed, n_frames))
@@ -180,11 +190,16 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     positions += range(positions[-1] + 1, positions[-1] + 1 + len(ids) - len(positions))
     key_weight = [1.0] * len(ids)
     empty = [t for t in range(n_frames) if stream.event_at(t) is None]
-    if stream_frames > n_frames and empty:
+    first = len(tokens["prefix"])
+    if pruned:
+        weight = math.exp(rng.uniform(math.log(PRUNED_WEIGHT), 0.0))
+        empty = [t for t in empty if t < n_frames - RECENT_WHOLE]
+    elif stream_frames > n_frames and empty:
         weight = (rng.randint(n_frames, stream_frames) - (n_frames - len(empty))) / len(empty)
-        first = len(tokens["prefix"])
-        for t in empty:
-            key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
+    else:
+        empty = []
+    for t in empty:
+        key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
     return {"ids": ids, "labels": labels, "positions": positions, "key_weight": key_weight,
             "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
             "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
@@ -257,7 +272,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
             yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf,
                                cfg.position_gap, sparse=rng.random() < cfg.sparse_fraction,
-                               stream_frames=cfg.stream_frames)
+                               stream_frames=cfg.stream_frames, pruned=rng.random() < cfg.pruned_fraction)
             k += 1
 
     class Examples(torch.utils.data.IterableDataset):
@@ -296,6 +311,10 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         heldout[f"{cfg.max_frames} frames as {cfg.stream_frames}"] = collate(
             [make_example(10 * TRAIN_SEED_BASE + 30_000 + j, cfg.max_frames, cfg.turns, tokens, tpf, sparse=True,
                           stream_frames=cfg.stream_frames) for j in range(cfg.eval_size)])
+    if cfg.pruned_fraction:
+        heldout[f"{cfg.max_frames} frames, background pruned"] = collate(
+            [make_example(10 * TRAIN_SEED_BASE + 40_000 + j, cfg.max_frames, cfg.turns, tokens, tpf, sparse=True,
+                          pruned=True) for j in range(cfg.eval_size)])
     if cfg.long_eval_size:  # in batches of 4: ~4,400 tokens each
         long_clips = [make_example(10 * TRAIN_SEED_BASE + 50_000 + j, cfg.long_eval_frames, cfg.turns, tokens, tpf)
                       for j in range(cfg.long_eval_size)]

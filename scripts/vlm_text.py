@@ -199,7 +199,7 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
                     key_weight: torch.Tensor | None = None) -> torch.Tensor:
             """Input embeddings [B, T, n_embd] at positions [B, T] (default 0..T-1) -> final hidden states (normed).
 
-            key_weight [B, T] (>= 1): in every attention, token j counts as key_weight[j] copies of itself,
+            key_weight [B, T] (> 0): in every attention, token j counts as key_weight[j] copies of itself,
             its softmax weight multiplied by that before normalising (log added to its logits). A token
             counted n times attends exactly as n identical tokens at its position would be attended.
             """
