@@ -284,6 +284,20 @@ class Stream:
         np.clip(image, 0, 255, out=image)
         return image.astype(np.uint8)
 
+    def object_patches(self, t: int, nx: int, ny: int) -> np.ndarray:
+        """The patches (y * nx + x) of an nx x ny grid over frame t that show some of its object, ascending;
+        none when no object is visible. What a compression pass should keep of the frame."""
+        i = self._event_index(t) if 0 <= t < self.n_frames else -1
+        if i < 0:
+            return np.zeros(0, np.int64)
+        mask = self._sprites[i].mask
+        cx, cy = self.events[i].position(t)
+        h, w = mask.shape
+        covered = np.zeros((self.size, self.size), bool)
+        covered[cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w] = mask
+        cells = covered.reshape(ny, self.size // ny, nx, self.size // nx).any(axis=(1, 3))
+        return np.flatnonzero(cells)
+
     def frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Frames start .. stop-1 as one array [n, size, size, 3] uint8, BGR."""
         stop = self.n_frames if stop is None else stop

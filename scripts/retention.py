@@ -25,21 +25,9 @@ from edge_runtime.bench import machine_info, save_figure
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV, policy_from_spec
 from edge_runtime.policies.base import recent_frames
-from edge_runtime.scenes import Event, Stream, make_stream
+from edge_runtime.scenes import Stream, make_stream
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
-
-
-def object_patches(event: Event, t: int, nx: int, ny: int, frame_size: int) -> np.ndarray:
-    """Patch indices (y * nx + x) whose cell overlaps the object's bounding box at frame t."""
-    cx, cy = event.position(t)
-    half = event.size / 2
-    cell_w, cell_h = frame_size / nx, frame_size / ny
-    x0, x1 = int((cx - half) // cell_w), int((cx + half - 1e-6) // cell_w)
-    y0, y1 = int((cy - half) // cell_h), int((cy + half - 1e-6) // cell_h)
-    xs = np.arange(max(0, x0), min(nx - 1, x1) + 1)
-    ys = np.arange(max(0, y0), min(ny - 1, y1) + 1)
-    return (ys[:, None] * nx + xs[None, :]).ravel()
 
 
 def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int, ny: int) -> np.ndarray:
@@ -47,7 +35,7 @@ def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int,
     out = np.full(frame.shape, -1, np.int32)
     for k, event in enumerate(stream.events):
         for t in range(event.start, event.end):
-            hit = (frame == t) & np.isin(patch, object_patches(event, t, nx, ny, stream.size))
+            hit = (frame == t) & np.isin(patch, stream.object_patches(t, nx, ny))
             out[hit] = k
     return out
 
@@ -64,7 +52,7 @@ def retention(stream: Stream, session: Session) -> dict:
     shows = evidence_mask(stream, frame, patch, nx, ny)
     events = []
     for k, event in enumerate(stream.events):
-        total = sum(len(object_patches(event, t, nx, ny, stream.size)) for t in range(event.start, event.end))
+        total = sum(len(stream.object_patches(t, nx, ny)) for t in range(event.start, event.end))
         coverage = np.minimum(1.0, (shows == k).sum(axis=2) / (total / (event.end - event.start)))  # [L, H]
         events.append({"object": event.obj.name, "start": event.start, "end": event.end,
                        "depth": stream.n_frames - event.end, "tokens": total,

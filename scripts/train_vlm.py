@@ -137,7 +137,7 @@ def frame_labels(stream: scenes.Stream, t: int) -> list[int]:
 SPARSE_EVENTS = (1, 2)  # a sparse clip: one or two appearances ...
 SPARSE_DURATION = (1, 4)  # ... of a few frames each, so most of a 12-frame clip is background, as in long streams
 # A compressed memory (InfiniPot-V at 1/8 of a stream) keeps the objects and the newest frames but little of the
-# background: an older empty frame then weighs w in [PRUNED_WEIGHT, 1] (log-uniform) instead of its stream share.
+# background: an older background patch then weighs w in [PRUNED_WEIGHT, 1] (log-uniform), not its stream share.
 PRUNED_WEIGHT = 0.03
 RECENT_WHOLE = 2  # the newest frames stay whole under compression (InfiniPot-V's recent frames)
 
@@ -157,9 +157,9 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     The frames themselves stay n_frames; only their weight in the softmax (vlm_text's key_weight) changes.
 
     pruned: instead, the clip stands for a compressed memory, where a pass kept the distinctive tokens (the
-    objects) and dropped most of the redundant background: empty frames older than the RECENT_WHOLE newest
-    weigh w < 1, as if only a share w of their tokens were left. A model trained only on whole memories
-    answers "what is visible now" from the last object it saw once the empty frames around it are gone.
+    objects' patches) and dropped most of the redundant background: background patches of the frames older
+    than the RECENT_WHOLE newest weigh w < 1, as if only a share w of them were left. Aimed at what a model
+    trained on whole memories does under compression: "what is visible now?" answered with the last object.
     """
     stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
               else scenes.make_stream(seed, n_frames))
@@ -191,15 +191,18 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     key_weight = [1.0] * len(ids)
     empty = [t for t in range(n_frames) if stream.event_at(t) is None]
     first = len(tokens["prefix"])
-    if pruned:
+    if pruned:  # every background token of the older frames, the objects' frames' too: InfiniPot-V keeps patches
         weight = math.exp(rng.uniform(math.log(PRUNED_WEIGHT), 0.0))
-        empty = [t for t in empty if t < n_frames - RECENT_WHOLE]
+        grid = math.isqrt(tokens_per_frame)
+        for t in range(n_frames - RECENT_WHOLE):
+            shown = set(stream.object_patches(t, grid, grid).tolist())
+            for q in range(tokens_per_frame):
+                if q not in shown:
+                    key_weight[first + t * tokens_per_frame + q] = weight
     elif stream_frames > n_frames and empty:
         weight = (rng.randint(n_frames, stream_frames) - (n_frames - len(empty))) / len(empty)
-    else:
-        empty = []
-    for t in empty:
-        key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
+        for t in empty:
+            key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
     return {"ids": ids, "labels": labels, "positions": positions, "key_weight": key_weight,
             "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
             "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
