@@ -274,7 +274,7 @@ class Session:
         if kv.n_slots != mem.video_tokens:
             raise ModelError(f"the KV cache holds {kv.n_slots} video cells but {mem.video_tokens} were recorded: "
                              "was the context used by another program?")
-        if kv.path == "direct" and self.config.positions == "reindex":
+        if kv.path == "direct" and self.config.positions == "reindex" and self.policy.native_choice_is_final:
             kv.plan_in_place()  # a native selection moves each layer while it is still in the CPU's cache
         t1 = time.perf_counter()
         try:

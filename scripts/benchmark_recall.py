@@ -176,7 +176,8 @@ def merge(paths: list[Path]) -> dict:
         if differ or part["streams"] != first["streams"]:
             sys.exit(f"benchmark_recall: {path} ran other streams or settings than {paths[0]} "
                      f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
-    runs = [run for part in parts for run in part["runs"]]
+    # Positions belong to each run (results from before --positions ran reindex, the default).
+    runs = [{**run, "positions": run.get("positions", "reindex")} for part in parts for run in part["runs"]]
     ran = [(run["policy"], run["budget"], run.get("positions", "reindex")) for run in runs]
     twice = next((r for r in ran if ran.count(r) > 1), None)
     if twice:
@@ -184,6 +185,7 @@ def merge(paths: list[Path]) -> dict:
             f" with positions {twice[2]}" if twice[2] != "reindex" else "")
         sys.exit(f"benchmark_recall: {what} is in more than one result: merge each run once")
     settings = dict(first["settings"])
+    settings.pop("positions", None)
     for key in ("policies", "budgets"):
         settings[key] = list(dict.fromkeys(v for part in parts for v in part["settings"][key]))
     return {**first, "settings": settings, "merged_from": [path.name for path in paths],

@@ -268,8 +268,9 @@ def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
 def test_policy_specs_carry_infinipot_v_settings_and_refuse_the_rest() -> None:
     plain = policy_from_spec("infinipot-v")
     assert (plain.alpha, plain.recent_fraction, plain.pool) == (0.5, 0.125, False)
-    tuned = policy_from_spec("infinipot-v:alpha=0.9+recent=0.25+pool")
-    assert (type(tuned), tuned.alpha, tuned.recent_fraction, tuned.pool) == (InfiniPotV, 0.9, 0.25, True)
+    tuned = policy_from_spec("infinipot-v:alpha=0.9+recent=0.25+pool+shared")
+    assert (type(tuned), tuned.alpha, tuned.recent_fraction, tuned.pool, tuned.shared) == (InfiniPotV, 0.9, 0.25,
+                                                                                           True, True)
     assert isinstance(policy_from_spec("tar:recent=0.25"), TaR)
     assert isinstance(policy_from_spec("uniform"), Uniform)
     for spec, why in (("uniform:alpha=0.9", "only InfiniPot-V"), ("infinipot-v:beta=1", "bad setting 'beta=1'"),
@@ -277,6 +278,34 @@ def test_policy_specs_carry_infinipot_v_settings_and_refuse_the_rest() -> None:
                       ("infinipot-v:alpha=2", "alpha must be in"), ("lru", "unknown policy 'lru'")):
         with pytest.raises(SettingsError, match=why):
             policy_from_spec(spec)
+
+
+@pytest.mark.parametrize("positions", ["reindex", "keep"])
+def test_shared_infinipot_v_keeps_one_set_for_every_head_by_vote(variants: dict[str, Path], positions: str) -> None:
+    with open_model(variants, "llama-3x4", "mmproj-4x4", flash_attn="on") as model:
+        plain, shared = InfiniPotV(), policy_from_spec("infinipot-v:shared")
+        assert plain.native_choice_is_final and not shared.native_choice_is_final  # no in-place move to undo
+        chosen: list[np.ndarray] = []
+        votes: list[np.ndarray] = []
+
+        class Recorded(InfiniPotV):
+            def select(self, memory: VideoMemory, kv: object, keep: int) -> np.ndarray:
+                per_head = InfiniPotV.select(plain, memory, kv, keep)
+                votes.append(np.bincount(per_head.ravel(), minlength=memory.video_tokens))
+                chosen.append(shared.select(memory, kv, keep))
+                return chosen[-1]
+
+        policy = Recorded(shared=True)
+        session = Session(model, SessionConfig(budget=128, positions=positions, question_room=128), policy)
+        for frame in SyntheticScene(seed=5, n_frames=20):
+            session.insert_frame(frame)
+        assert len(chosen) >= 3
+        for kept, count in zip(chosen, votes, strict=True):
+            assert (kept == kept[0, 0]).all()  # one set for every (layer, head)
+            assert count[kept[0, 0]].min() >= np.delete(count, kept[0, 0]).max()  # the most agreed-on slots
+        frame, patch, _ = session.memory.slots.arrays()
+        assert (frame == frame[:1, :1]).all() and (patch == patch[:1, :1]).all()
+        assert session.ask("What did you see?", max_tokens=4).n_tokens > 0
 
 
 def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dict[str, Path]) -> None:

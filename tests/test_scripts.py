@@ -93,6 +93,14 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
     assert [(r["policy"], r["budget"]) for r in merged["runs"]] == [
         ("full", None), ("uniform", "1/4"), ("uniform", "1/2"), ("sliding-window", "1/4"), ("sliding-window", "1/2")]
     assert (tmp_path / "all.png").stat().st_size > 10_000
+    # The same policy and budget with kept positions is another run, not a duplicate.
+    run_script("benchmark_recall.py", *common, "--policies", "uniform", "--positions", "keep",
+               "--out", str(tmp_path / "k.json"))
+    run_script("benchmark_recall.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "k.json"),
+               "--out", str(tmp_path / "ak.json"))
+    assert [(r["policy"], r["budget"], r["positions"]) for r in json.loads((tmp_path / "ak.json").read_text())["runs"]
+            if r["policy"] == "uniform"] == [("uniform", "1/4", "reindex"), ("uniform", "1/2", "reindex"),
+                                             ("uniform", "1/4", "keep"), ("uniform", "1/2", "keep")]
     # Other streams cannot be merged in: the comparison would not be question by question.
     run_script("benchmark_recall.py", *common, "--seed", "5", "--policies", "random", "--out", str(tmp_path / "c.json"))
     refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",

@@ -16,17 +16,18 @@ from edge_runtime.policies.uniform import Uniform
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FullCache, InfiniPotV, SlidingWindow, Uniform, RandomTokens, TaR, VaN)
 }
-SPEC_SETTINGS = {"alpha": ("alpha", float), "recent": ("recent_fraction", float), "pool": ("pool", bool)}
+SPEC_SETTINGS = {"alpha": ("alpha", float), "recent": ("recent_fraction", float), "pool": ("pool", bool),
+                 "shared": ("shared", bool)}
 
 
 def make_policy(name: str, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False,
-                seed: int = 0, sink_tokens: int = 4) -> Policy:
+                seed: int = 0, sink_tokens: int = 4, shared: bool = False) -> Policy:
     """A policy by its name, given the settings that apply to it."""
     if name not in POLICIES:
         raise SettingsError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
     if issubclass(cls, InfiniPotV):
-        return cls(alpha=alpha, recent_fraction=recent_fraction, pool=pool)
+        return cls(alpha=alpha, recent_fraction=recent_fraction, pool=pool, shared=shared)
     if cls is RandomTokens:
         return RandomTokens(seed=seed)
     if cls is SlidingWindow:
@@ -44,8 +45,9 @@ def policy_from_spec(spec: str, seed: int = 0) -> Policy:
     kwargs: dict = {}
     for item in filter(None, (part.strip() for part in rest.split("+"))):
         key, eq, value = item.partition("=")
-        if key not in SPEC_SETTINGS or (eq and key == "pool") or (not eq and key != "pool"):
-            raise SettingsError(f"bad setting {item!r} in policy {spec!r}: use alpha=A, recent=R or pool")
+        flag = SPEC_SETTINGS.get(key, ("", float))[1] is bool
+        if key not in SPEC_SETTINGS or bool(eq) == flag:
+            raise SettingsError(f"bad setting {item!r} in policy {spec!r}: use alpha=A, recent=R, pool or shared")
         arg, kind = SPEC_SETTINGS[key]
         try:
             kwargs[arg] = True if kind is bool else kind(value)

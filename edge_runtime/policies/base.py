@@ -25,6 +25,8 @@ class Policy(ABC):
 
     name: str
     compresses = True  # False: the memory only grows (the full cache)
+    # True: select() returns the native selection itself, so the pass may move each layer as it chooses it.
+    native_choice_is_final = True
 
     def check(self, memory: VideoMemory, keep: int) -> None:  # noqa: B027 - optional hook
         """Raise SettingsError if this policy cannot compress `memory` to `keep` tokens."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_runtime.policies.base import Policy, SettingsError, recent_frames
+from edge_runtime.policies.base import Policy, SettingsError, recent_frames, same_for_every_head
 
 if TYPE_CHECKING:
     from edge_runtime._native import KVPass
@@ -32,7 +32,8 @@ class InfiniPotV(Policy):
     use_tar = True
     use_van = True
 
-    def __init__(self, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False) -> None:
+    def __init__(self, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False,
+                 shared: bool = False) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise SettingsError(f"alpha must be in [0, 1], not {alpha}")
         if not 0.0 < recent_fraction <= 1.0:
@@ -40,6 +41,10 @@ class InfiniPotV(Policy):
         self.alpha = alpha  # share of |C| chosen by TaR; the paper finds 0.4-0.6 best
         self.recent_fraction = recent_fraction  # r = 0.125 f in the paper; its public code uses 0.25
         self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
+        # shared: one token set for every (layer, head), the slots most (layer, head) choices agree on. Not the
+        # paper's (it keeps per-head sets); a model trained only on whole memories may not read per-head ones.
+        self.shared = shared
+        self.native_choice_is_final = not shared
 
     def check(self, memory: VideoMemory, keep: int) -> None:
         if self.pool and memory.records and memory.records[-1].wrapper_tokens:
@@ -55,8 +60,14 @@ class InfiniPotV(Policy):
     def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
         frame, patch, rot_pos = memory.slots.pass_tables()
         nx, ny = memory.grid
-        return kv.select(frame, patch, rot_pos, nx, ny, recent_frames(memory, self.recent_fraction), keep,
+        kept = kv.select(frame, patch, rot_pos, nx, ny, recent_frames(memory, self.recent_fraction), keep,
                          self.alpha, self.pool, self.use_tar, self.use_van)
+        if not self.shared:
+            return kept
+        # Every pass being shared, slot n holds the same token in every head, so the choices can be counted.
+        # The recent frames are in every choice; ties go to the older slot, as in the per-head choice.
+        votes = np.bincount(kept.ravel(), minlength=memory.video_tokens)
+        return same_for_every_head(memory, np.argsort(-votes, kind="stable")[:keep])
 
 
 class TaR(InfiniPotV):
