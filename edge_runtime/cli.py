@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recent", type=float, default=0.125, metavar="FRACTION",
                    help="InfiniPot-V: recent frames always kept, as a fraction of the frames |M| holds (0.125)")
     c.add_argument("--pool", action="store_true", help="InfiniPot-V: spatial pooling of value norms")
+    c.add_argument("--shared", action="store_true",
+                   help="InfiniPot-V: one token set for every layer and head (the slots their choices agree on), "
+                        "not one per head")
     c.add_argument("--positions", choices=["reindex", "keep"], default="reindex",
                    help="reindex: compact positions, keys re-rotated, positions stay bounded (default); "
                         "keep: kept keys keep their rotation and positions grow with the stream")
@@ -222,7 +225,8 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
     policy_name = args.policy or ("infinipot-v" if args.budget else "full")
     if policy_name != "full" and not args.budget:
         raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
-    policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed)
+    policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed,
+                         shared=args.shared)
     n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
     text_model, mmproj, lora = model_files(args)
     model = VisionLanguageModel(ModelConfig(

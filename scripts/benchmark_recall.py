@@ -102,6 +102,8 @@ def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, s
                 bar.update()
             # The same questions in the same order for every policy: the ask set is seeded by the stream.
             for q in stream.ask_set(stream.seed, args.questions_per_stream):
+                if args.turns == "single":
+                    session.history.clear()  # the memory stays; earlier questions and answers go
                 answer = session.ask(q.text).text
                 records.append({"stream": i, "question": q.text, "kind": q.kind, "truth": q.answer,
                                 "answer": answer, "correct": grade(answer, q.answer), "depth": q.depth,
@@ -173,6 +175,8 @@ def merge(paths: list[Path]) -> dict:
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:], strict=True):
         differ = [k for k in SAME_STREAMS if part["settings"].get(k) != first["settings"].get(k)]
+        if part["settings"].get("turns", "multi") != first["settings"].get("turns", "multi"):
+            differ.append("turns")
         if differ or part["streams"] != first["streams"]:
             sys.exit(f"benchmark_recall: {path} ran other streams or settings than {paths[0]} "
                      f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
@@ -223,6 +227,9 @@ def main() -> int:
     p.add_argument("--positions", choices=["reindex", "keep"], default="reindex",
                    help="where kept tokens sit after a pass: reindex (compact, the streaming default) or keep "
                         "(their original positions; the stream must fit the model's trained context)")
+    p.add_argument("--turns", choices=["multi", "single"], default="multi",
+                   help="multi: each question sees the earlier ones and their answers, as in a chat (default); "
+                        "single: each is asked alone of the same memory")
     p.add_argument("--questions-per-stream", type=int, default=8, metavar="K")
     p.add_argument("--question-room", type=int, default=SessionConfig.question_room)
     p.add_argument("--max-answer-tokens", type=int, default=16, help="answers are a few words (default 16)")
@@ -292,7 +299,7 @@ def main() -> int:
                      "lora": args.lora.name if args.lora else None, "seed": args.seed,
                      "streams": args.streams, "frames": args.frames, "policies": policies, "budgets": budget_texts,
                      "questions_per_stream": args.questions_per_stream, "question_room": args.question_room,
-                     "positions": args.positions,
+                     "positions": args.positions, "turns": args.turns,
                      "max_answer_tokens": args.max_answer_tokens, "threads": args.threads,
                      "tokens_per_frame": per_frame, "prefix_tokens": prefix,
                      "depth_buckets": {name: [lo, hi] for name, lo, hi in DEPTH_BUCKETS}},

@@ -108,6 +108,14 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
+    # Single-turn answers are another measurement: not merged with multi-turn ones.
+    run_script("benchmark_recall.py", *common, "--turns", "single", "--policies", "random",
+               "--out", str(tmp_path / "s.json"))
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["turns"] == "single"
+    mixed = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+                            str(tmp_path / "a.json"), str(tmp_path / "s.json"), "--out", str(tmp_path / "x.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert mixed.returncode != 0 and "(turns)" in mixed.stderr
     twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
                             str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "x.json")],
                            capture_output=True, text=True, timeout=60)
