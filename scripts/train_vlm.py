@@ -111,7 +111,7 @@ class TrainConfig:
     sparse_fraction: float = 0.0  # clips with 1-2 brief appearances, mostly empty frames, as long streams are
     digit_weight: float = 1.0  # the digit's auxiliary loss, times this: digits are rare and the hardest to read
     stream_frames: int = 0  # a clip stands for a stream up to this long: its empty frames weigh more in attention
-    pruned_fraction: float = 0.0  # clips whose older empty frames weigh less: a capped memory keeps little background
+    pruned_fraction: float = 0.0  # clips whose older background patches weigh less: a capped memory keeps few
     init: str = ""  # an exported model folder (mmproj.gguf, lora.gguf) to start from instead of from scratch
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
     long_eval_frames: int = 120  # held-out streams this long, full cache, contiguous positions: the benchmark's task
@@ -158,8 +158,8 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
 
     pruned: instead, the clip stands for a compressed memory, where a pass kept the distinctive tokens (the
     objects' patches) and dropped most of the redundant background: background patches of the frames older
-    than the RECENT_WHOLE newest weigh w < 1, as if only a share w of them were left. Aimed at what a model
-    trained on whole memories does under compression: "what is visible now?" answered with the last object.
+    than the RECENT_WHOLE newest weigh w < 1, as if only a share w of them were left. Tried against the "what is
+    visible now?" misses under compression; it did not fix them (they come from the chat: README, recall).
     """
     stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
               else scenes.make_stream(seed, n_frames))

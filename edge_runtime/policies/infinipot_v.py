@@ -42,7 +42,8 @@ class InfiniPotV(Policy):
         self.recent_fraction = recent_fraction  # r = 0.125 f in the paper; its public code uses 0.25
         self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
         # shared: one token set for every (layer, head), the slots most (layer, head) choices agree on. Not the
-        # paper's (it keeps per-head sets); a model trained only on whole memories may not read per-head ones.
+        # paper's (it keeps per-head sets): an ablation of whether per-head sets matter to a model trained on whole
+        # memories (results/recall_120_tuning.json: on edge-vlm they do not).
         self.shared = shared
         self.native_choice_is_final = not shared
 
