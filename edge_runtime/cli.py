@@ -11,13 +11,17 @@ import argparse
 import json
 import logging
 import queue
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 
 from edge_runtime.demo import run_demo
-from edge_runtime.model import EDGE_VLM, ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
+from edge_runtime.model import EDGE_VLM, NATIVE_LOG, ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
 from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
 from edge_runtime.session import Answer, Session, SessionConfig, Status
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
@@ -219,7 +223,33 @@ def read_questions(questions: queue.Queue) -> None:
     questions.put(_END)
 
 
+@contextmanager
+def ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual, except inside llama.cpp's log callback, where ctypes would
+    swallow it (printing a traceback); it is remembered either way, and the loop stops on it."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        pressed.set()
+        if not NATIVE_LOG.running_in(frame):
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None) -> int:
+    with ctrl_c_remembered() as ctrl_c:
+        return _run(args, out, source, ctrl_c)
+
+
+def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, ctrl_c: threading.Event) -> int:
     if source is None:
         source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
     policy_name = args.policy or ("infinipot-v" if args.budget else "full")
@@ -258,6 +288,8 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
     stdin_open = interactive
     try:
         while True:
+            if ctrl_c.is_set():  # pressed while a callback swallowed the KeyboardInterrupt
+                raise KeyboardInterrupt
             while stdin_open and not questions.empty():  # questions first: they do not wait for frames
                 item = questions.get()
                 if item is _END:
@@ -293,7 +325,12 @@ def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None
         for question in args.ask:
             ask(question)
         while stdin_open:  # the memory stays queryable until the user closes stdin
-            item = questions.get()
+            if ctrl_c.is_set():
+                raise KeyboardInterrupt
+            try:
+                item = questions.get(timeout=0.1)
+            except queue.Empty:
+                continue
             if item is _END:
                 break
             ask(item)

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import cv2
 import gguf
@@ -155,6 +156,16 @@ class _NativeLog:
         if level == self.LEVEL_ERROR and message.strip():
             with self._lock:
                 self.errors.append(message.strip().splitlines()[0])
+
+    @classmethod
+    def running_in(cls, frame: FrameType | None) -> bool:
+        """Whether `frame` (or a caller of it) is this callback: an exception raised there goes nowhere, since
+        ctypes only prints what a callback raises."""
+        while frame is not None:
+            if frame.f_code is cls._on_log.__code__:
+                return True
+            frame = frame.f_back
+        return False
 
     def install(self, verbose: bool) -> None:
         self.verbose = verbose
