@@ -100,6 +100,26 @@ def test_stdin_questions_are_answered_while_frames_keep_coming(fixtures: dict[st
     assert "Traceback" not in err
 
 
+def test_ctrl_c_inside_the_llama_log_callback_is_remembered_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes swallows what a callback raises: Ctrl-C there must be kept for the loop, not raised and lost."""
+    from edge_runtime.model import NATIVE_LOG
+
+    class CtrlCWhileWriting:  # the verbose log's stderr: Ctrl-C arrives while llama.cpp is logging
+        def write(self, text: str) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    lost: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", lost.append)  # where ctypes reports what a callback raised
+    monkeypatch.setattr(NATIVE_LOG, "verbose", True)
+    monkeypatch.setattr(sys, "stderr", CtrlCWhileWriting())
+    with cli.ctrl_c_remembered() as pressed:
+        NATIVE_LOG.callback(2, b"decode: a line\n", None)  # through ctypes, as llama.cpp calls it
+        assert pressed.is_set() and not lost
+        with pytest.raises(KeyboardInterrupt):  # outside the callback, Ctrl-C is a KeyboardInterrupt as always
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class DyingCamera(FrameSource):
     """A real source that delivers three frames and then loses its device, as an unplugged camera does."""
 
