@@ -228,7 +228,8 @@ def ctrl_c_remembered() -> Iterator[threading.Event]:
     """Ctrl-C raises KeyboardInterrupt as usual, except inside llama.cpp's log callback, where ctypes would
     swallow it (printing a traceback); it is remembered either way, and the loop stops on it."""
     pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    # Handlers belong to the main thread; an ignored SIGINT (nohup, background jobs) stays ignored.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield pressed
         return
 

@@ -71,9 +71,10 @@ def test_watch_prompt_asks_every_n_seconds_of_stream(fixtures: dict[str, Path]) 
 def test_stdin_questions_are_answered_while_frames_keep_coming(fixtures: dict[str, Path]) -> None:
     # Capped memory: the stream runs until Ctrl-C however slow a loaded machine is (the full cache of the tiny
     # model in 2048 tokens fills after 93 frames, 9 s at 10 frames/s, and would end the stream on its own, exit 0).
+    # SIGINT as in a terminal, also when the tests run as a background job (which ignores it, and so would the CLI).
     proc = subprocess.Popen([*CMD, "--synthetic", "--realtime", "--fps", "10", "--budget", "256", *models(fixtures),
                              "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdin and proc.stdout
     try:
         def next_event(kind: str) -> dict:
@@ -108,16 +109,23 @@ def test_ctrl_c_inside_the_llama_log_callback_is_remembered_not_lost(monkeypatch
         def write(self, text: str) -> None:
             signal.raise_signal(signal.SIGINT)
 
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore SIGINT)
     lost: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", lost.append)  # where ctypes reports what a callback raised
     monkeypatch.setattr(NATIVE_LOG, "verbose", True)
     monkeypatch.setattr(sys, "stderr", CtrlCWhileWriting())
-    with cli.ctrl_c_remembered() as pressed:
-        NATIVE_LOG.callback(2, b"decode: a line\n", None)  # through ctypes, as llama.cpp calls it
-        assert pressed.is_set() and not lost
-        with pytest.raises(KeyboardInterrupt):  # outside the callback, Ctrl-C is a KeyboardInterrupt as always
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with cli.ctrl_c_remembered() as pressed:
+            NATIVE_LOG.callback(2, b"decode: a line\n", None)  # through ctypes, as llama.cpp calls it
+            assert pressed.is_set() and not lost
+            with pytest.raises(KeyboardInterrupt):  # outside the callback, Ctrl-C is a KeyboardInterrupt as always
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with cli.ctrl_c_remembered():  # an ignored Ctrl-C (nohup) stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class DyingCamera(FrameSource):
