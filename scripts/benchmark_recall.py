@@ -182,7 +182,7 @@ def merge(paths: list[Path]) -> dict:
                      f"({', '.join(differ) or 'streams'}): rerun it with the same ones to merge them")
     # Positions belong to each run (results from before --positions ran reindex, the default).
     runs = [{**run, "positions": run.get("positions", "reindex")} for part in parts for run in part["runs"]]
-    ran = [(run["policy"], run["budget"], run.get("positions", "reindex")) for run in runs]
+    ran = [(run["policy"], run["budget"], run["positions"]) for run in runs]
     twice = next((r for r in ran if ran.count(r) > 1), None)
     if twice:
         what = twice[0] + (f" at budget {twice[1]}" if twice[1] else "") + (

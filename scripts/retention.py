@@ -1,11 +1,12 @@
-"""What a memory policy keeps of the objects in a stream: the share of each appearance's tokens still in memory.
+"""What a memory policy keeps of the objects in a stream, and how well InfiniPot-V's scores find them.
 
 The recall benchmark says whether answers stay right; this says why. A scene stream is a fixed camera in
 which objects appear for a few frames; the tokens that show an object (its patches in the frames it is
 visible) are the evidence every question needs, the rest is background. After streaming it through the
-runtime under a policy, for every appearance: the share of its object tokens kept, averaged over the
-(layer, KV head) pairs (each keeps its own set), and the share of kept tokens that are object tokens at all.
-No question is asked: this measures the selection, not the model.
+runtime under a policy, for every appearance: its coverage (kept object tokens over one frame's worth of
+them, capped at 1), averaged over the (layer, KV head) pairs (each keeps its own set), and the share of
+kept tokens that are object tokens at all. Under InfiniPot-V, per layer, the AUC of TaR and VaN for object
+over background tokens at every pass. No question is asked: this measures the selection, not the model.
 
     python scripts/retention.py --streams 8 --budget 1/8 --policies infinipot-v,tar,van,uniform --out r.json
     python scripts/retention.py --policies infinipot-v,infinipot-v:alpha=0.9,infinipot-v:pool
