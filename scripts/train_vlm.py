@@ -30,8 +30,12 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -112,10 +116,13 @@ class TrainConfig:
     digit_weight: float = 1.0  # the digit's auxiliary loss, times this: digits are rare and the hardest to read
     stream_frames: int = 0  # a clip stands for a stream up to this long: its empty frames weigh more in attention
     pruned_fraction: float = 0.0  # clips whose older background patches weigh less: a capped memory keeps few
+    compressed_fraction: float = 0.0  # batches of long streams answered from a memory InfiniPot-V shrank
+    compressed_batch: int = 8  # ... this many streams of long_eval_frames frames each (~4,400 tokens)
     init: str = ""  # an exported model folder (mmproj.gguf, lora.gguf) to start from instead of from scratch
     eval_size: int = 64  # held-out clips per evaluation, at 1 and at max_frames frames
     long_eval_frames: int = 120  # held-out streams this long, full cache, contiguous positions: the benchmark's task
-    long_eval_size: int = 32  # x 3 questions: 16 streams (48 questions) moved 5-10 points from one eval to the next
+    long_eval_size: int = 32  # 16 streams moved 5-10 points from one eval to the next
+    long_turns: int = 8  # questions per long stream, one after another: the benchmark asks all of a stream's
 
 
 OBJECT_LABELS = {  # the auxiliary targets: index 0 means "no object in this frame"
@@ -140,10 +147,25 @@ SPARSE_DURATION = (1, 4)  # ... of a few frames each, so most of a 12-frame clip
 # background: an older background patch then weighs w in [PRUNED_WEIGHT, 1] (log-uniform), not its stream share.
 PRUNED_WEIGHT = 0.03
 RECENT_WHOLE = 2  # the newest frames stay whole under compression (InfiniPot-V's recent frames)
+# A compressed stream: the runtime's memory when a question comes, made in one InfiniPot-V pass over the model's
+# own keys and values. The runtime's settings: |C| = KEEP_FRACTION |M| in whole frames (SessionConfig.keep_fraction),
+# r = RECENT_FRACTION x the frames |M| holds (InfiniPotV.recent_fraction); tests pin them to the runtime's.
+KEEP_FRACTION = 0.75
+RECENT_FRACTION = 0.125
+COMPRESSED_BUDGETS = (1 / 16, 1 / 4)  # |M| as a share of the stream, log-uniform: the benchmark's 1/16, 1/8, 1/4
+COMPRESSED_ALPHA = 0.5  # the runtime's default: half of |C| by TaR, the rest by value norm
+
+
+def memory_geometry(n_frames: int, budget: float) -> tuple[int, int, int]:
+    """The runtime's memory for a stream of n_frames at a budget share: frames in |M|, in |C|, and r."""
+    budget_frames = max(3, round(budget * n_frames))  # benchmark_recall.parse_budget: whole frames, at least 3
+    keep_frames = int(KEEP_FRACTION * budget_frames)
+    return budget_frames, keep_frames, max(1, round(RECENT_FRACTION * budget_frames))
 
 
 def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_per_frame: int,
-                 position_gap: int = 0, sparse: bool = False, stream_frames: int = 0, pruned: bool = False) -> dict:
+                 position_gap: int = 0, sparse: bool = False, stream_frames: int = 0, pruned: bool = False,
+                 compressed: tuple[float, int] | None = None) -> dict:
     """One clip and its chat: ids (-1 where a frame token goes), labels (-100 where no loss), positions, frames,
     key_weight (how many tokens each token counts as in attention).
 
@@ -160,6 +182,11 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
     objects' patches) and dropped most of the redundant background: background patches of the frames older
     than the RECENT_WHOLE newest weigh w < 1, as if only a share w of them were left. Tried against the "what is
     visible now?" misses under compression; it did not fix them (they come from the chat: README, recall).
+
+    compressed=(budget, after): the stream is answered from a memory of `budget` x its frames (|M|) that a pass
+    shrank to |C| when `after` frames were still to come (0 to |M| - |C| - 1 frames, as between the runtime's
+    passes): compress = (frames the pass saw, |C| in tokens, recent frames r). Which tokens each (layer, KV head)
+    keeps, InfiniPot-V decides at training time from the model's own keys and values (infinipot_v_dropped).
     """
     stream = (scenes.make_stream(seed, n_frames, n_events=SPARSE_EVENTS, duration=SPARSE_DURATION) if sparse
               else scenes.make_stream(seed, n_frames))
@@ -203,13 +230,55 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
         weight = (rng.randint(n_frames, stream_frames) - (n_frames - len(empty))) / len(empty)
         for t in empty:
             key_weight[first + t * tokens_per_frame:first + (t + 1) * tokens_per_frame] = [weight] * tokens_per_frame
+    compress = None
+    if compressed:
+        budget, after = compressed
+        budget_frames, keep_frames, recent = memory_geometry(n_frames, budget)
+        if not 0 <= after < budget_frames - keep_frames:
+            raise ValueError(f"{after} frames after a pass: the runtime passes every {budget_frames - keep_frames}")
+        compress = (n_frames - after, keep_frames * tokens_per_frame, recent)
     return {"ids": ids, "labels": labels, "positions": positions, "key_weight": key_weight,
+            "compress": compress,
             "frames": stream.frames(0, n_frames)[..., ::-1].copy(),  # BGR -> RGB
             "frame_labels": [frame_labels(stream, t) for t in range(n_frames)],
             "kinds": [q.kind for q in chosen]}
 
 
 # -- training (there) -------------------------------------------------------------------------------------
+
+def infinipot_v_dropped(record: list, first: int, tokens_per_frame: int, compress: list) -> torch.Tensor:
+    """The tokens one InfiniPot-V pass drops, per (layer, KV head), from the keys and values a forward recorded.
+
+    record: per layer (keys before RoPE, keys, values) [B, H, T, D] of the tokens up to the pass; example b's
+    frames start at token `first`; compress[b] = (frames the pass saw, tokens it keeps |C|, recent frames r).
+    The pass is the runtime's (edge_runtime.policies.InfiniPotV, tests/reference_infinipot_v.py): the r
+    newest frames stay whole; floor(alpha |C|) tokens, the recent ones included, go to the highest TaR (least
+    like the same patch in the recent frames), the rest to the highest value norm.
+    Returns dropped [B, L, H, T] (bool): False for the prompt and for everything kept.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    keys = torch.stack([k for k, _, _ in record], 1)  # [B, L, H, T, D]
+    values = torch.stack([v for _, _, v in record], 1)
+    B, L, H, T = keys.shape[:4]
+    P = tokens_per_frame
+    dropped = torch.zeros(B, L, H, T, dtype=torch.bool, device=keys.device)
+    for b, (n, keep, r) in enumerate(compress):
+        k = keys[b, :, :, first:first + n * P].float().unflatten(2, (n, P))  # [L, H, n, P, D]
+        v = values[b, :, :, first:first + (n - r) * P].float()
+        cos = F.cosine_similarity(k[:, :, :n - r, None], k[:, :, None, n - r:], dim=-1)  # [L, H, n - r, r, P]
+        tar = -cos.mean(3).flatten(2)  # [L, H, (n - r) P]
+        score = v.norm(dim=-1)
+        n_tar = math.floor(COMPRESSED_ALPHA * keep) - r * P
+        if n_tar < 0:  # the runtime refuses this budget (InfiniPotV.check)
+            raise ValueError(f"alpha |C| = {COMPRESSED_ALPHA} x {keep} cannot hold {r} recent frames")
+        if n_tar > 0:
+            score.scatter_(2, tar.topk(n_tar, dim=2).indices, float("inf"))
+        kept = score.topk(keep - r * P, dim=2).indices
+        dropped[b, :, :, first:first + (n - r) * P] = torch.ones_like(score, dtype=torch.bool).scatter_(2, kept, False)
+    return dropped
+
 
 def start_from(folder: Path, vision, text) -> None:
     """Load an exported model (mmproj.gguf, and lora.gguf if the text model has a LoRA) into the modules."""
@@ -271,12 +340,25 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         rng = np.random.default_rng(worker_seed)
         k = 0
         while True:
-            single = rng.random() < cfg.single_frame_fraction
-            n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
-            yield make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k, n, cfg.turns, tokens, tpf,
-                               cfg.position_gap, sparse=rng.random() < cfg.sparse_fraction,
-                               stream_frames=cfg.stream_frames, pruned=rng.random() < cfg.pruned_fraction)
-            k += 1
+            if rng.random() < cfg.compressed_fraction:  # long streams, each answered from a memory a pass shrank
+                n = cfg.long_eval_frames
+                budget = math.exp(rng.uniform(*np.log(COMPRESSED_BUDGETS)))
+                budget_frames, keep_frames, _ = memory_geometry(n, budget)
+                after = int(rng.integers(0, budget_frames - keep_frames))  # one for the batch: one split
+                items = [make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k + i, n, cfg.long_turns, tokens,
+                                      tpf, compressed=(budget, after)) for i in range(cfg.compressed_batch)]
+            else:
+                items = []
+                for i in range(cfg.batch):
+                    single = rng.random() < cfg.single_frame_fraction
+                    n = 1 if single else int(rng.integers(1, cfg.max_frames + 1))
+                    items.append(make_example(TRAIN_SEED_BASE + worker_seed * 10_000_000 + k + i, n, cfg.turns,
+                                              tokens, tpf, cfg.position_gap,
+                                              sparse=rng.random() < cfg.sparse_fraction,
+                                              stream_frames=cfg.stream_frames,
+                                              pruned=rng.random() < cfg.pruned_fraction))
+            k += len(items)
+            yield collate(items)
 
     class Examples(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -299,14 +381,18 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             positions[i, :len(t)] = torch.tensor(x["positions"])
             key_weight[i, :len(t)] = torch.tensor(x["key_weight"])
             positions[i, len(t):] = positions[i, len(t) - 1] + 1 + torch.arange(T - len(t))  # padding, no loss
+        compress = [x["compress"] for x in items]
+        if any(compress) and not all(c and c[0] == compress[0][0] for c in compress):
+            raise ValueError("a batch is compressed whole, every stream at the same frame")
         return {"ids": ids, "img": img, "labels": labels, "positions": positions,
                 "key_weight": key_weight if bool((key_weight != 1).any()) else None,
+                "compress": compress if compress[0] else None,
                 "frames": torch.from_numpy(np.concatenate([x["frames"] for x in items])),
                 "frame_labels": torch.tensor([fl for x in items for fl in x["frame_labels"]]),
                 "kinds": [x["kinds"] for x in items]}
 
-    loader = torch.utils.data.DataLoader(Examples(), batch_size=cfg.batch, collate_fn=collate,
-                                         num_workers=cfg.workers, prefetch_factor=4, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=None, num_workers=cfg.workers, prefetch_factor=4,
+                                         persistent_workers=True)  # the workers make whole batches
     heldout = {name: collate([make_example(10 * TRAIN_SEED_BASE + i * 97 + j, n, cfg.turns, tokens, tpf)
                               for j in range(cfg.eval_size)])
                for i, (name, n) in enumerate((("1 frame", 1), (f"{cfg.max_frames} frames", cfg.max_frames)))}
@@ -318,11 +404,14 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
         heldout[f"{cfg.max_frames} frames, background pruned"] = collate(
             [make_example(10 * TRAIN_SEED_BASE + 40_000 + j, cfg.max_frames, cfg.turns, tokens, tpf, sparse=True,
                           pruned=True) for j in range(cfg.eval_size)])
-    if cfg.long_eval_size:  # in batches of 4: ~4,400 tokens each
-        long_clips = [make_example(10 * TRAIN_SEED_BASE + 50_000 + j, cfg.long_eval_frames, cfg.turns, tokens, tpf)
-                      for j in range(cfg.long_eval_size)]
-        for j in range(0, len(long_clips), 4):
-            heldout[f"{cfg.long_eval_frames} frames#{j}"] = collate(long_clips[j:j + 4])
+    if cfg.long_eval_size:  # in batches of 4 (~4,400 tokens each), the whole memory and at 1/8 as the runtime has it
+        for name, budget in (("", 0.0), (", 1/8", 1 / 8)):
+            budget_frames, keep_frames, _ = memory_geometry(cfg.long_eval_frames, budget or 1.0)
+            for j in range(0, cfg.long_eval_size, 4):
+                after = j // 4 % (budget_frames - keep_frames)  # asked right after a pass, and frames later
+                heldout[f"{cfg.long_eval_frames} frames{name}#{j}"] = collate([make_example(
+                    10 * TRAIN_SEED_BASE + 50_000 + j + i, cfg.long_eval_frames, cfg.long_turns, tokens, tpf,
+                    compressed=(budget, after) if budget else None) for i in range(4)])
 
     def forward(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         frames = b["frames"].to(device, non_blocking=True)
@@ -331,9 +420,19 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             pooled = torch.cat([emb.mean(1), emb.amax(1)], -1)
             x = text.embed(b["ids"].to(device))
             x = x.masked_scatter(b["img"].to(device)[..., None], emb.to(x.dtype))
-            h = text(x, b["positions"].to(device),
-                     None if b["key_weight"] is None else b["key_weight"].to(device, non_blocking=True))
+            positions = b["positions"].to(device)
+            key_weight = None if b["key_weight"] is None else b["key_weight"].to(device, non_blocking=True)
             labels = b["labels"].to(device)
+            if b["compress"] is None:
+                h = text(x, positions, key_weight)
+            else:  # the frames up to the pass, the pass on their keys and values, then what came after it
+                split = len(tokens["prefix"]) + b["compress"][0][0] * tpf
+                record: list = []
+                text(x[:, :split], positions[:, :split], record=record)
+                with torch.no_grad():
+                    dropped = infinipot_v_dropped(record, len(tokens["prefix"]), tpf, b["compress"])
+                h = text(x[:, split:], positions[:, split:], memory=(record, ~dropped))
+                labels = labels[:, split:]
             sel = labels[:, 1:] != -100
             logits = text.logits(h[:, :-1][sel]).float()
             target = labels[:, 1:][sel]

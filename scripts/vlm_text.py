@@ -159,14 +159,24 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
                                        for k in ("attn_q", "attn_k", "attn_v", "attn_output",
                                                  "ffn_gate", "ffn_up", "ffn_down")})
 
-        def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                    record: list | None = None, memory: tuple | None = None) -> torch.Tensor:
             B, T, _ = x.shape
             h = rms(x, self.attn_norm)
             q = self.proj["attn_q"](h).view(B, T, n_head, head_dim).transpose(1, 2)
             k = self.proj["attn_k"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
             v = self.proj["attn_v"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
+            k_plain = k
             q, k = rope(q, cos, sin), rope(k, cos, sin)
+            if record is not None:  # keys before RoPE (what a compression pass compares), keys, values
+                record.append((k_plain.detach(), k, v))
+            if memory is not None:  # a KV cache before these tokens: (keys, values, visible [B, n_kv, Tm])
+                mem_k, mem_v, visible = memory
+                own = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, n_kv, T, T)
+                seen = torch.cat([visible[:, :, None, :].expand(B, n_kv, T, visible.shape[-1]), own], -1)
+                mask = torch.zeros(seen.shape, dtype=q.dtype, device=x.device).masked_fill(~seen, float("-inf"))
+                mask = mask.repeat_interleave(n_head // n_kv, 1)
+                k, v = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
             if mask is None:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:  # KV heads repeated by hand: the kernels that take an additive mask do not all take GQA
@@ -196,12 +206,18 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
             return self.embd[ids]
 
         def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                    key_weight: torch.Tensor | None = None) -> torch.Tensor:
+                    key_weight: torch.Tensor | None = None, record: list | None = None,
+                    memory: tuple | None = None) -> torch.Tensor:
             """Input embeddings [B, T, n_embd] at positions [B, T] (default 0..T-1) -> final hidden states (normed).
 
             key_weight [B, T] (> 0): in every attention, token j counts as key_weight[j] copies of itself,
             its softmax weight multiplied by that before normalising (log added to its logits). A token
             counted n times attends exactly as n identical tokens at its position would be attended.
+
+            record: a list that gets each layer's (keys before RoPE, keys, values), each [B, n_head_kv, T, head_dim].
+            memory: (records of an earlier forward, visible [B, n_layer, n_head_kv, Tm]): these tokens come after
+            that one's and see its keys where visible, per (layer, KV head): a KV cache a compression pass
+            shrank. No key_weight with it.
             """
             T = x.shape[1]
             if positions is None:
@@ -212,8 +228,11 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
             if key_weight is not None:
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
                 mask = torch.where(causal, key_weight.float().log()[:, None, None, :], float("-inf")).to(x.dtype)
-            for blk in self.blocks:
-                x = blk(x, cos, sin, mask)
+            if memory is not None and key_weight is not None:
+                raise ValueError("key_weight does not apply to a forward after a memory")
+            for i, blk in enumerate(self.blocks):
+                layer_memory = None if memory is None else (*memory[0][i][1:], memory[1][:, i])
+                x = blk(x, cos, sin, mask, record, layer_memory)
             return rms(x, self.out_norm)
 
         def logits(self, h: torch.Tensor) -> torch.Tensor:

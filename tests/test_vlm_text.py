@@ -50,3 +50,28 @@ def test_weight_one_is_the_plain_causal_model(text_model: torch.nn.Module) -> No
     x = torch.randn(2, 9, HPARAMS["n_embd"], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(text_model(x, None, torch.ones(2, 9)), text_model(x), atol=1e-5)
+
+
+def test_tokens_after_a_shrunk_memory_attend_as_if_it_never_held_the_dropped_keys(
+        text_model: torch.nn.Module) -> None:
+    """What training under compression relies on: the memory's dropped keys are gone, per KV head."""
+    x = torch.randn(1, 12, HPARAMS["n_embd"], generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(12)[None] * 5
+    gone, split = [1, 4, 5], 8  # tokens 0-7 were in the cache at the pass; 8-11 come after it
+    visible = torch.ones(1, 1, HPARAMS["n_head_kv"], split, dtype=torch.bool)
+    visible[..., gone] = False
+    record: list = []
+    with torch.no_grad():
+        text_model(x[:, :split], positions[:, :split], record=record)
+        after = text_model(x[:, split:], positions[:, split:], memory=(record, visible))
+        kept = [i for i in range(12) if i not in gone]
+        without = text_model(x[:, kept], positions[:, kept])
+        one_head = visible.clone()
+        one_head[:, :, 1] = True  # the second KV head keeps everything
+        mixed = text_model(x[:, split:], positions[:, split:], memory=(record, one_head))
+        whole = text_model(x, positions)
+    assert torch.allclose(after, without[:, split - len(gone):], atol=1e-5)
+    assert torch.allclose(text_model(x[:, split:], positions[:, split:], memory=(record, visible | True)),
+                          whole[:, split:], atol=1e-5)  # nothing dropped: the plain causal model
+    assert not torch.allclose(mixed, after, atol=1e-4)  # each KV head has its own memory
+    assert not torch.allclose(mixed, whole[:, split:], atol=1e-4)
