@@ -166,16 +166,13 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
             q = self.proj["attn_q"](h).view(B, T, n_head, head_dim).transpose(1, 2)
             k = self.proj["attn_k"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
             v = self.proj["attn_v"](h).view(B, T, n_kv, head_dim).transpose(1, 2)
-            k_plain = k
+            if record is not None:  # keys before RoPE (what a compression pass compares and re-rotates), values
+                record.append((k, v))
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            if record is not None:  # keys before RoPE (what a compression pass compares), keys, values
-                record.append((k_plain.detach(), k, v))
-            if memory is not None:  # a KV cache before these tokens: (keys, values, visible [B, n_kv, Tm])
-                mem_k, mem_v, visible = memory
-                own = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, n_kv, T, T)
-                seen = torch.cat([visible[:, :, None, :].expand(B, n_kv, T, visible.shape[-1]), own], -1)
+            if memory is not None:  # a KV cache before these tokens: (keys with RoPE, values) [B, n_kv, Tm, D]
+                mem_k, mem_v = memory
+                seen = torch.ones(T, mem_k.shape[2] + T, dtype=torch.bool, device=x.device).tril(mem_k.shape[2])
                 mask = torch.zeros(seen.shape, dtype=q.dtype, device=x.device).masked_fill(~seen, float("-inf"))
-                mask = mask.repeat_interleave(n_head // n_kv, 1)
                 k, v = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
             if mask is None:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -214,10 +211,10 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
             its softmax weight multiplied by that before normalising (log added to its logits). A token
             counted n times attends exactly as n identical tokens at its position would be attended.
 
-            record: a list that gets each layer's (keys before RoPE, keys, values), each [B, n_head_kv, T, head_dim].
-            memory: (records of an earlier forward, visible [B, n_layer, n_head_kv, Tm]): these tokens come after
-            that one's and see its keys where visible, per (layer, KV head): a KV cache a compression pass
-            shrank. No key_weight with it.
+            record: a list that gets each layer's (keys before RoPE, values), each [B, n_head_kv, T, head_dim].
+            memory: per layer (keys with RoPE, values) [B, n_head_kv, Tm, head_dim]: a KV cache these tokens come
+            after and see whole; each (layer, KV head) may hold different tokens (a compression pass chose them),
+            the same number. No key_weight with it.
             """
             T = x.shape[1]
             if positions is None:
@@ -231,9 +228,13 @@ def build_text_model(hparams: dict, weights: dict[str, torch.Tensor], lora: Lora
             if memory is not None and key_weight is not None:
                 raise ValueError("key_weight does not apply to a forward after a memory")
             for i, blk in enumerate(self.blocks):
-                layer_memory = None if memory is None else (*memory[0][i][1:], memory[1][:, i])
-                x = blk(x, cos, sin, mask, record, layer_memory)
+                x = blk(x, cos, sin, mask, record, None if memory is None else memory[i])
             return rms(x, self.out_norm)
+
+        def rotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            """Keys before RoPE [..., T, head_dim] rotated to positions [T] (a pass re-indexing a memory)."""
+            ang = positions.float()[:, None] * self.inv_freq
+            return rope(k, ang.cos(), ang.sin())
 
         def logits(self, h: torch.Tensor) -> torch.Tensor:
             return h @ self.embd.t()  # tied output: llama.cpp uses token_embd when there is no output.weight

@@ -35,39 +35,70 @@ def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
     assert set(whole["key_weight"]) == {1.0}
 
 
-def test_a_compressed_stream_has_the_runtimes_memory_when_asked() -> None:
+def test_a_compressed_stream_has_the_runtimes_memory() -> None:
     tv = load_script("train_vlm")
     session, policy = SessionConfig(), InfiniPotV()
     assert (tv.KEEP_FRACTION, tv.RECENT_FRACTION, tv.COMPRESSED_ALPHA) == (
         session.keep_fraction, policy.recent_fraction, policy.alpha)
-    assert tv.memory_geometry(120, 1 / 8) == (15, 11, 2)  # |M| 15 frames, |C| 11, r 2: the benchmark's 1/8
-    for after in range(4):
-        x = tv.make_example(after, 120, 8, TOKENS, 36, compressed=(1 / 8, after))
-        assert x["compress"] == (120 - after, 11 * 36, 2)
-        assert set(x["key_weight"]) == {1.0}
-    with pytest.raises(ValueError, match="passes every 4"):
-        tv.make_example(0, 120, 8, TOKENS, 36, compressed=(1 / 8, 4))  # a pass would have come first
-    assert tv.make_example(0, 12, 3, TOKENS, 36)["compress"] is None
+    assert tv.memory_geometry(15) == (11, 2)  # |M| 15 frames (1/8 of 120): |C| 11 frames, r 2, a pass every 4
+    assert tv.memory_geometry(tv.COMPRESSED_MIN_FRAMES) == (6, 1)
+    x = tv.make_example(0, 60, 8, TOKENS, 36, compressed=12)
+    assert x["compress"] == 12 and set(x["key_weight"]) == {1.0}
+    with pytest.raises(ValueError, match="a memory of 60 frames"):
+        tv.make_example(0, 60, 8, TOKENS, 36, compressed=60)
+    assert tv.make_example(0, 12, 3, TOKENS, 36)["compress"] == 0
 
 
-def test_the_training_time_pass_drops_what_the_reference_infinipot_v_drops() -> None:
+def test_the_training_time_pass_keeps_what_the_reference_infinipot_v_keeps() -> None:
+    """Two passes in a row: the second over memories that differ per (layer, KV head), as in a stream."""
     torch = pytest.importorskip("torch")
     tv = load_script("train_vlm")
-    first, P, L, H, D, T = 3, 9, 2, 2, 8, 3 + 6 * 9  # the prompt, then 6 frames of a 3x3 grid
+    first, P, B, L, H, D = 3, 9, 2, 2, 2, 8  # a 3-token prompt, frames of a 3x3 grid
     g = torch.Generator().manual_seed(0)
-    record = [(torch.randn(2, H, T, D, generator=g), None, torch.randn(2, H, T, D, generator=g)) for _ in range(L)]
-    compress = [(5, 20, 1), (6, 40, 2)]  # example 0 is compressed before its last frame, 1 after it
-    dropped = tv.infinipot_v_dropped(record, first, P, compress)
-    assert not dropped[:, :, :, :first].any()  # the prompt stays
-    for b, (n, keep, r) in enumerate(compress):
-        keys = torch.stack([k[b] for k, _, _ in record])[:, :, first:first + n * P].double().numpy()
-        values = torch.stack([v[b] for _, _, v in record])[:, :, first:first + n * P].double().numpy()
-        frame = np.broadcast_to(np.repeat(np.arange(n), P), (L, H, n * P))
-        patch = np.broadcast_to(np.tile(np.arange(P), n), (L, H, n * P))
-        expected = select_tokens(keys, values, frame, patch, (3, 3), list(range(n - r, n)), keep,
-                                 alpha=tv.COMPRESSED_ALPHA)
-        for layer in range(L):
-            for head in range(H):
-                kept = set(range(n * P)) - set((dropped[b, layer, head].nonzero().flatten() - first).tolist())
-                assert sorted(kept) == expected[layer, head].tolist()
-        assert not dropped[b, :, :, first + (n - r) * P:].any()  # the recent frames and what came after stay
+    keys, values = (torch.randn(B, L, H, first + 9 * P, D, generator=g) for _ in range(2))
+    held = torch.arange(first + 6 * P).expand(B, L, H, -1)  # 6 frames in memory: the first pass keeps 4 frames' worth
+    passes = [(held, 1, 4 * P)]
+    after_first = tv.infinipot_v_pass(keys, values, held, first, P, 1, 4 * P)
+    # 3 more frames arrive (tokens first + 6P ...), then a second pass with r = 2
+    held2 = torch.cat([after_first, torch.arange(first + 6 * P, first + 9 * P).expand(B, L, H, -1)], -1)
+    passes.append((held2, 2, 5 * P))
+    after_second = tv.infinipot_v_pass(keys, values, held2, first, P, 2, 5 * P)
+    for (before, r, keep), after in zip(passes, (after_first, after_second), strict=True):
+        assert after.shape[-1] == first + keep and (after[..., :first] == torch.arange(first)).all()
+        for b in range(B):
+            video = before[b, :, :, first:]  # [L, H, N]: the tokens each head held
+            tok = video.numpy()
+            kv = [np.take_along_axis(t[b].double().numpy(), tok[..., None], 2) for t in (keys, values)]
+            frame, patch = (tok - first) // P, (tok - first) % P
+            recent = sorted(set(frame[0, 0, -r * P:].tolist()))
+            slots = select_tokens(kv[0], kv[1], frame, patch, (3, 3), recent, keep, alpha=tv.COMPRESSED_ALPHA)
+            expected = np.take_along_axis(tok, slots, 2)
+            np.testing.assert_array_equal(after[b, :, :, first:].numpy(), expected)
+    assert not (after_second[0, 0] == after_second[0, 1]).all()  # the heads keep different tokens
+
+
+def test_a_stream_under_a_budget_it_never_fills_is_the_plain_forward() -> None:
+    torch = pytest.importorskip("torch")
+    tv = load_script("train_vlm")
+    vlm_text = load_script("vlm_text")
+    hp = {"n_layer": 2, "n_embd": 32, "n_ff": 48, "n_head": 4, "n_head_kv": 2, "rope_base": 10000.0, "n_rot": 8,
+          "eps": 1e-5}
+    g = torch.Generator().manual_seed(0)
+    kv = 16
+    shapes = {"attn_q": (32, 32), "attn_k": (kv, 32), "attn_v": (kv, 32), "attn_output": (32, 32),
+              "ffn_gate": (48, 32), "ffn_up": (48, 32), "ffn_down": (32, 48)}
+    weights = {f"blk.{i}.{k}.weight": torch.randn(*sh, generator=g) / sh[1] ** 0.5
+               for i in range(2) for k, sh in shapes.items()}
+    weights |= {f"blk.{i}.{n}_norm.weight": torch.ones(1, 32) for i in range(2) for n in ("attn", "ffn")}
+    weights |= {"token_embd.weight": torch.randn(50, 32, generator=g), "output_norm.weight": torch.ones(1, 32)}
+    text = vlm_text.build_text_model(hp, weights, None, torch.float32)
+    first, P = 3, 4
+    x = torch.randn(2, first + 10 * P + 5, 32, generator=g)  # 10 frames of 4 tokens, then 5 chat tokens
+    with torch.no_grad():
+        plain = text(x)
+        h, start = tv.stream_through_memory(text, x, first, P, 10, 11)  # |M| 11 frames: no pass
+        assert start == 0 and torch.allclose(h, plain, atol=1e-5)
+        h, start = tv.stream_through_memory(text, x, first, P, 10, 8)  # |M| 8: |C| 6, passes before frames 8, 10
+        assert start == first + 8 * P  # the last step: frames 8-9 and the chat
+        assert h.shape[1] == x.shape[1] - start
+        assert not torch.allclose(h, plain[:, start:], atol=1e-3)  # the chat sees a shrunk, re-indexed memory

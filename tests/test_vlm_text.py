@@ -54,24 +54,24 @@ def test_weight_one_is_the_plain_causal_model(text_model: torch.nn.Module) -> No
 
 def test_tokens_after_a_shrunk_memory_attend_as_if_it_never_held_the_dropped_keys(
         text_model: torch.nn.Module) -> None:
-    """What training under compression relies on: the memory's dropped keys are gone, per KV head."""
+    """What training under compression relies on: a memory of kept keys, each KV head its own, re-rotated."""
     x = torch.randn(1, 12, HPARAMS["n_embd"], generator=torch.Generator().manual_seed(3))
     positions = torch.arange(12)[None] * 5
-    gone, split = [1, 4, 5], 8  # tokens 0-7 were in the cache at the pass; 8-11 come after it
-    visible = torch.ones(1, 1, HPARAMS["n_head_kv"], split, dtype=torch.bool)
-    visible[..., gone] = False
+    split, kept = 8, [0, 2, 3, 6, 7]  # tokens 0-7 were in the cache at the pass; 8-11 come after it
+
+    def memory(per_head: list[list[int]], record: list) -> list:
+        k, v = record[0]  # [1, n_kv, split, head_dim]; each head's keys rotated to their own positions
+        keys = [text_model.rotate(k[:, h, heads], positions[0, heads]) for h, heads in enumerate(per_head)]
+        return [(torch.stack(keys, 1), torch.stack([v[:, h, heads] for h, heads in enumerate(per_head)], 1))]
+
     record: list = []
     with torch.no_grad():
         text_model(x[:, :split], positions[:, :split], record=record)
-        after = text_model(x[:, split:], positions[:, split:], memory=(record, visible))
-        kept = [i for i in range(12) if i not in gone]
-        without = text_model(x[:, kept], positions[:, kept])
-        one_head = visible.clone()
-        one_head[:, :, 1] = True  # the second KV head keeps everything
-        mixed = text_model(x[:, split:], positions[:, split:], memory=(record, one_head))
+        after = text_model(x[:, split:], positions[:, split:], memory=memory([kept, kept], record))
+        without = text_model(x[:, kept + list(range(split, 12))], positions[:, kept + list(range(split, 12))])
         whole = text_model(x, positions)
-    assert torch.allclose(after, without[:, split - len(gone):], atol=1e-5)
-    assert torch.allclose(text_model(x[:, split:], positions[:, split:], memory=(record, visible | True)),
-                          whole[:, split:], atol=1e-5)  # nothing dropped: the plain causal model
+        everything = text_model(x[:, split:], positions[:, split:], memory=memory([list(range(split))] * 2, record))
+        mixed = text_model(x[:, split:], positions[:, split:], memory=memory([kept, [0, 1, 4, 5, 7]], record))
+    assert torch.allclose(after, without[:, len(kept):], atol=1e-5)
+    assert torch.allclose(everything, whole[:, split:], atol=1e-5)  # nothing dropped: the plain causal model
     assert not torch.allclose(mixed, after, atol=1e-4)  # each KV head has its own memory
-    assert not torch.allclose(mixed, whole[:, split:], atol=1e-4)
