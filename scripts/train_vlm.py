@@ -432,7 +432,7 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
             key_weight[i, :len(t)] = torch.tensor(x["key_weight"])
             positions[i, len(t):] = positions[i, len(t) - 1] + 1 + torch.arange(T - len(t))  # padding, no loss
         compress = {(x["compress"], len(x["frames"])) for x in items}
-        if len(compress) > 1:
+        if items[0]["compress"] and len(compress) > 1:
             raise ValueError("a compressed batch is streams of one length under one budget")
         return {"ids": ids, "img": img, "labels": labels, "positions": positions,
                 "key_weight": key_weight if bool((key_weight != 1).any()) else None,

@@ -43,7 +43,7 @@ class InfiniPotV(Policy):
         self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
         # shared: one token set for every (layer, head), the slots most (layer, head) choices agree on. Not the
         # paper's (it keeps per-head sets): an ablation of whether per-head sets matter to a model trained on whole
-        # memories (results/recall_120_tuning.json: on edge-vlm they do not).
+        # memories (results/edge-vlm-v2/recall_120_tuning.json: on edge-vlm v2 they do not).
         self.shared = shared
         self.native_choice_is_final = not shared
 
