@@ -29,6 +29,7 @@ LoRA); with --mmproj of a random projector accuracy is near chance: that tests t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -165,8 +166,15 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, [ax], path)
 
 
-SAME_STREAMS = ("model", "mmproj", "lora", "seed", "streams", "frames", "questions_per_stream", "question_room",
-                "max_answer_tokens", "tokens_per_frame", "prefix_tokens", "depth_buckets")
+SAME_STREAMS = ("model", "mmproj", "lora", "mmproj_sha256", "lora_sha256", "seed", "streams", "frames",
+                "questions_per_stream", "question_room", "max_answer_tokens", "tokens_per_frame", "prefix_tokens",
+                "depth_buckets")
+
+
+def file_digest(path: Path | None) -> str | None:
+    """The first 16 hex digits of a file's SHA-256: which trained projector and adapter a result is of (every
+    edge-vlm version is called mmproj.gguf and lora.gguf)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else None
 
 
 def merge(paths: list[Path]) -> dict:
@@ -296,7 +304,8 @@ def main() -> int:
 
     result = {
         "settings": {"model": Path(str(args.model)).name, "mmproj": args.mmproj.name,
-                     "lora": args.lora.name if args.lora else None, "seed": args.seed,
+                     "lora": args.lora.name if args.lora else None, "mmproj_sha256": file_digest(args.mmproj),
+                     "lora_sha256": file_digest(args.lora), "seed": args.seed,
                      "streams": args.streams, "frames": args.frames, "policies": policies, "budgets": budget_texts,
                      "questions_per_stream": args.questions_per_stream, "question_room": args.question_room,
                      "positions": args.positions, "turns": args.turns,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_p
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert result["settings"]["tokens_per_frame"] == 16 and result["machine"]["cores"] >= 1
+    digest = hashlib.sha256(fixtures["mmproj"].read_bytes()).hexdigest()[:16]  # which projector, by content
+    assert result["settings"]["mmproj_sha256"] == digest and result["settings"]["lora_sha256"] is None
     runs = result["runs"]
     assert [(r["policy"], r["budget"], r["budget_tokens"]) for r in runs] == [
         ("full", None, None), ("sliding-window", "1/4", 48), ("sliding-window", "1/2", 96)]
@@ -108,6 +111,14 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
+    # Nor a run of another trained projector, though its file has the same name.
+    other = json.loads((tmp_path / "b.json").read_text())
+    other["settings"]["mmproj_sha256"] = "0" * 16
+    (tmp_path / "o.json").write_text(json.dumps(other))
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+                              str(tmp_path / "a.json"), str(tmp_path / "o.json"), "--out", str(tmp_path / "x.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "mmproj_sha256" in refused.stderr
     # Single-turn answers are another measurement: not merged with multi-turn ones.
     run_script("benchmark_recall.py", *common, "--turns", "single", "--policies", "random",
                "--out", str(tmp_path / "s.json"))
