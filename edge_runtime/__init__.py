@@ -15,10 +15,11 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 # The public names load on first use, so that the pure-NumPy modules (edge_runtime.scenes) import on a
 # training machine that has neither llama.cpp nor OpenCV.
 _EXPORTS = {
-    "ModelConfig": "edge_runtime.model", "ModelError": "edge_runtime.model",
-    "VisionLanguageModel": "edge_runtime.model",
-    "Answer": "edge_runtime.session", "FrameRecord": "edge_runtime.session", "Session": "edge_runtime.session",
-    "SessionConfig": "edge_runtime.session", "Status": "edge_runtime.session",
+    "ModelConfig": "edge_runtime.model", "VisionLanguageModel": "edge_runtime.model",
+    "ModelError": "edge_runtime.errors", "SettingsError": "edge_runtime.errors", "MemoryFull": "edge_runtime.errors",
+    "Answer": "edge_runtime.session", "Session": "edge_runtime.session", "SessionConfig": "edge_runtime.session",
+    "Status": "edge_runtime.session", "FrameRecord": "edge_runtime.memory",
+    "POLICIES": "edge_runtime.policies", "make_policy": "edge_runtime.policies",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -21,16 +21,18 @@ from pathlib import Path
 from types import FrameType
 
 from edge_runtime.demo import run_demo
-from edge_runtime.model import EDGE_VLM, NATIVE_LOG, ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
-from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
-from edge_runtime.session import Answer, Session, SessionConfig, Status
+from edge_runtime.builtin import EDGE_VLM, edge_vlm_files
+from edge_runtime.errors import ModelError
+from edge_runtime.model import ModelConfig, VisionLanguageModel
+from edge_runtime.native_log import NATIVE_LOG
+from edge_runtime.policies import POLICIES, InfiniPotV, MemoryFull, SettingsError, make_policy
+from edge_runtime.session import FULL_CACHE_CTX, Answer, Session, SessionConfig, Status
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
 
 log = logging.getLogger("edge_runtime")
 
 EXIT_ERROR = 2  # bad input: model, mmproj, source or settings
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-PREFIX_ROOM = 512  # context cells set aside for the system prompt when --budget sizes the context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mmproj", type=Path, help="multimodal projector GGUF of that model (built in for edge-vlm)")
     m.add_argument("--lora", type=Path, help="LoRA adapter GGUF for the text model (built in for edge-vlm)")
     m.add_argument("--ctx", type=int, default=None,
-                   help="KV cache size in tokens, allocated once (default: 8192, or what --budget needs)")
+                   help=f"KV cache size in tokens, allocated once (default: what --budget needs, or {FULL_CACHE_CTX})")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     m.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     m.add_argument("--cache-type", choices=["f16", "f32", "q8_0"], default="f16",
@@ -82,16 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--policy", choices=list(POLICIES), default=None,
                    help="which tokens to keep when the budget is reached (default: infinipot-v with --budget, "
                         "else full: grow until the context is full, then stop, as plain llama.cpp does)")
-    c.add_argument("--keep", type=float, default=0.75, metavar="FRACTION",
-                   help="|C| / |M|: what a compression pass keeps (default 0.75)")
-    c.add_argument("--alpha", type=float, default=0.5, help="InfiniPot-V: share of |C| chosen by TaR (0.5)")
-    c.add_argument("--recent", type=float, default=0.125, metavar="FRACTION",
-                   help="InfiniPot-V: recent frames always kept, as a fraction of the frames |M| holds (0.125)")
+    c.add_argument("--keep", type=float, default=SessionConfig.keep_fraction, metavar="FRACTION",
+                   help=f"|C| / |M|: what a compression pass keeps (default {SessionConfig.keep_fraction})")
+    c.add_argument("--alpha", type=float, default=InfiniPotV.alpha,
+                   help=f"InfiniPot-V: share of |C| chosen by TaR ({InfiniPotV.alpha})")
+    c.add_argument("--recent", type=float, default=InfiniPotV.recent_fraction, metavar="FRACTION",
+                   help="InfiniPot-V: recent frames always kept, as a fraction of the frames |M| holds "
+                        f"({InfiniPotV.recent_fraction})")
     c.add_argument("--pool", action="store_true", help="InfiniPot-V: spatial pooling of value norms")
     c.add_argument("--shared", action="store_true",
                    help="InfiniPot-V: one token set for every layer and head (the slots their choices agree on), "
                         "not one per head")
-    c.add_argument("--positions", choices=["reindex", "keep"], default="reindex",
+    c.add_argument("--positions", choices=["reindex", "keep"], default=SessionConfig.positions,
                    help="reindex: compact positions, keys re-rotated, positions stay bounded (default); "
                         "keep: kept keys keep their rotation and positions grow with the stream")
 
@@ -104,14 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-answer-tokens", type=int, default=SessionConfig.max_answer_tokens)
     q.add_argument("--question-room", type=int, default=SessionConfig.question_room,
                    help="KV cells kept free for a question, its history and its answer")
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--temperature", type=float, default=SessionConfig.temperature, help="0 = greedy (default)")
+    q.add_argument("--seed", type=int, default=SessionConfig.seed)
 
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="one JSON object per line on stdout for every status and answer")
     o.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
     return p
+
+
+def policy_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The policy settings the CLI takes; make_policy keeps those the chosen policy has."""
+    return {"alpha": args.alpha, "recent_fraction": args.recent, "pool": args.pool, "shared": args.shared,
+            "seed": args.seed}
 
 
 def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
@@ -256,19 +266,17 @@ def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, ctrl
     policy_name = args.policy or ("infinipot-v" if args.budget else "full")
     if policy_name != "full" and not args.budget:
         raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
-    policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed,
-                         shared=args.shared)
-    n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
+    policy = make_policy(policy_name, **policy_settings(args))
     text_model, mmproj, lora = model_files(args)
     model = VisionLanguageModel(ModelConfig(
-        model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=n_ctx, flash_attn=args.flash_attn,
+        model_path=text_model, mmproj_path=mmproj, lora_path=lora, flash_attn=args.flash_attn,
         use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
         **({"n_threads": args.threads} if args.threads else {})))
     session = Session(model, SessionConfig(
-        system_prompt=args.system_prompt, question_room=args.question_room,
+        system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
         max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
         budget=args.budget, keep_fraction=args.keep, positions=args.positions), policy=policy)
-    log.info("model %s, context %d tokens, %d for video", model.description, model.n_ctx,
+    log.info("model %s, context %d tokens, %d for video", model.description, session.context.n_ctx,
              session.memory.capacity)
 
     def ask(question: str) -> None:

@@ -33,7 +33,7 @@ def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | Non
     seed = args.synthetic if args.synthetic is not None else DEMO_SEED
     stream = scenes.make_stream(seed, n_frames)
     model = VisionLanguageModel(ModelConfig(
-        model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=args.ctx or 4096,
+        model_path=text_model, mmproj_path=mmproj, lora_path=lora,
         use_gpu=not args.cpu, verbose=args.verbose, **({"n_threads": args.threads} if args.threads else {})))
     try:
         probe = model.encode_frame(stream.frame(0)[..., ::-1].copy())
@@ -41,7 +41,7 @@ def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | Non
         model.free_frame(probe)
         budget_frames = max(4, round(n_frames * BUDGET_FRACTION))
         budget = args.budget or budget_frames * tokens_per_frame
-        session = Session(model, SessionConfig(budget=budget, max_answer_tokens=16),
+        session = Session(model, SessionConfig(n_ctx=args.ctx or 4096, budget=budget, max_answer_tokens=16),
                           make_policy(args.policy or "infinipot-v"))
         say = (lambda s: None) if out_json else (lambda s: print(s, flush=True))
         say(f"edge-vlm (SmolLM2-135M + a trained {tokens_per_frame}-token encoder) watches {n_frames} frames of a "

@@ -79,13 +79,18 @@ class SlotTable:
 
 @dataclass
 class VideoMemory:
-    """What a policy sees: the frames in memory, their slots, and the room they may take."""
+    """The frames in memory and what each slot holds: what a policy sees, kept consistent by two calls only.
+
+    `append` records a frame just decoded; `apply_pass` records what a compression pass kept. Nothing else
+    writes these fields.
+    """
 
     capacity: int  # video tokens the context can hold: context minus the opening and the question room
     budget: int  # |M|: video tokens that trigger a compression pass (= capacity for the full cache)
     prefix_tokens: int
     next_pos: int  # where the next frame (or a question) starts
     slots: SlotTable
+    mrope: bool = False  # M-RoPE: a frame's tokens share one position, and span max(nx, ny) positions
     records: list[FrameRecord] = field(default_factory=list)
     frames_since_pass: int = 0  # trailing frames no pass has touched: whole in every head
     passes: int = 0
@@ -106,3 +111,22 @@ class VideoMemory:
     @property
     def tokens_per_frame(self) -> int:
         return self.records[-1].n_tokens if self.records else 0
+
+    def append(self, record: FrameRecord) -> None:
+        """A frame was decoded at record.pos0: its tokens take the next slots of every head."""
+        self.slots.append(record.index, record.n_tokens, record.pos0, one_position=self.mrope)
+        self.records.append(record)
+        self.next_pos += record.n_pos
+        self.frames_since_pass += 1
+
+    def apply_pass(self, kept: np.ndarray, new_pos: np.ndarray, reindex: bool) -> None:
+        """A pass kept, per (layer, head), the slots `kept` [L, H, C] (ascending), cell j at position new_pos[j]."""
+        present = set(self.slots.keep(kept, new_pos if reindex else None).tolist())
+        if reindex:
+            # M-RoPE: the last slot's row and column reach max(nx, ny) - 1 past its position; text and new
+            # frames must start above every position a key holds.
+            keep = kept.shape[2]
+            self.next_pos = self.prefix_tokens + keep + (self.records[-1].n_pos - 1 if self.mrope else 0)
+        self.records = [r for r in self.records if r.index in present]
+        self.frames_since_pass = 0
+        self.passes += 1

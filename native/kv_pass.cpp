@@ -23,6 +23,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -638,32 +639,164 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
         if (e) std::rethrow_exception(e);
 }
 
+// Everything a pass needs to know of the model and the memory, fixed for the memory's life (as llama.cpp's
+// *_params structs: one struct with defaults instead of a long argument list).
+struct PassParams {
+    int seq_id = 0;          // the llama.cpp sequence that holds the memory
+    int n_prefix = 0;        // cells of the prompt before the video: never touched
+    int n_head_kv = 0;       // of the cache the pass compresses (its first KV cache)
+    int head_dim_k = 0, head_dim_v = 0;
+    int rope_type = LLAMA_ROPE_TYPE_NORM;  // llama.cpp's LLAMA_ROPE_TYPE_*
+    int n_rot = 0;           // rotated dimensions of a head
+    double freq_base = 10000.0, freq_scale = 1.0;
+    std::vector<int> rope_sections;  // M-RoPE: rotary pairs per section (t, h, w, e); empty otherwise
+    bool mrope = false;      // cells carry M-RoPE's 12-byte position extension
+    double sliding_freq_base = 0.0;  // > 0: a sliding-window cache (Gemma 3) moves along in reindex mode, this base
+    int max_cells = 0;       // prefix + budget: every buffer is sized for it once
+    int max_position = 1;    // RoPE tables cover positions below this (the context size)
+    int n_threads = 1;
+    bool in_place = true;    // may rewrite llama.cpp's own tensors (CPU caches, reindex mode, a capture)
+};
+
+// InfiniPot-V's selection settings for one pass (TaR and VaN per layer and head; see select()).
+struct ScoreParams {
+    int nx = 0, ny = 0;          // the grid a frame's tokens are scored on
+    int recent_min_frame = 0;    // frames with this index or later are the recent ones, kept whole
+    int keep = 0;                // |C|
+    double alpha = 0.5;          // share of |C| chosen by TaR (recent frames included)
+    bool pool = false, use_tar = true, use_van = true;
+    bool shared = false;         // one set for every (layer, head): the slots most per-head choices agree on
+};
+
 class KVPass {
   public:
-    KVPass(uintptr_t ctx, int n_prefix, int n_head_kv, int head_dim_k, int head_dim_v, bool mrope, int rope_type,
-           int n_rot, double freq_base, double freq_scale, int max_cells, int max_position, int n_threads,
-           std::vector<int> rope_sections)
-        : ctx_(reinterpret_cast<llama_context *>(ctx)), n_prefix_(n_prefix), n_head_(n_head_kv), dk_(head_dim_k),
-          dv_(head_dim_v), mrope_(mrope), max_cells_(max_cells), scratch_(size_t(std::max(n_threads, 1))) {
-        layout_ = edge::layout_of(llama_get_model(ctx_), mrope);
+    KVPass(uintptr_t ctx, const PassParams &p, KVCapture *capture)
+        : ctx_(reinterpret_cast<llama_context *>(ctx)), seq_(p.seq_id), n_prefix_(p.n_prefix), n_head_(p.n_head_kv),
+          dk_(p.head_dim_k), dv_(p.head_dim_v), mrope_(p.mrope), max_cells_(p.max_cells), in_place_(p.in_place),
+          capture_(capture), scratch_(size_t(std::max(p.n_threads, 1))) {
+        const int rope_type = p.rope_type, n_rot = p.n_rot, head_dim_k = p.head_dim_k;
+        layout_ = edge::layout_of(llama_get_model(ctx_), mrope_);
         rope_.type = rope_type;
         rope_.n_rot = n_rot;
-        rope_.freq_base = freq_base;
-        rope_.freq_scale = freq_scale;
+        rope_.freq_base = p.freq_base;
+        rope_.freq_scale = p.freq_scale;
         // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
         // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
         // M-RoPE pairs its dims as NeoX does (ggml-cpu/ops.cpp rotate_pairs, MROPE and IMROPE cases).
         rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX || multi_rope();
         rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
-        set_pair_turns(rope_sections);
+        set_pair_turns(p.rope_sections);
         rl_.D = head_dim_k;
         rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
         rl_.vec16 = rl_.n_rot % 16 == 0 && rl_.D % 16 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 16 == 0);
-        table_n_ = std::max(max_position, 1);
+        table_n_ = std::max(p.max_position, 1);
         const size_t nr = size_t(rl_.n_rot);
         rc_.resize(size_t(table_n_) * nr);
         rs_.resize(size_t(table_n_) * nr);
-        for (int p = 0; p < table_n_; ++p) fill_tables(p, &rc_[size_t(p) * nr], &rs_[size_t(p) * nr]);
+        for (int q = 0; q < table_n_; ++q) fill_tables(q, &rc_[size_t(q) * nr], &rs_[size_t(q) * nr]);
+        if (p.sliding_freq_base > 0) set_sliding_rope(p.sliding_freq_base, 1.0);
+    }
+
+    // One whole pass, in the one order it can run in: read the cache (in place when it can, else a copy),
+    // let `on_read` look at it (diagnostics), choose (InfiniPot-V's scores, or `choice` given as kept slots
+    // [L, H, C] ascending per head), give the kept slots their positions, write back. The tables are the
+    // memory's bookkeeping ([L, H, capacity], first n_video slots live), read only: the caller rewrites them
+    // from the result. Positions: `new_pos` when given (tests), else reindex: right after the prompt; keep:
+    // ending just below next_pos (llama.cpp wants new tokens at the highest position + 1), or, on M-RoPE,
+    // each cell at its head-(0, 0) token's own position (a frame spans fewer positions than tokens).
+    // Nothing has moved when it throws std::invalid_argument; a failed write-back restores the memory.
+    py::dict compress(const I32Array &frame, const I32Array &patch, const I32Array &rot_pos, int n_video,
+                      const py::object &choice, bool reindex, int next_pos, std::optional<I32Array> new_pos,
+                      const py::object &on_read) {
+        using clock = std::chrono::steady_clock;
+        const auto ms = [](clock::time_point a, clock::time_point b) {
+            return std::chrono::duration<double, std::milli>(b - a).count();
+        };
+        const auto t0 = clock::now();
+        std::string fallback;
+        bool direct = false;
+        if (in_place_ && reindex && capture_) {
+            if (!direct_checked_) {
+                direct_why_ = direct_support(*capture_);
+                direct_checked_ = true;
+            }
+            if (direct_why_.empty()) {
+                py::gil_scoped_release nogil;
+                fallback = read_direct(n_video);
+                direct = fallback.empty();
+            }
+        }
+        if (!direct) {
+            try {
+                py::gil_scoped_release nogil;
+                read();
+            } catch (const std::runtime_error &e) {  // a layout the pass cannot rewrite: nothing moved
+                throw std::runtime_error(std::string("cannot compress this KV cache: ") + e.what());
+            }
+        }
+        if (slot_cells_.size() != size_t(n_video))
+            throw std::runtime_error("the KV cache holds " + std::to_string(slot_cells_.size()) + " video cells but " +
+                                     std::to_string(n_video) + " were recorded: was the context used by another "
+                                     "program?");
+        if (!on_read.is_none()) on_read();
+        const auto t1 = clock::now();
+        I32Array kept;
+        py::object per_head = py::none();  // shared: the per-head choices that voted (diagnostics)
+        if (py::isinstance<ScoreParams>(choice)) {
+            const ScoreParams sp = choice.cast<ScoreParams>();
+            // A final native choice moves each layer while it is still in the CPU's cache.
+            if (direct_ && !sp.shared) plan_ = true;
+            kept = select(frame, patch, rot_pos, sp.nx, sp.ny, sp.recent_min_frame, sp.keep, sp.alpha, sp.pool,
+                          sp.use_tar, sp.use_van);
+            if (sp.shared) {
+                per_head = kept;
+                kept = shared_choice(kept, size_t(sp.keep));
+            }
+        } else {
+            kept = choice.cast<I32Array>();
+        }
+        const auto t2 = clock::now();
+        if (kept.ndim() != 3 || size_t(kept.shape(0)) != n_layer_ || size_t(kept.shape(1)) != size_t(n_head_))
+            throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
+        const size_t C = size_t(kept.shape(2));
+        I32Array pos(py::ssize_t(C), nullptr);
+        if (new_pos) {
+            pos = *new_pos;
+        } else {
+            int32_t *o = pos.mutable_data();
+            const int32_t *K = kept.data();
+            if (!reindex && mrope_) {
+                check_bookkeeping(rot_pos, n_layer_, size_t(n_head_), slot_cells_.size());
+                for (size_t j = 0; j < C; ++j) o[j] = rot_pos.data()[K[j]];  // head (0, 0)'s tokens, in time order
+            } else {
+                const int32_t first = reindex ? n_prefix_ : next_pos - int32_t(C);
+                for (size_t j = 0; j < C; ++j) o[j] = first + int32_t(j);
+            }
+        }
+        apply(kept, pos, rot_pos, reindex);
+        const auto t3 = clock::now();
+        py::dict out;
+        out["kept"] = kept;
+        out["new_pos"] = pos;
+        out["path"] = path();
+        out["fallback"] = fallback;  // why the in-place pass copied this time ("" when it did not have to)
+        out["read_ms"] = ms(t0, t1);
+        out["select_ms"] = ms(t1, t2);
+        out["apply_ms"] = ms(t2, t3);
+        out["state_bytes"] = state_bytes_;
+        out["per_head"] = per_head;
+        return out;
+    }
+
+    // Why the in-place path cannot serve this memory ("" when it can), as the first pass found it.
+    std::string in_place_refusal() {
+        if (!in_place_) return "the in-place pass is turned off";
+        if (!capture_) return "no evaluation callback found llama.cpp's KV tensors";
+        if (!direct_checked_) {
+            direct_why_ = direct_support(*capture_);
+            direct_checked_ = true;
+        }
+        return direct_why_;
     }
 
     // The sliding-window layers' RoPE, for re-indexing their cache (same type and rotated dimensions).
@@ -677,10 +810,10 @@ class KVPass {
     // Portable path: copy the sequence's state into buffer A and parse it; sizes A and B on the first call.
     void read() {
         direct_ = plan_ = moved_ = false;
-        size_t size = llama_state_seq_get_size(ctx_, 0);
+        size_t size = llama_state_seq_get_size(ctx_, seq_);
         if (a_.empty()) {
             a_.resize(size);
-            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, 0);
+            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, seq_);
             edge::parse_state(a_.data(), size_a_, layout_, view_);
             check_layout();
             size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
@@ -690,7 +823,7 @@ class KVPass {
             if (size > a_.size())
                 throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
                                          std::to_string(a_.size()) + " (more cells than the budget?)");
-            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), 0);
+            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), seq_);
             edge::parse_state(a_.data(), size_a_, layout_, view_);
         }
         if (view_.cell_count > uint32_t(max_cells_))
@@ -787,16 +920,16 @@ class KVPass {
         if (!cap_) throw std::logic_error("read_direct before a successful direct_support");
         const int total = n_prefix_ + n_video;
         llama_memory_t mem = llama_get_memory(ctx_);
-        const llama_pos lo = llama_memory_seq_pos_min(mem, 0), hi = llama_memory_seq_pos_max(mem, 0);
+        const llama_pos lo = llama_memory_seq_pos_min(mem, seq_), hi = llama_memory_seq_pos_max(mem, seq_);
         if (lo != 0 || hi != total - 1) {
             verified_ = false;
-            return "sequence 0 spans positions [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not [0, " +
+            return "the sequence spans positions [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not [0, " +
                    std::to_string(total - 1) + "]";
         }
         if (total > max_cells_) return "the sequence holds more cells than the budget the pass was sized for";
         if (verified_) {
             // get_size walks the cell metadata only: it counts the cells without copying K or V.
-            const size_t size = llama_state_seq_get_size(ctx_, 0), want = edge::state_size_for(dview_, size_t(total));
+            const size_t size = llama_state_seq_get_size(ctx_, seq_), want = edge::state_size_for(dview_, size_t(total));
             if (size != want) {
                 verified_ = false;
                 return "the KV state is " + std::to_string(size) + " bytes, not the " + std::to_string(want) +
@@ -983,12 +1116,12 @@ class KVPass {
     }
 
     // Hand back exactly the state read last (a pass that failed half-way, or a test of the restore path).
-    bool restore() { return llama_state_seq_set_data(ctx_, a_.data(), size_a_, 0) != 0; }
+    bool restore() { return llama_state_seq_set_data(ctx_, a_.data(), size_a_, seq_) != 0; }
 
     // Test hook: write back a corrupted (truncated) copy of B to exercise the restore path of apply().
     void apply_truncated_for_test() {
         std::memcpy(b_.data(), a_.data(), size_a_);
-        if (llama_state_seq_set_data(ctx_, b_.data(), size_a_ / 2, 0) == 0) {
+        if (llama_state_seq_set_data(ctx_, b_.data(), size_a_ / 2, seq_) == 0) {
             if (!restore()) throw std::runtime_error("restore failed: memory lost");
             throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
         }
@@ -1041,10 +1174,29 @@ class KVPass {
         std::memcpy(b + w, a + view_.carried_begin, view_.carried_bytes());  // the other caches, the recurrent state
         w += view_.carried_bytes();
         if (w != size_a_) throw std::logic_error("relayout size mismatch");
-        if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) throw std::runtime_error("relayout: set_data failed");
+        if (llama_state_seq_set_data(ctx_, b, w, seq_) == 0) throw std::runtime_error("relayout: set_data failed");
     }
 
   private:
+    // InfiniPot-V "shared": the per-head choices vote; the `keep` slots chosen most often (ties to the older
+    // slot) become every (layer, head)'s set, ascending. Every pass being shared, slot n holds the same token
+    // in every head, so the votes count one token each. The recent frames are in every choice.
+    I32Array shared_choice(const I32Array &per_head, size_t keep) const {
+        const size_t N = slot_cells_.size(), LH = n_layer_ * size_t(n_head_);
+        std::vector<int64_t> votes(N, 0);
+        const int32_t *k = per_head.data();
+        for (size_t i = 0; i < LH * keep; ++i) ++votes[size_t(k[i])];
+        std::vector<int32_t> order(N);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return votes[a] > votes[b]; });
+        order.resize(keep);
+        std::sort(order.begin(), order.end());
+        I32Array out({py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(keep)});
+        int32_t *o = out.mutable_data();
+        for (size_t lh = 0; lh < LH; ++lh) std::copy(order.begin(), order.end(), o + lh * keep);
+        return out;
+    }
+
     bool multi_rope() const { return rope_.type == LLAMA_ROPE_TYPE_MROPE || rope_.type == LLAMA_ROPE_TYPE_IMROPE; }
 
     // M-RoPE: which rotary pairs turn with the position. ggml gives pair i the section of sector
@@ -1158,8 +1310,8 @@ class KVPass {
     // positions 0..total-1 in cell order (state_write walks cells in index order), and the blob's rows are
     // the captured tensors' rows [0, total). A shifted or permuted layout differs in some row.
     std::string verify_layout(int total) {
-        std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, 0));
-        blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), 0));
+        std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, seq_));
+        blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), seq_));
         try {
             edge::parse_state(blob.data(), blob.size(), layout_, dview_);
         } catch (const std::exception &e) {
@@ -1556,7 +1708,7 @@ class KVPass {
 
     // The kept cells are in place: free the rest of the sequence's cells (positions P + C on).
     void finish_direct(size_t C) {
-        llama_memory_seq_rm(llama_get_memory(ctx_), 0, n_prefix_ + llama_pos(C), -1);
+        llama_memory_seq_rm(llama_get_memory(ctx_), seq_, n_prefix_ + llama_pos(C), -1);
         take_fingerprint(size_t(n_prefix_) + C);
     }
 
@@ -1650,9 +1802,9 @@ class KVPass {
             write_keys(l, b + k_at[l], K, C, NPOS, RP, M, rerotate, S);
             write_values(l, b + v_at[l], K, C);
         });
-        if (llama_state_seq_set_data(ctx_, b, w, 0) == 0) {
+        if (llama_state_seq_set_data(ctx_, b, w, seq_) == 0) {
             // llama.cpp removed the sequence before failing: put the untouched original back.
-            if (llama_state_seq_set_data(ctx_, a, size_a_, 0) == 0)
+            if (llama_state_seq_set_data(ctx_, a, size_a_, seq_) == 0)
                 throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
             throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
         }
@@ -1826,9 +1978,14 @@ class KVPass {
     }
 
     llama_context *ctx_;
+    llama_seq_id seq_;
     int n_prefix_, n_head_, dk_, dv_;
     bool mrope_;
     int max_cells_;
+    bool in_place_;
+    KVCapture *capture_;
+    bool direct_checked_ = false;
+    std::string direct_why_;
     edge::StateLayout layout_;  // which parts the model's sequence state has
     Rope rope_;
     Rope sliding_rope_;  // the sliding-window layers' RoPE (Gemma 3: their own base, no scaling)
@@ -2018,20 +2175,47 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("user_data", &KVCapture::user_data)
         .def_property_readonly("complete", &KVCapture::complete)
         .def("describe", &KVCapture::describe);
+    py::class_<PassParams>(m, "PassParams", "What a pass needs to know of the model and the memory (fixed for its life).")
+        .def(py::init<>())
+        .def_readwrite("seq_id", &PassParams::seq_id)
+        .def_readwrite("n_prefix", &PassParams::n_prefix)
+        .def_readwrite("n_head_kv", &PassParams::n_head_kv)
+        .def_readwrite("head_dim_k", &PassParams::head_dim_k)
+        .def_readwrite("head_dim_v", &PassParams::head_dim_v)
+        .def_readwrite("rope_type", &PassParams::rope_type)
+        .def_readwrite("n_rot", &PassParams::n_rot)
+        .def_readwrite("freq_base", &PassParams::freq_base)
+        .def_readwrite("freq_scale", &PassParams::freq_scale)
+        .def_readwrite("rope_sections", &PassParams::rope_sections)
+        .def_readwrite("mrope", &PassParams::mrope)
+        .def_readwrite("sliding_freq_base", &PassParams::sliding_freq_base)
+        .def_readwrite("max_cells", &PassParams::max_cells)
+        .def_readwrite("max_position", &PassParams::max_position)
+        .def_readwrite("n_threads", &PassParams::n_threads)
+        .def_readwrite("in_place", &PassParams::in_place);
+    py::class_<ScoreParams>(m, "ScoreParams", "InfiniPot-V's selection settings for one pass.")
+        .def(py::init<>())
+        .def_readwrite("nx", &ScoreParams::nx)
+        .def_readwrite("ny", &ScoreParams::ny)
+        .def_readwrite("recent_min_frame", &ScoreParams::recent_min_frame)
+        .def_readwrite("keep", &ScoreParams::keep)
+        .def_readwrite("alpha", &ScoreParams::alpha)
+        .def_readwrite("pool", &ScoreParams::pool)
+        .def_readwrite("use_tar", &ScoreParams::use_tar)
+        .def_readwrite("use_van", &ScoreParams::use_van)
+        .def_readwrite("shared", &ScoreParams::shared);
     py::class_<KVPass>(m, "KVPass")
-        .def(py::init<uintptr_t, int, int, int, int, bool, int, int, double, double, int, int, int, std::vector<int>>(),
-             py::arg("ctx"), py::arg("n_prefix"), py::arg("n_head_kv"), py::arg("head_dim_k"), py::arg("head_dim_v"),
-             py::arg("mrope"), py::arg("rope_type"), py::arg("n_rot"), py::arg("freq_base"), py::arg("freq_scale"),
-             py::arg("max_cells"), py::arg("max_position"), py::arg("n_threads") = 1,
-             py::arg("rope_sections") = std::vector<int>{})
+        // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
+        .def(py::init<uintptr_t, const PassParams &, KVCapture *>(), py::arg("ctx"), py::arg("params"),
+             py::arg("capture") = nullptr, py::keep_alive<1, 4>())
+        .def("compress", &KVPass::compress, py::arg("frame"), py::arg("patch"), py::arg("rot_pos"), py::arg("n_video"),
+             py::arg("choice"), py::arg("reindex"), py::arg("next_pos"), py::arg("new_pos") = py::none(),
+             py::arg("on_read") = py::none())
+        .def("in_place_refusal", &KVPass::in_place_refusal)
+        // Diagnostics: a copy of the state, in slot order (tests, scripts/retention.py).
         .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
-        .def("set_sliding_rope", &KVPass::set_sliding_rope, py::arg("freq_base"), py::arg("freq_scale"))
         .def("record_scores", &KVPass::record_scores, py::arg("on"))
         .def("scores", &KVPass::scores)
-        // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
-        .def("direct_support", &KVPass::direct_support, py::arg("capture"), py::keep_alive<1, 2>())
-        .def("read_direct", &KVPass::read_direct, py::arg("n_video"), py::call_guard<py::gil_scoped_release>())
-        .def("plan_in_place", &KVPass::plan_in_place)
         .def_property_readonly("path", &KVPass::path)
         .def_property_readonly("n_slots", &KVPass::n_slots)
         .def_property_readonly("n_layer", &KVPass::n_layer)
@@ -2042,11 +2226,6 @@ PYBIND11_MODULE(_native, m) {
         .def("slot_ext", &KVPass::slot_ext)
         .def("keys", &KVPass::keys)
         .def("values", &KVPass::values)
-        .def("select", &KVPass::select, py::arg("slot_frame"), py::arg("slot_patch"), py::arg("rot_pos"),
-             py::arg("nx"), py::arg("ny"), py::arg("recent_min_frame"), py::arg("keep"), py::arg("alpha"),
-             py::arg("pool"), py::arg("use_tar"), py::arg("use_van"))
-        .def("apply", &KVPass::apply, py::arg("kept"), py::arg("new_pos"), py::arg("rot_pos"), py::arg("rerotate"))
-        .def("restore", &KVPass::restore)
         .def("apply_truncated_for_test", &KVPass::apply_truncated_for_test)
         .def("relayout_for_test", &KVPass::relayout_for_test, py::arg("reverse"), py::arg("shift"));
 }

@@ -38,11 +38,11 @@ def fixtures(make_fixtures_module: ModuleType, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 def tiny_model(fixtures: dict[str, Path]) -> Iterator[VisionLanguageModel]:
-    model = VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=1024, n_threads=2))
+    model = VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_threads=2))
     yield model
     model.close()
 
 
 @pytest.fixture
 def session(tiny_model: VisionLanguageModel) -> Session:
-    return Session(tiny_model, SessionConfig(question_room=256, max_answer_tokens=16))
+    return Session(tiny_model, SessionConfig(n_ctx=1024, question_room=256, max_answer_tokens=16))

@@ -11,8 +11,9 @@ import llama_cpp
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
-from probes import after_each_pass, moved_keys, probe_logits
+from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 
+from edge_runtime.context import Context
 from edge_runtime.memory import SlotTable, VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, TaR, Uniform, make_policy, policy_from_spec
@@ -39,26 +40,42 @@ def variants(make_fixtures_module: ModuleType, fixtures: dict[str, Path],
     return files
 
 
+N_CTX = 2048  # every session on the variant models
+
+
 def open_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object) -> VisionLanguageModel:
-    return VisionLanguageModel(ModelConfig(variants[model], variants[mmproj], n_ctx=2048, n_threads=2, **kw))
+    return VisionLanguageModel(ModelConfig(variants[model], variants[mmproj], n_threads=2, **kw))
 
 
 class CheckedInfiniPotV(InfiniPotV):
-    """InfiniPot-V that checks every selection against the NumPy reference and keeps what it saw."""
+    """InfiniPot-V that checks every selection against the NumPy reference and keeps what it saw.
+
+    It watches its session's compressor (attach): what the pass read before choosing (the in-place pass moves
+    each layer as soon as it is chosen), then the choice it made."""
 
     def __init__(self, use_tar: bool = True, use_van: bool = True, **kw: object) -> None:
         super().__init__(**kw)
         self.use_tar, self.use_van = use_tar, use_van
-        self.geometry = None  # the session's KVGeometry, set once the session exists
+        self.geometry = None  # the session's KVGeometry, set by attach()
         self.seen: list[dict[str, np.ndarray]] = []
 
-    def select(self, memory: VideoMemory, kv: object, keep: int) -> np.ndarray:
-        # Read what the selection sees first: the in-place pass moves each layer as soon as it is chosen.
-        keys = np.stack([kv.keys(layer) for layer in range(kv.n_layer)])
-        values = np.stack([kv.values(layer) for layer in range(kv.n_layer)])
+    def attach(self, session: Session) -> None:
+        self.geometry = session.geometry
+        session.compressor.on_read.append(self.saw_read)
+        session.compressor.on_pass.append(self.saw_pass)
+
+    def saw_read(self, kv: object, memory: VideoMemory, keep: int) -> None:
+        self._before = {
+            "keys": np.stack([kv.keys(layer) for layer in range(kv.n_layer)]),
+            "values": np.stack([kv.values(layer) for layer in range(kv.n_layer)]),
+            "tables": memory.slots.arrays(), "grid": memory.grid, "keep": keep,
+            "oldest": recent_frames(memory, self.recent_fraction)}
         kv.record_scores(True)
-        kept = super().select(memory, kv, keep)
-        frame, patch, rot_pos = memory.slots.arrays()
+
+    def saw_pass(self, kv: object, memory: VideoMemory, result: dict) -> None:
+        seen = self._before
+        keys, values, keep, (frame, patch, rot_pos) = seen["keys"], seen["values"], seen["keep"], seen["tables"]
+        kept = result["kept"]
         geo = self.geometry
         # NeoX and M-RoPE pair halves; an M-RoPE key moved by a whole position turns every t, h and w pair
         # alike, so without an e section (Qwen2-VL's (16, 24, 24, 0)) it is a NeoX turn. Linear RoPE scaling
@@ -66,15 +83,12 @@ class CheckedInfiniPotV(InfiniPotV):
         assert not geo.rope_sections or geo.rope_sections[3] == 0
         unrotated = ref.rope_rotate(keys, -rot_pos * geo.freq_scale, geo.freq_base, geo.n_rot,
                                     neox=geo.rope_type != 0)
-        oldest = recent_frames(memory, self.recent_fraction)
-        recent = sorted({int(f) for f in frame[0, 0] if f >= oldest})
-        expected = ref.select_tokens(unrotated, values, frame, patch, memory.grid, recent, keep, alpha=self.alpha,
+        recent = sorted({int(f) for f in frame[0, 0] if f >= seen["oldest"]})
+        expected = ref.select_tokens(unrotated, values, frame, patch, seen["grid"], recent, keep, alpha=self.alpha,
                                      pool=self.pool, use_tar=self.use_tar, use_van=self.use_van)
         np.testing.assert_array_equal(kept, expected)
-        self.check_recorded_scores(kv.scores(), unrotated, values, frame, patch, recent, memory.grid)
+        self.check_recorded_scores(kv.scores(), unrotated, values, frame, patch, recent, seen["grid"])
         self.seen.append({"keys": keys, "values": values, "kept": kept, "rot_pos": rot_pos})
-        return kept
-
 
     def check_recorded_scores(self, scores: tuple[np.ndarray, np.ndarray], keys: np.ndarray, values: np.ndarray,
                               frame: np.ndarray, patch: np.ndarray, recent: list[int], grid: tuple[int, int]) -> None:
@@ -120,9 +134,10 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
         p = probe.n_tokens
         model.free_frame(probe)
         policy = CheckedInfiniPotV(use_tar=use_tar, use_van=use_van, pool=pool)
-        session = Session(model, SessionConfig(budget=16 * p, positions=positions, question_room=128), policy)
-        policy.geometry = session.geometry
-        kv = session.kv_pass()
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=16 * p, positions=positions, question_room=128),
+                          policy)
+        policy.attach(session)
+        kv = session.compressor.native
         kv.read()
         assert kv.v_trans == (flash_attn == "off")  # llamacpp-notes: no flash attention, transposed V
         # passes before frames 16, 20, 24, 28
@@ -152,31 +167,26 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
 def test_keeping_everything_leaves_the_logits_bit_identical(variants: dict[str, Path], positions: str,
                                                             flash_attn: str) -> None:
     with open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as model:
-        session = Session(model, SessionConfig(budget=256, positions=positions, question_room=128),
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, positions=positions, question_room=128),
                           make_policy("infinipot-v"))
         for frame in SyntheticScene(seed=4, n_frames=8):
             session.insert_frame(frame)
-        before = probe_logits(model, session.memory.next_pos)
-        kv = session.kv_pass()
-        kv.read()
-        n = kv.n_slots
-        everything = np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int32), (2, 2, n)))
-        _, _, rot_pos = session.memory.slots.arrays()
-        kv.apply(everything, kv.slot_positions(), rot_pos, positions == "reindex")
-        assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
+        before = probe_logits(session.context, session.memory.next_pos)
+        everything_kept(session.compressor.native, session, positions == "reindex")
+        assert np.array_equal(probe_logits(session.context, session.memory.next_pos), before)
 
 
 def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> None:
     with open_model(variants, "llama-2x2", "mmproj-4x4") as model:
-        session = Session(model, SessionConfig(budget=256, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, question_room=128), make_policy("infinipot-v"))
         for frame in SyntheticScene(seed=5, n_frames=6):
             session.insert_frame(frame)
-        state = model.state_bytes()
-        kv = session.kv_pass()
+        state = session.context.state_bytes()
+        kv = session.compressor.native
         kv.read()
         with pytest.raises(RuntimeError, match="restored as it was"):
             kv.apply_truncated_for_test()
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state
 
 
 def frame_embeddings(model: VisionLanguageModel, image: np.ndarray) -> np.ndarray:
@@ -184,8 +194,8 @@ def frame_embeddings(model: VisionLanguageModel, image: np.ndarray) -> np.ndarra
     return model.frame_embeddings(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
-def decode_embeddings(model: VisionLanguageModel, embd: np.ndarray, positions: np.ndarray) -> None:
-    batch = llama_cpp.llama_batch_init(len(embd), model.n_embd, 1)
+def decode_embeddings(context: Context, embd: np.ndarray, positions: np.ndarray) -> None:
+    batch = llama_cpp.llama_batch_init(len(embd), context.model.n_embd, 1)
     try:
         batch.n_tokens = len(embd)
         flat = np.ascontiguousarray(embd, np.float32).ravel()
@@ -195,7 +205,7 @@ def decode_embeddings(model: VisionLanguageModel, embd: np.ndarray, positions: n
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 0
-        assert llama_cpp.llama_decode(model.ctx, batch) == 0
+        assert llama_cpp.llama_decode(context.ctx, batch) == 0
     finally:
         llama_cpp.llama_batch_free(batch)
 
@@ -208,35 +218,36 @@ def test_one_head_drops_equal_a_cache_that_only_held_the_kept_tokens(variants: d
     frames = list(SyntheticScene(seed=6, n_frames=10))
     with open_model(variants, "llama-1x1", "mmproj-4x4") as model:
         policy = CheckedInfiniPotV()
-        session = Session(model, SessionConfig(budget=128, positions=positions, question_room=128), policy)
-        policy.geometry = session.geometry
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=128, positions=positions, question_room=128),
+                          policy)
+        policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1  # at frame 9: 8 frames of 16 tokens down to 6
-        compressed = probe_logits(model, session.memory.next_pos)
+        compressed = probe_logits(session.context, session.memory.next_pos)
         seen = policy.seen[0]
         prefix, next_pos = session.memory.prefix_tokens, session.memory.next_pos
     with open_model(variants, "llama-1x1", "mmproj-4x4") as model:
-        fresh = Session(model, SessionConfig(question_room=128))
+        fresh = Session(model, SessionConfig(n_ctx=N_CTX, question_room=128))
         embd = np.concatenate([frame_embeddings(model, f.image) for f in frames])
         kept = seen["kept"][0, 0]
         old_pos = seen["rot_pos"][0, 0]
         if positions == "keep":  # llama.cpp decodes only at max + 1: decode all, then drop the rest
-            decode_embeddings(model, embd[:len(old_pos)], old_pos)
+            decode_embeddings(fresh.context, embd[:len(old_pos)], old_pos)
             for pos in np.setdiff1d(old_pos, old_pos[kept]):
-                model.remove_positions(int(pos), int(pos) + 1)
+                fresh.context.remove_positions(int(pos), int(pos) + 1)
         else:
-            decode_embeddings(model, embd[kept], prefix + np.arange(len(kept)))
+            decode_embeddings(fresh.context, embd[kept], prefix + np.arange(len(kept)))
         last = embd[len(seen["rot_pos"][0, 0]):]  # the frame decoded after the pass
-        decode_embeddings(model, last, np.arange(next_pos - len(last), next_pos))
+        decode_embeddings(fresh.context, last, np.arange(next_pos - len(last), next_pos))
         assert fresh.memory.prefix_tokens == prefix
-        np.testing.assert_allclose(probe_logits(model, next_pos), compressed, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(probe_logits(fresh.context, next_pos), compressed, rtol=1e-3, atol=1e-3)
 
 
 def test_a_stream_of_twenty_contexts_stays_within_budget(fixtures: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512, n_threads=2)) as model:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_threads=2)) as model:
         assert model.n_ctx_train == 1024
-        session = Session(model, SessionConfig(budget=128, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), make_policy("infinipot-v"))
         most_tokens = most_pos = 0
         for frame in SyntheticScene(seed=7, n_frames=20 * 1024 // 16):
             session.insert_frame(frame)
@@ -249,17 +260,20 @@ def test_a_stream_of_twenty_contexts_stays_within_budget(fixtures: dict[str, Pat
 
 
 def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
         frame = next(iter(SyntheticScene(n_frames=1)))
         with pytest.raises(SettingsError, match="one frame needs 16 tokens but the video memory holds 8"):
-            Session(model, SessionConfig(budget=8, question_room=128), make_policy("infinipot-v")).insert_frame(frame)
+            Session(model, SessionConfig(n_ctx=512, budget=8, question_room=128),
+                    make_policy("infinipot-v")).insert_frame(frame)
         with pytest.raises(SettingsError, match=r"\|C\| must be smaller than \|M\|"):
-            Session(model, SessionConfig(budget=128, keep_fraction=1.0, question_room=128), make_policy("infinipot-v"))
+            Session(model, SessionConfig(n_ctx=512, budget=128, keep_fraction=1.0, question_room=128),
+                    make_policy("infinipot-v"))
         with pytest.raises(SettingsError, match="alpha must be in"):
             make_policy("infinipot-v", alpha=1.5)
         with pytest.raises(SettingsError, match="needs a context of at least"):
-            Session(model, SessionConfig(budget=4096, question_room=128), make_policy("infinipot-v"))
-        session = Session(model, SessionConfig(budget=64, question_room=128), make_policy("infinipot-v", alpha=0.1))
+            Session(model, SessionConfig(n_ctx=512, budget=4096, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(n_ctx=512, budget=64, question_room=128),
+                          make_policy("infinipot-v", alpha=0.1))
         with pytest.raises(SettingsError, match="cannot hold the 1 recent frames"):
             for frame in SyntheticScene(n_frames=6):
                 session.insert_frame(frame)
@@ -283,20 +297,21 @@ def test_policy_specs_carry_infinipot_v_settings_and_refuse_the_rest() -> None:
 @pytest.mark.parametrize("positions", ["reindex", "keep"])
 def test_shared_infinipot_v_keeps_one_set_for_every_head_by_vote(variants: dict[str, Path], positions: str) -> None:
     with open_model(variants, "llama-3x4", "mmproj-4x4", flash_attn="on") as model:
-        plain, shared = InfiniPotV(), policy_from_spec("infinipot-v:shared")
-        assert plain.native_choice_is_final and not shared.native_choice_is_final  # no in-place move to undo
+        policy = policy_from_spec("infinipot-v:shared")
         chosen: list[np.ndarray] = []
         votes: list[np.ndarray] = []
 
-        class Recorded(InfiniPotV):
-            def select(self, memory: VideoMemory, kv: object, keep: int) -> np.ndarray:
-                per_head = InfiniPotV.select(plain, memory, kv, keep)
-                votes.append(np.bincount(per_head.ravel(), minlength=memory.video_tokens))
-                chosen.append(shared.select(memory, kv, keep))
-                return chosen[-1]
+        n_slots: list[int] = []
 
-        policy = Recorded(shared=True)
-        session = Session(model, SessionConfig(budget=128, positions=positions, question_room=128), policy)
+        def recorded(kv: object, memory: VideoMemory, result: dict) -> None:
+            per_head = result["per_head"]  # the per-head choices that voted
+            votes.append(np.bincount(per_head.ravel(), minlength=n_slots[-1]))
+            chosen.append(result["kept"])
+
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=128, positions=positions, question_room=128),
+                          policy)
+        session.compressor.on_read.append(lambda kv, memory, keep: n_slots.append(memory.video_tokens))
+        session.compressor.on_pass.append(recorded)
         for frame in SyntheticScene(seed=5, n_frames=20):
             session.insert_frame(frame)
         assert len(chosen) >= 3
@@ -310,7 +325,7 @@ def test_shared_infinipot_v_keeps_one_set_for_every_head_by_vote(variants: dict[
 
 def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dict[str, Path]) -> None:
     with open_model(variants, "llama-2x2-d32", "mmproj-4x4", cache_type="q8_0", flash_attn="on") as model:
-        session = Session(model, SessionConfig(budget=64, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=64, question_room=128), make_policy("infinipot-v"))
         with pytest.raises(ModelError, match="the KV cache is q8_0; compression supports f16 and f32"):
             for frame in SyntheticScene(n_frames=6):
                 session.insert_frame(frame)
@@ -320,8 +335,8 @@ def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dic
 
 @pytest.mark.parametrize("name", ["sliding-window", "uniform", "random", "tar", "van", "infinipot-v"])
 def test_every_policy_keeps_the_budget(fixtures: dict[str, Path], name: str) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
-        session = Session(model, SessionConfig(budget=128, question_room=128), make_policy(name))
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
+        session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), make_policy(name))
         for frame in SyntheticScene(seed=8, n_frames=40):
             session.insert_frame(frame)
             assert session.memory.video_tokens <= 128
@@ -333,8 +348,8 @@ def test_every_policy_keeps_the_budget(fixtures: dict[str, Path], name: str) -> 
 
 
 def test_sliding_window_keeps_the_sinks_and_the_newest(fixtures: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512)) as model:
-        session = Session(model, SessionConfig(budget=128, question_room=128), SlidingWindow(sink_tokens=4))
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
+        session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), SlidingWindow(sink_tokens=4))
         for frame in SyntheticScene(seed=8, n_frames=20):
             session.insert_frame(frame)
         frame_of = session.memory.slots.frame[0, 0, :session.memory.video_tokens]

@@ -317,7 +317,7 @@ def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV(recent_fraction=0.25)
         session = Session(model, SessionConfig(budget=8 * p, positions="keep", question_room=128), policy)
-        policy.geometry = session.geometry
+        policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1  # before frame 8: 8 frames of 18 tokens down to 6
@@ -343,7 +343,7 @@ def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV()
         session = Session(model, SessionConfig(budget=8 * p, positions="reindex", question_room=128), policy)
-        policy.geometry = session.geometry
+        policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1

@@ -202,7 +202,7 @@ def test_reindexed_memory_equals_the_kept_tokens_decoded_at_the_compact_position
     with open_qwen(qwen, "model-1x1") as model:
         policy = CheckedInfiniPotV()
         session = Session(model, SessionConfig(budget=8 * p, positions="reindex", question_room=128), policy)
-        policy.geometry = session.geometry
+        policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1  # before frame 8: 8 frames down to 6
@@ -248,7 +248,7 @@ def test_a_qwen2_vl_projector_streams_and_compresses_alike(qwen_module: ModuleTy
         assert model.family.name == "Qwen2-VL"
         policy = CheckedInfiniPotV()
         session = Session(model, SessionConfig(budget=8 * NX * NY, question_room=128), policy)
-        policy.geometry = session.geometry
+        policy.attach(session)
         for frame in SyntheticScene(seed=8, n_frames=12):
             session.insert_frame(frame)
         assert session.memory.passes == 2 and len(policy.seen) == 2  # each checked against the reference

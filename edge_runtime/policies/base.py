@@ -1,48 +1,50 @@
-"""The interface every memory policy implements, and the helpers the whole-frame baselines share."""
+"""The interface every memory policy implements (kvpress's presses are the model).
+
+A policy is a small dataclass whose fields are its settings. It looks only at the memory's bookkeeping
+(which frame and patch each slot of each (layer, KV head) holds) and says what a pass keeps, in one of two
+ways: `scores` for the baselines (the base class owns the top-k: the |C| highest per (layer, head), ties to
+the older slot), or native scoring settings (InfiniPot-V: its scores need the keys and values, which only
+the native pass reads). The compressor (edge_runtime/compressor.py) carries the choice out.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from abc import ABC
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from edge_runtime.errors import MemoryFull, SettingsError  # noqa: F401 - re-exported by edge_runtime.policies
+
 if TYPE_CHECKING:
-    from edge_runtime._native import KVPass
+    from edge_runtime._native import ScoreParams
     from edge_runtime.memory import VideoMemory
 
 
-class MemoryFull(Exception):
-    """The video memory cannot take the next frame; str() is one line that says what to do."""
-
-
-class SettingsError(ValueError):
-    """Compression settings that cannot work; str() is one line that says what to do."""
-
-
+@dataclass
 class Policy(ABC):
     """Decides which |C| tokens each (layer, KV head) keeps when the video memory reaches its budget |M|."""
 
-    name: str
-    compresses = True  # False: the memory only grows (the full cache)
-    # True: select() returns the native selection itself, so the pass may move each layer as it chooses it.
-    native_choice_is_final = True
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    compresses: ClassVar[bool] = True  # False: the memory only grows (the full cache)
+    # Benchmark specs (policy_from_spec) may name a field by a shorter word: {"recent": "recent_fraction"}.
+    aliases: ClassVar[dict[str, str]] = {}
 
     def check(self, memory: VideoMemory, keep: int) -> None:  # noqa: B027 - optional hook
         """Raise SettingsError if this policy cannot compress `memory` to `keep` tokens."""
 
-    @abstractmethod
-    def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
-        """Kept slot indices, int32 [n_layer, n_head_kv, keep], ascending per (layer, head).
+    def scores(self, memory: VideoMemory, keep: int) -> np.ndarray:
+        """Per slot, how much it is worth keeping: [n_slots] (the same for every head) or [L, H, n_slots]."""
+        raise NotImplementedError(f"{self.name} writes no scores")
 
-        `kv` holds the state just read (keys, values, positions); `memory.slots` says what each slot holds.
-        """
-
-
-def same_for_every_head(memory: VideoMemory, slots: np.ndarray) -> np.ndarray:
-    """Baselines that choose frames or tokens, not per head: the same slots for every (layer, head)."""
-    n_layer, n_head = memory.slots.frame.shape[:2]
-    return np.ascontiguousarray(np.broadcast_to(np.sort(slots).astype(np.int32), (n_layer, n_head, len(slots))))
+    def choose(self, memory: VideoMemory, keep: int) -> np.ndarray | ScoreParams:
+        """What the pass keeps: kept slots [L, H, keep], ascending per (layer, head), or native settings."""
+        n_layer, n_head = memory.slots.frame.shape[:2]
+        scores = np.broadcast_to(self.scores(memory, keep), (n_layer, n_head, memory.video_tokens))
+        best = np.argsort(-scores, axis=2, kind="stable")[:, :, :keep]  # stable: ties go to the older slot
+        return np.ascontiguousarray(np.sort(best, axis=2), dtype=np.int32)
 
 
 def recent_frames(memory: VideoMemory, recent_fraction: float) -> int:

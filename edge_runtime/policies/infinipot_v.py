@@ -8,44 +8,46 @@ Scores per (layer, KV head), never averaged across them:
   (k = 7, 5, 3, 1 from the first to the last quarter of layers).
 Selection: the r recent frames always stay; alpha |C| tokens (recent ones included) go to the highest TaR,
 the rest of |C| to the highest VaN. Ties go to the older slot. The scoring runs in native code
-(native/kv_pass.cpp); tests/reference_infinipot_v.py is the NumPy oracle it is checked against.
+(native/kv_pass.cpp), since only it reads the keys and values; tests/reference_infinipot_v.py is the NumPy
+oracle it is checked against.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
-
-from edge_runtime.policies.base import Policy, SettingsError, recent_frames, same_for_every_head
+from edge_runtime import _native
+from edge_runtime.policies.base import Policy, SettingsError, recent_frames
 
 if TYPE_CHECKING:
-    from edge_runtime._native import KVPass
     from edge_runtime.memory import VideoMemory
 
 
+@dataclass
 class InfiniPotV(Policy):
     """TaR + VaN, the paper's method."""
 
     name = "infinipot-v"
-    use_tar = True
-    use_van = True
+    paper = "https://arxiv.org/abs/2506.15745"
+    aliases = {"recent": "recent_fraction"}
+    use_tar: ClassVar[bool] = True
+    use_van: ClassVar[bool] = True
 
-    def __init__(self, alpha: float = 0.5, recent_fraction: float = 0.125, pool: bool = False,
-                 shared: bool = False) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise SettingsError(f"alpha must be in [0, 1], not {alpha}")
-        if not 0.0 < recent_fraction <= 1.0:
-            raise SettingsError(f"the recent-frame fraction must be in (0, 1], not {recent_fraction}")
-        self.alpha = alpha  # share of |C| chosen by TaR; the paper finds 0.4-0.6 best
-        self.recent_fraction = recent_fraction  # r = 0.125 f in the paper; its public code uses 0.25
-        self.pool = pool  # spatial pooling of VaN: helps in the paper, off in its reference code
-        # shared: one token set for every (layer, head), the slots most (layer, head) choices agree on. Not the
-        # paper's (it keeps per-head sets): an ablation of whether per-head sets matter to a model trained on whole
-        # memories (results/edge-vlm-v2/recall_120_tuning.json: on edge-vlm v2 they do not).
-        self.shared = shared
-        self.native_choice_is_final = not shared
+    alpha: float = 0.5  # share of |C| chosen by TaR; the paper finds 0.4-0.6 best
+    recent_fraction: float = 0.125  # r = 0.125 f in the paper; its public code uses 0.25
+    pool: bool = False  # spatial pooling of VaN: helps in the paper, off in its reference code
+    # One token set for every (layer, head), the slots most (layer, head) choices agree on. Not the paper's (it
+    # keeps per-head sets): an ablation of whether per-head sets matter to a model trained on whole memories
+    # (results/edge-vlm-v2/recall_120_tuning.json: on edge-vlm v2 they do not).
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SettingsError(f"alpha must be in [0, 1], not {self.alpha}")
+        if not 0.0 < self.recent_fraction <= 1.0:
+            raise SettingsError(f"the recent-frame fraction must be in (0, 1], not {self.recent_fraction}")
 
     def check(self, memory: VideoMemory, keep: int) -> None:
         if self.pool and memory.records and memory.records[-1].wrapper_tokens:
@@ -58,19 +60,16 @@ class InfiniPotV(Policy):
             raise SettingsError(f"|C| = {keep} tokens with alpha {self.alpha} cannot hold the {r} recent frames "
                                 f"({r * p} tokens): raise --alpha or --budget, or lower the recent fraction")
 
-    def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
-        frame, patch, rot_pos = memory.slots.pass_tables()
-        nx, ny = memory.grid
-        kept = kv.select(frame, patch, rot_pos, nx, ny, recent_frames(memory, self.recent_fraction), keep,
-                         self.alpha, self.pool, self.use_tar, self.use_van)
-        if not self.shared:
-            return kept
-        # Every pass being shared, slot n holds the same token in every head, so the choices can be counted.
-        # The recent frames are in every choice; ties go to the older slot, as in the per-head choice.
-        votes = np.bincount(kept.ravel(), minlength=memory.video_tokens)
-        return same_for_every_head(memory, np.argsort(-votes, kind="stable")[:keep])
+    def choose(self, memory: VideoMemory, keep: int) -> _native.ScoreParams:
+        s = _native.ScoreParams()
+        s.nx, s.ny = memory.grid
+        s.recent_min_frame = recent_frames(memory, self.recent_fraction)
+        s.keep, s.alpha, s.pool, s.shared = keep, self.alpha, self.pool, self.shared
+        s.use_tar, s.use_van = self.use_tar, self.use_van
+        return s
 
 
+@dataclass
 class TaR(InfiniPotV):
     """TaR alone: keep the recent frames and the past tokens least like them (the paper's ablation)."""
 
@@ -78,6 +77,7 @@ class TaR(InfiniPotV):
     use_van = False
 
 
+@dataclass
 class VaN(InfiniPotV):
     """VaN alone: keep the recent frames and the past tokens with the largest value norms (ablation)."""
 

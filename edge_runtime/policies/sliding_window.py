@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_runtime.policies.base import Policy, same_for_every_head
+from edge_runtime.policies.base import Policy
 
 if TYPE_CHECKING:
-    from edge_runtime._native import KVPass
     from edge_runtime.memory import VideoMemory
 
 
+@dataclass
 class SlidingWindow(Policy):
     """Keep the first `sink_tokens` video tokens (the attention sinks) and the most recent ones."""
 
     name = "sliding-window"
+    paper = "https://arxiv.org/abs/2309.17453"
+    sink_tokens: int = 4  # StreamingLLM's default
 
-    def __init__(self, sink_tokens: int = 4) -> None:  # 4: StreamingLLM's default
-        self.sink_tokens = sink_tokens
-
-    def select(self, memory: VideoMemory, kv: KVPass, keep: int) -> np.ndarray:
-        n = memory.video_tokens
-        sinks = min(self.sink_tokens, keep)
-        slots = np.concatenate([np.arange(sinks), np.arange(n - (keep - sinks), n)])
-        return same_for_every_head(memory, slots)
+    def scores(self, memory: VideoMemory, keep: int) -> np.ndarray:
+        newer = np.arange(memory.video_tokens, dtype=np.float64)  # newest first
+        newer[:self.sink_tokens] = np.inf
+        return newer

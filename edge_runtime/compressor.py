@@ -1,0 +1,127 @@
+"""The compression pass, owned end to end: one object, one call a pass, one order.
+
+A `Compressor` is made once per memory from `CompressorParams` (as llama.cpp's *_params structs: one struct
+with defaults, no long argument lists). `compress(memory)` asks the policy what to keep, has the native
+pass (native/kv_pass.cpp) read the cache, choose, re-rotate and write back in a single call, then records
+the result in the memory's bookkeeping (`VideoMemory.apply_pass`). Nobody else calls the native pass.
+
+The native pass reads llama.cpp's own K and V tensors in place when it can (a CPU cache in reindex mode, the
+layout it checks at every pass), and otherwise copies the sequence's state out and back through two buffers
+sized once for the budget. Whatever fails, the memory is left as it was, with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_runtime import _native
+from edge_runtime.errors import ModelError, SettingsError
+from edge_runtime.families import KVGeometry
+from edge_runtime.memory import VideoMemory
+from edge_runtime.policies import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressorParams:
+    """What a pass needs to know of the model and the memory, fixed for the memory's life."""
+
+    geometry: KVGeometry  # of the cache the pass compresses (its first KV cache)
+    n_prefix: int  # cells of the prompt before the video: never touched
+    budget: int  # |M|
+    n_ctx: int  # the context's cells: RoPE tables cover every position below it
+    n_threads: int
+    seq_id: int = 0
+    keep_fraction: float = 0.75  # |C| = 0.75 |M| (the paper's default), rounded down to whole frames
+    positions: str = "reindex"  # reindex: compact positions, keys re-rotated; keep: original rotations
+    in_place: bool = True  # rewrite llama.cpp's KV tensors in place when the cache allows it
+    sliding_cache: bool = False  # a sliding-window cache (Gemma 3) that moves with the sequence in reindex mode
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What the last pass did, and what it cost."""
+
+    path: str  # "direct" (in place) or "portable" (the state copied out and back)
+    read_ms: float
+    select_ms: float
+    apply_ms: float
+    state_bytes: int  # of the sequence's state when the pass read it
+    kept: int  # |C|
+
+
+class Compressor:
+    """The compression pass of one memory: policy -> native pass -> bookkeeping."""
+
+    def __init__(self, ctx_address: int, capture: _native.KVCapture | None, params: CompressorParams,
+                 policy: Policy) -> None:
+        self.params = params
+        self.policy = policy
+        geo = params.geometry
+        native = _native.PassParams()
+        native.seq_id, native.n_prefix = params.seq_id, params.n_prefix
+        native.n_head_kv, native.head_dim_k, native.head_dim_v = geo.n_head_kv, geo.head_dim_k, geo.head_dim_v
+        native.rope_type, native.n_rot = geo.rope_type, geo.n_rot
+        native.freq_base, native.freq_scale = geo.freq_base, geo.freq_scale
+        native.rope_sections, native.mrope = list(geo.rope_sections), geo.mrope
+        native.sliding_freq_base = geo.freq_base_swa if params.sliding_cache else 0.0
+        native.max_cells, native.max_position = params.n_prefix + params.budget, params.n_ctx
+        native.n_threads, native.in_place = params.n_threads, params.in_place
+        self._ctx_address = ctx_address
+        self._capture = capture
+        self._native_params = native
+        self._pass: _native.KVPass | None = None  # made at the first pass; its buffers are sized for the budget
+        # Diagnostics (tests, scripts/retention.py): called with the native pass once it has read the cache,
+        # and with the pass's result once the memory recorded it.
+        self.on_read: list[Callable[[_native.KVPass, VideoMemory, int], None]] = []
+        self.on_pass: list[Callable[[_native.KVPass, VideoMemory, dict], None]] = []
+        self.last: PassReport | None = None
+
+    @property
+    def native(self) -> _native.KVPass:
+        """The native pass, made on first use (at the first pass: the capture has seen a decode by then)."""
+        if self._pass is None:
+            self._pass = _native.KVPass(self._ctx_address, self._native_params, self._capture)
+            if self.params.in_place and self.params.positions == "reindex":
+                why = self._pass.in_place_refusal()
+                if why:
+                    log.info("the compression pass copies the KV state: %s", why)
+        return self._pass
+
+    def keep_tokens(self, memory: VideoMemory) -> int:
+        """|C|: keep_fraction x |M|, rounded down to whole frames."""
+        p = memory.tokens_per_frame
+        keep = int(self.params.keep_fraction * memory.budget) // p * p
+        if keep < p:
+            raise SettingsError(f"|C| = {self.params.keep_fraction} x {memory.budget} tokens is less than one frame "
+                                f"({p} tokens): raise --budget")
+        return keep
+
+    def compress(self, memory: VideoMemory) -> PassReport:
+        """One pass: |M| video tokens down to |C|, chosen by the policy, carried out by the native pass."""
+        keep = self.keep_tokens(memory)
+        self.policy.check(memory, keep)
+        choice = self.policy.choose(memory, keep)
+        kv = self.native
+        frame, patch, rot_pos = memory.slots.pass_tables()
+        reindex = self.params.positions == "reindex"
+        on_read = (lambda: [f(kv, memory, keep) for f in self.on_read]) if self.on_read else None
+        try:
+            result = kv.compress(frame, patch, rot_pos, memory.video_tokens, choice, reindex, memory.next_pos,
+                                 on_read=on_read)
+        except ValueError as e:  # refused before anything moved: a bug or a layout we do not know
+            raise ModelError(f"the {self.policy.name} policy could not select: {e}") from None
+        except RuntimeError as e:  # a layout the pass cannot rewrite, or a write-back llama.cpp refused (restored)
+            raise ModelError(str(e)) from None
+        if result["fallback"]:
+            log.warning("the KV cache is not laid out as the in-place pass expects (%s); copied it this time",
+                        result["fallback"])
+        memory.apply_pass(result["kept"], result["new_pos"], reindex)
+        self.last = PassReport(path=result["path"], read_ms=result["read_ms"], select_ms=result["select_ms"],
+                               apply_ms=result["apply_ms"], state_bytes=result["state_bytes"], kept=keep)
+        for f in self.on_pass:
+            f(kv, memory, result)
+        return self.last

@@ -1,0 +1,15 @@
+"""The errors a user can act on: str() of each is one line that says what to do (the CLI prints it, exit 2)."""
+
+from __future__ import annotations
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded or run."""
+
+
+class SettingsError(ValueError):
+    """Settings (budget, policy, positions) that cannot work with this model or this memory."""
+
+
+class MemoryFull(Exception):
+    """The video memory cannot take the next frame (the full cache reached its context)."""
