@@ -20,8 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from edge_runtime.demo import run_demo
 from edge_runtime.builtin import EDGE_VLM, edge_vlm_files
+from edge_runtime.demo import run_demo
 from edge_runtime.errors import ModelError
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.native_log import NATIVE_LOG

@@ -85,10 +85,6 @@ class Compressor:
         """The native pass, made on first use (at the first pass: the capture has seen a decode by then)."""
         if self._pass is None:
             self._pass = _native.KVPass(self._ctx_address, self._native_params, self._capture)
-            if self.params.in_place and self.params.positions == "reindex":
-                why = self._pass.in_place_refusal()
-                if why:
-                    log.info("the compression pass copies the KV state: %s", why)
         return self._pass
 
     def keep_tokens(self, memory: VideoMemory) -> int:
@@ -106,6 +102,10 @@ class Compressor:
         self.policy.check(memory, keep)
         choice = self.policy.choose(memory, keep)
         kv = self.native
+        if self.last is None and self.params.in_place and self.params.positions == "reindex":
+            why = kv.in_place_refusal()  # said once, at the first pass (the capture has seen a decode by then)
+            if why:
+                log.info("the compression pass copies the KV state: %s", why)
         frame, patch, rot_pos = memory.slots.pass_tables()
         reindex = self.params.positions == "reindex"
         on_read = (lambda: [f(kv, memory, keep) for f in self.on_read]) if self.on_read else None

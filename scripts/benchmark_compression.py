@@ -42,6 +42,13 @@ def memcpy_ms(n_bytes: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def last_pass(session: Session) -> dict[str, object]:
+    """The last pass's timings, the bytes of the state it read and which path ran."""
+    last = session.compressor.last
+    return {"read_ms": last.read_ms, "select_ms": last.select_ms, "apply_ms": last.apply_ms,
+            "state_bytes": last.state_bytes, "path": last.path}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, ROOT / "fixtures")
@@ -54,9 +61,8 @@ def main() -> None:
     args = p.parse_args()
     check_model_arguments(args)
 
-    config = SessionConfig(budget=args.budget, positions=args.positions)
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads,
-                                            n_ctx=args.budget + config.question_room + 512))
+    config = SessionConfig(budget=args.budget, positions=args.positions)  # its context sized for the budget
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads))
     session = Session(model, config, make_policy(args.policy, seed=args.seed))
     frames = SyntheticScene(seed=args.seed)
     ingest_ms: list[float] = []  # per frame: colour conversion, projector and decode
@@ -71,8 +77,8 @@ def main() -> None:
                 # The frames that fill the room a pass frees: |M| - |C| tokens, the frames between passes.
                 freed = since_pass[-(session.memory.budget - session.memory.video_tokens + record.n_tokens)
                                    // record.n_tokens:]
-                passes.append({"frame": record.index, "pass_ms": timing.compress_ms, **session.last_pass,
-                               "memcpy_ms": memcpy_ms(int(session.last_pass["state_bytes"])),
+                passes.append({"frame": record.index, "pass_ms": timing.compress_ms, **last_pass(session),
+                               "memcpy_ms": memcpy_ms(session.compressor.last.state_bytes),
                                "ingest_ms_since_last_pass": sum(freed), "frames_since_last_pass": len(freed)})
                 since_pass = []
                 bar.update()
@@ -99,7 +105,7 @@ def main() -> None:
         "pass_over_freed_room_ingest_target": 0.05,
         "ingest_ms_median": round(statistics.median(ingest_ms), 1),
         "first_pass_ms": round(passes[0]["pass_ms"], 2),
-        "native_buffers_mb": round(session.kv_pass().buffer_bytes / 2**20, 1),
+        "native_buffers_mb": round(session.compressor.native.buffer_bytes / 2**20, 1),
     }
     result = {
         "settings": {"model": model.config.model_path.name, "mmproj": args.mmproj.name, "budget": args.budget,

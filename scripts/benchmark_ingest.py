@@ -24,14 +24,15 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
-from edge_runtime.model import SEQ, ModelConfig, VisionLanguageModel
+from edge_runtime.context import Context
+from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session
 from edge_runtime.sources import SyntheticScene
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_ingest(model: VisionLanguageModel, bgr: np.ndarray, pos: int) -> int:
+def bare_ingest(model: VisionLanguageModel, context: Context, bgr: np.ndarray, pos: int) -> int:
     """One frame the way llama.cpp's own tools do it; returns the next position."""
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     h, w = rgb.shape[:2]
@@ -40,8 +41,8 @@ def bare_ingest(model: VisionLanguageModel, bgr: np.ndarray, pos: int) -> int:
     text = mtmd.mtmd_input_text(model.marker, len(model.marker), False, True)
     mtmd.mtmd_tokenize(model.mtmd_ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
     new_pos = llama_cpp.llama_pos(0)
-    rc = mtmd.mtmd_helper_eval_chunks(model.mtmd_ctx, model.ctx, chunks, pos, SEQ, model.config.n_batch, False,
-                                      ctypes.byref(new_pos))
+    rc = mtmd.mtmd_helper_eval_chunks(model.mtmd_ctx, context.ctx, chunks, pos, context.seq_id, model.config.n_batch,
+                                      False, ctypes.byref(new_pos))
     mtmd.mtmd_input_chunks_free(chunks)
     mtmd.mtmd_bitmap_free(bitmap)
     if rc != 0:
@@ -60,7 +61,7 @@ def main() -> None:
     check_model_arguments(args)
 
     frames = list(SyntheticScene(seed=args.seed, n_frames=args.frames))
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=8192, n_threads=args.threads))
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads))
     runtime_ms: list[list[float]] = []
     bare_ms: list[list[float]] = []
     with tqdm(total=2 * args.rounds * args.frames, desc="frames", unit="frame") as bar:
@@ -74,15 +75,17 @@ def main() -> None:
                 bar.update()
             runtime_ms.append(times)
             tokens_per_frame = session.memory.records[0].n_tokens
-            kv_bytes_per_token = model.state_size() / (session.memory.prefix_tokens + session.memory.video_tokens)
+            cells = session.memory.prefix_tokens + session.memory.video_tokens
+            kv_bytes_per_token = session.context.state_size() / cells
+            session.close()
 
-            session = Session(model)
-            pos, times = session.memory.next_pos, []
-            for frame in frames:
-                t0 = time.perf_counter()
-                pos = bare_ingest(model, frame.image, pos)
-                times.append((time.perf_counter() - t0) * 1e3)
-                bar.update()
+            with Session(model) as session:  # the same kind of context, the bare loop in it
+                pos, times = session.memory.next_pos, []
+                for frame in frames:
+                    t0 = time.perf_counter()
+                    pos = bare_ingest(model, session.context, frame.image, pos)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    bar.update()
             bare_ms.append(times)
 
     # Per frame index, the fastest round of each loop: the noise of a shared machine only ever adds time.

@@ -38,9 +38,9 @@ FULL_CTX = 8192  # the full cache gets what a plain llama.cpp user would allocat
 
 
 def make_session(args: argparse.Namespace, policy: str, budget: int | None) -> Session:
-    config = SessionConfig(budget=budget, history_tokens=0, max_answer_tokens=16)  # same question, same prompt
-    n_ctx = budget + config.question_room + 512 if budget else FULL_CTX
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=n_ctx, n_threads=args.threads))
+    # same question, same prompt; a capped context is sized for its budget
+    config = SessionConfig(n_ctx=None if budget else FULL_CTX, budget=budget, history_tokens=0, max_answer_tokens=16)
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads))
     return Session(model, config, make_policy(policy, seed=args.seed))
 
 
@@ -62,7 +62,7 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
             stopped_at = session.frames_seen  # where plain llama.cpp stops: the context is full
             break
         series["video_tokens"].append(session.memory.video_tokens)
-        series["kv_bytes"].append(session.model.state_size())
+        series["kv_bytes"].append(session.context.state_size())
         series["rss_mb"].append(round(rss_mb()[0], 1))
         for key in ("prepare_ms", "encode_ms", "decode_ms", "compress_ms"):
             series[key].append(round(getattr(timing, key), 2))

@@ -75,10 +75,10 @@ def depth_bucket(depth: int, n_frames: int) -> str:
 
 def probe(args: argparse.Namespace) -> dict[str, int]:
     """What sizes the contexts: tokens a frame, the system prompt's tokens, the model's trained context."""
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=args.question_room + 1024,
-                                            n_threads=args.threads, lora_path=args.lora))
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads, lora_path=args.lora))
     try:
-        prefix = Session(model, SessionConfig(question_room=args.question_room)).memory.prefix_tokens
+        with Session(model, SessionConfig(n_ctx=args.question_room + 1024, question_room=args.question_room)) as s:
+            prefix = s.memory.prefix_tokens
         image = make_stream(args.seed, 1).frame(0)
         encoded = model.encode_frame(np.ascontiguousarray(image[..., ::-1]))  # BGR to RGB, as the session does
         model.free_frame(encoded)
@@ -89,13 +89,12 @@ def probe(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, streams: list[Stream],
         bar: tqdm) -> list[dict]:
-    """One policy at one budget over every stream; one model (one context) serves them all in turn."""
-    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_ctx=n_ctx, n_threads=args.threads,
-                                            lora_path=args.lora))
+    """One policy at one budget over every stream; one model serves them all in turn, a context each."""
+    model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads, lora_path=args.lora))
     records = []
     try:
         for i, stream in enumerate(streams):
-            config = SessionConfig(budget=budget, question_room=args.question_room,
+            config = SessionConfig(n_ctx=n_ctx, budget=budget, question_room=args.question_room,
                                    max_answer_tokens=args.max_answer_tokens, seed=args.seed, positions=args.positions)
             session = Session(model, config, policy_from_spec(policy, seed=args.seed + i))
             for frame in SceneSource(stream):

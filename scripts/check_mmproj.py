@@ -89,7 +89,7 @@ def check(mmproj: Path, model: str, n_frames: int, seed: int, threads: int) -> d
     labels, frames, note = make_frames(n_frames, seed, reference.config.image_size)
     with torch.no_grad():
         want = reference(torch.from_numpy(frames)).numpy()
-    config = ModelConfig(resolve_model(model), mmproj, n_ctx=256, n_threads=threads, use_gpu=False)
+    config = ModelConfig(resolve_model(model), mmproj, n_threads=threads, use_gpu=False)
     with VisionLanguageModel(config) as vlm:
         got = np.stack([vlm.frame_embeddings(frame) for frame in frames])
     results = [{"frame": label, **compare(g, w)} for label, g, w in zip(labels, got, want, strict=True)]

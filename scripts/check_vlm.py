@@ -79,13 +79,13 @@ def main() -> None:
 
     text_gguf, mmproj, lora = edge_vlm_files()
     text, vision = torch_model(text_gguf, mmproj, lora)
-    model = VisionLanguageModel(ModelConfig(text_gguf, mmproj, lora_path=lora, n_ctx=2048, n_threads=args.threads))
+    model = VisionLanguageModel(ModelConfig(text_gguf, mmproj, lora_path=lora, n_threads=args.threads))
     end = model.tokenize("<|im_end|>", add_special=False)[0]
     records = []
     try:
         for i in range(args.streams):
             stream = scenes.make_stream(args.seed + i, args.frames)
-            session = Session(model, SessionConfig(max_answer_tokens=16))
+            session = Session(model, SessionConfig(n_ctx=2048, max_answer_tokens=16))
             for frame in SceneSource(stream):
                 session.insert_frame(frame)
             prefix = model.tokenize(session.opening_text, add_special=True)

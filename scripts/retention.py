@@ -76,7 +76,7 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 class ScoreProbe:
-    """Wraps an InfiniPot-V policy: at every pass, per layer, how well TaR and VaN rank the object tokens of
+    """Watches an InfiniPot-V pass: at every pass, per layer, how well TaR and VaN rank the object tokens of
     the past frames above their background (AUC: 1 = every object token first, 0.5 = no better than chance).
     The scores are the native pass's own (KVPass.record_scores), pooling included."""
 
@@ -84,17 +84,20 @@ class ScoreProbe:
         self.policy, self.stream = policy, stream
         self.auc: dict[str, list[list[float]]] = {"tar": [], "van": []}  # per pass, per layer (mean over heads)
 
-    def __getattr__(self, name: str):  # the session sees the wrapped policy
-        return getattr(self.policy, name)
+    def attach(self, session: Session) -> None:
+        session.compressor.on_read.append(self.before_choice)
+        session.compressor.on_pass.append(self.after_pass)
 
-    def select(self, memory, kv, keep):  # noqa: ANN001, ANN201 - the Policy.select signature
+    def before_choice(self, kv, memory, keep) -> None:  # noqa: ANN001 - Compressor.on_read's signature
         kv.record_scores(True)
-        kept = self.policy.select(memory, kv, keep)
         n = memory.video_tokens
-        frame, patch, _ = (t[:, :, :n] for t in memory.slots.pass_tables())
-        nx, ny = memory.grid
+        self._frame, self._patch = (t[:, :, :n].copy() for t in memory.slots.pass_tables()[:2])
+        self._grid, self._oldest = memory.grid, recent_frames(memory, self.policy.recent_fraction)
+
+    def after_pass(self, kv, memory, result) -> None:  # noqa: ANN001 - Compressor.on_pass's signature
+        frame, patch, (nx, ny) = self._frame, self._patch, self._grid
         shows = evidence_mask(self.stream, frame, patch, nx, ny) >= 0
-        past = frame < recent_frames(memory, self.policy.recent_fraction)
+        past = frame < self._oldest
         for name, scores in zip(("tar", "van"), kv.scores(), strict=True):
             if np.isnan(scores).all():  # the half this policy leaves out
                 continue
@@ -106,7 +109,6 @@ class ScoreProbe:
                 per_layer.append(float(np.mean(heads)) if heads else float("nan"))
             if not np.isnan(per_layer).all():
                 self.auc[name].append(per_layer)
-        return kept
 
 
 def main() -> None:
@@ -121,7 +123,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     # The trained edge-vlm: retention depends on the keys and values a real model writes.
-    model = VisionLanguageModel(ModelConfig("smollm2", TRAINED_MMPROJ, n_ctx=8192, n_threads=args.threads,
+    model = VisionLanguageModel(ModelConfig("smollm2", TRAINED_MMPROJ, n_threads=args.threads,
                                             lora_path=TRAINED_MMPROJ.parent / "lora.gguf"))
     streams = [make_stream(args.seed + i, args.frames) for i in range(args.streams)]
     tpf = model.encode_frame(np.ascontiguousarray(streams[0].frame(0)[..., ::-1]))
@@ -137,11 +139,14 @@ def main() -> None:
             policy = policy_from_spec(spec)
             probe = ScoreProbe(policy, stream) if isinstance(policy, InfiniPotV) else None
             # The full cache runs uncapped (the 8192-token context holds 120 frames of 36 tokens): the reference.
-            session = Session(model, SessionConfig(budget=None if spec == "full" else budget), probe or policy)
+            session = Session(model, SessionConfig(n_ctx=8192, budget=None if spec == "full" else budget), policy)
+            if probe:
+                probe.attach(session)
             for frame in SceneSource(stream):
                 session.insert_frame(frame)
                 bar.update()
             per_stream.append(retention(stream, session))
+            session.close()
             for name in passes:
                 passes[name] += probe.auc[name] if probe else []
         events = [e for s in per_stream for e in s["events"]]

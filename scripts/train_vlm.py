@@ -62,12 +62,12 @@ TOKENS_FILE = "tokens.json"
 
 def prepare(cache: Path, n_streams: int = 4000) -> Path:
     """Token ids of every prompt piece the trainer composes, checked against Session.question_prompt."""
-    from edge_runtime.model import ModelConfig, VisionLanguageModel, resolve_model
+    from edge_runtime.builtin import resolve_model
+    from edge_runtime.model import ModelConfig, VisionLanguageModel
     from edge_runtime.session import Session, SessionConfig
 
-    model = VisionLanguageModel(ModelConfig(resolve_model("smollm2"), ROOT / "fixtures" / "smollm2-mmproj-random.gguf",
-                                            n_ctx=2048))
-    session = Session(model, SessionConfig())
+    model = VisionLanguageModel(ModelConfig(resolve_model("smollm2"), ROOT / "fixtures" / "smollm2-mmproj-random.gguf"))
+    session = Session(model, SessionConfig(n_ctx=2048))
     questions: set[str] = set()
     answers: set[str] = set()
     rng = np.random.default_rng(0)

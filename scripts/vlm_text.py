@@ -271,14 +271,16 @@ def check(cache: Path, prompt: str) -> dict:
     """Next-token logits of a text prompt, torch (dequantized GGUF weights) against llama.cpp."""
     import torch
 
-    from edge_runtime.model import ModelConfig, VisionLanguageModel, resolve_model
+    from edge_runtime.builtin import resolve_model
+    from edge_runtime.context import Context
+    from edge_runtime.model import ModelConfig, VisionLanguageModel
 
     root = Path(__file__).resolve().parents[1]
-    vlm = VisionLanguageModel(ModelConfig(resolve_model("smollm2"), root / "fixtures" / "smollm2-mmproj-random.gguf",
-                                          n_ctx=512))
+    vlm = VisionLanguageModel(ModelConfig(resolve_model("smollm2"), root / "fixtures" / "smollm2-mmproj-random.gguf"))
     ids = vlm.tokenize(prompt, add_special=True)
-    vlm.decode_tokens(ids, 0)
-    ref = vlm.logits().astype(np.float64)
+    context = Context(vlm, 512)
+    context.decode_tokens(ids, 0)
+    ref = context.logits().astype(np.float64)
     hparams, weights = load_weights(cache, "cpu")
     model = build_text_model(hparams, weights, None, torch.float32)
     with torch.no_grad():

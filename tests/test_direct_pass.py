@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_compression import open_model, variants  # noqa: F401 - variants is a fixture
+from test_compression import N_CTX, open_model, variants  # noqa: F401 - variants is a fixture
 
+from edge_runtime.context import Context
 from edge_runtime.model import ModelError, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
@@ -38,7 +39,7 @@ def tokens_per_frame(model: VisionLanguageModel) -> int:
 
 
 def make_session(model: VisionLanguageModel, policy: str, direct: bool, p: int) -> Session:
-    config = SessionConfig(budget=16 * p, question_room=128, max_answer_tokens=4, direct_pass=direct)
+    config = SessionConfig(n_ctx=N_CTX, budget=16 * p, question_room=128, max_answer_tokens=4, direct_pass=direct)
     return Session(model, config, make_policy(policy, pool=policy == "infinipot-v"))
 
 
@@ -56,10 +57,10 @@ def test_direct_and_portable_passes_leave_byte_identical_states(case: tuple, var
             direct.insert_frame(frame)
             copy.insert_frame(frame)
             if direct.memory.passes != passes:
-                paths.append((direct.last_pass["path"], copy.last_pass["path"]))
+                paths.append((direct.compressor.last.path, copy.compressor.last.path))
             if i % 7 == 6:  # questions in between: decoded on top, then removed again
                 assert direct.ask("What moved?").text == copy.ask("What moved?").text
-            assert m_direct.state_bytes() == m_copy.state_bytes(), f"states differ after frame {i}"
+            assert direct.context.state_bytes() == copy.context.state_bytes(), f"states differ after frame {i}"
         assert paths == [("direct", "portable")] * 5
         assert direct.memory.next_pos == copy.memory.next_pos == direct.memory.prefix_tokens + 16 * p
 
@@ -67,9 +68,10 @@ def test_direct_and_portable_passes_leave_byte_identical_states(case: tuple, var
 @pytest.mark.parametrize("cache_type", ["f16", "f32"])
 def test_the_evaluation_callback_finds_every_layers_k_and_v(variants: dict[str, Path], cache_type: str) -> None:  # noqa: F811
     with open_model(variants, "llama-3x4", "mmproj-4x4", cache_type=cache_type) as model:
-        capture = model.kv_capture
-        assert not capture.complete  # nothing decoded yet
-        session = Session(model, SessionConfig(budget=256, question_room=128), make_policy("infinipot-v"))
+        with Context(model, N_CTX) as fresh:
+            assert not fresh.kv_capture.complete  # nothing decoded yet
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, question_room=128), make_policy("infinipot-v"))
+        capture = session.context.kv_capture
         assert capture.complete  # the system prompt's decode showed every layer
         geo = session.geometry
         found = capture.describe()
@@ -79,8 +81,9 @@ def test_the_evaluation_callback_finds_every_layers_k_and_v(variants: dict[str, 
                 t = f[kind]
                 assert t["name"] == f"cache_{kind}_l{f['layer']}"  # src/llama-kv-cache.cpp names them so
                 assert t["type"] == cache_type and t["host"]
-                assert t["ne"][0] == geo.n_head_kv * dim and t["ne"][1] >= model.n_ctx and t["ne"][2:] == [1, 1]
-        assert session.kv_pass().direct_support(capture) == ""
+                assert t["ne"][0] == geo.n_head_kv * dim and t["ne"][1] >= session.context.n_ctx
+                assert t["ne"][2:] == [1, 1]
+        assert session.compressor.native.in_place_refusal() == ""
 
 
 def stream_until_pass(session: Session, frames: object) -> None:
@@ -107,22 +110,22 @@ def test_a_layout_the_direct_pass_cannot_trust_falls_back_to_the_copy(variants: 
             for s, f in ((direct, frames_d), (copy, frames_c)):
                 stream_until_pass(s, f)
                 s.insert_frame(next(f))
-            assert direct.last_pass["path"] == "direct"
+            assert direct.compressor.last.path == "direct"
         for s, f in ((direct, frames_d), (copy, frames_c)):
             stream_until_pass(s, f)
         reverse, shift = broken.startswith("reverse"), 7 if broken == "shift" else 0
-        direct.kv_pass().relayout_for_test(reverse, shift)
-        with caplog.at_level(logging.WARNING, logger="edge_runtime.session"):
+        direct.compressor.native.relayout_for_test(reverse, shift)
+        with caplog.at_level(logging.WARNING, logger="edge_runtime.compressor"):
             direct.insert_frame(next(frames_d))
         copy.insert_frame(next(frames_c))
-        assert direct.last_pass["path"] == "portable"
+        assert direct.compressor.last.path == "portable"
         assert "not laid out as the in-place pass expects" in caplog.text
-        assert m_direct.state_bytes() == m_copy.state_bytes()
+        assert direct.context.state_bytes() == copy.context.state_bytes()
         for s, f in ((direct, frames_d), (copy, frames_c)):  # the copy re-packed the cells: in place again
             stream_until_pass(s, f)
             s.insert_frame(next(f))
-        assert direct.last_pass["path"] == "direct"
-        assert m_direct.state_bytes() == m_copy.state_bytes()
+        assert direct.compressor.last.path == "direct"
+        assert direct.context.state_bytes() == copy.context.state_bytes()
 
 
 def test_a_hole_in_the_cells_is_refused_without_touching_the_memory(variants: dict[str, Path]) -> None:  # noqa: F811
@@ -134,8 +137,8 @@ def test_a_hole_in_the_cells_is_refused_without_touching_the_memory(variants: di
         session.insert_frame(next(frames))  # one pass in place
         stream_until_pass(session, frames)
         hole = session.memory.prefix_tokens + 3
-        model.remove_positions(hole, hole + 1)  # behind the session's back: one cell fewer than recorded
-        state = model.state_bytes()
+        session.context.remove_positions(hole, hole + 1)  # behind the session's back: one cell fewer than recorded
+        state = session.context.state_bytes()
         with pytest.raises(ModelError, match="video cells but .* were recorded"):
             session.insert_frame(next(frames))
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime import scenes
-from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
+from edge_runtime.builtin import edge_vlm_files
+from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
 
@@ -19,10 +20,10 @@ CMD = [sys.executable, "-m", "edge_runtime"]
 
 def answers(model: VisionLanguageModel, stream: scenes.Stream, seed: int, n: int) -> list[str]:
     """Stream every frame into a fresh memory, then ask n questions of it."""
-    session = Session(model, SessionConfig(max_answer_tokens=8))
-    for frame in SceneSource(stream):
-        session.insert_frame(frame)
-    return [session.ask(q.text).text for q in stream.ask_set(seed, n)]
+    with Session(model, SessionConfig(n_ctx=1536, max_answer_tokens=8)) as session:
+        for frame in SceneSource(stream):
+            session.insert_frame(frame)
+        return [session.ask(q.text).text for q in stream.ask_set(seed, n)]
 
 
 def test_the_built_in_files_are_found() -> None:
@@ -33,7 +34,7 @@ def test_the_built_in_files_are_found() -> None:
 def test_it_sees_what_is_in_short_clips() -> None:
     """On 12-frame clips of held-out seeds (what it was trained on) it answers most questions right."""
     text, mmproj, lora = edge_vlm_files()
-    model = VisionLanguageModel(ModelConfig(text, mmproj, lora_path=lora, n_ctx=1536, n_threads=2))
+    model = VisionLanguageModel(ModelConfig(text, mmproj, lora_path=lora, n_threads=2))
     right = total = 0
     try:
         for seed in range(4):
@@ -52,7 +53,7 @@ def test_without_its_lora_the_encoder_alone_is_not_enough() -> None:
     stream = scenes.make_stream(1, 6)
     results = []
     for adapter in (None, lora):
-        model = VisionLanguageModel(ModelConfig(text, mmproj, lora_path=adapter, n_ctx=1536, n_threads=2))
+        model = VisionLanguageModel(ModelConfig(text, mmproj, lora_path=adapter, n_threads=2))
         try:
             results.append(answers(model, stream, 1, 4))
         finally:
@@ -64,7 +65,7 @@ def test_a_lora_for_another_model_is_one_clear_error(fixtures: dict[str, Path]) 
     expected = r"could not use the LoRA adapter .*incorrect shape.*\(pass the adapter trained for this text model\)"
     with pytest.raises(ModelError, match=expected):
         VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], lora_path=edge_vlm_files()[2],
-                                        n_ctx=512, n_threads=2))
+                                        n_threads=2))
 
 
 def test_a_missing_lora_is_one_clear_error(tmp_path: Path) -> None:

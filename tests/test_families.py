@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import reference_infinipot_v as ref
 from conftest import load_script
-from probes import after_each_pass, moved_keys, probe_logits
+from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 from test_compression import CheckedInfiniPotV, decode_embeddings
 from test_direct_pass import stream_until_pass
 
@@ -69,7 +69,7 @@ def family_files(gemma3_script: ModuleType, lfm2_script: ModuleType,
 
 def open_model(files: dict[str, Path], name: str, **kw: object) -> VisionLanguageModel:
     mmproj = files["gemma3-mmproj" if name.startswith("gemma3") else "lfm2-mmproj"]
-    return VisionLanguageModel(ModelConfig(files[name], mmproj, n_ctx=N_CTX, n_threads=2, **kw))
+    return VisionLanguageModel(ModelConfig(files[name], mmproj, n_threads=2, **kw))
 
 
 @pytest.fixture
@@ -100,10 +100,10 @@ def stream(session: Session, n_frames: int, seed: int = 1) -> None:
 
 def test_gemma3_state_holds_the_global_cache_then_the_sliding_window(gemma3: VisionLanguageModel,
                                                                     gemma3_script: ModuleType) -> None:
-    session = Session(gemma3, SessionConfig(question_room=128))
+    session = Session(gemma3, SessionConfig(n_ctx=N_CTX, question_room=128))
     stream(session, 4)
     total = session.memory.prefix_tokens + session.memory.video_tokens
-    parts = _native.state_parts(gemma3.ctx_address, False)
+    parts = _native.state_parts(session.context.ctx_address, False)
     global_cache, sliding = parts["caches"]  # llama_kv_cache_iswa::state_write: base, then SWA
     assert parts["recurrent"] is None
     # layers 1 and 3 are global, 0 and 2 sliding (pattern 2); each cache holds its own layers only
@@ -111,28 +111,28 @@ def test_gemma3_state_holds_the_global_cache_then_the_sliding_window(gemma3: Vis
     assert global_cache["positions"] == list(range(total))  # every token the sequence holds
     # the sliding cache writes only the cells its window still shows: the last N_SWA positions
     assert sliding["positions"] == list(range(total - gemma3_script.N_SWA, total))
-    assert parts["bytes"] == 8 + global_cache["bytes"] + sliding["bytes"] == len(gemma3.state_bytes())
+    assert parts["bytes"] == 8 + global_cache["bytes"] + sliding["bytes"] == len(session.context.state_bytes())
     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the header and the sliding cache alone
-    assert len(gemma3.partial_state()) == 8 + sliding["bytes"]
+    assert len(session.context.partial_state()) == 8 + sliding["bytes"]
     assert session.geometry.n_layer == 2 and session.geometry.n_head_kv == gemma3_script.N_HEAD_KV
     # cb_eval finds every layer under cache_k_l<il> / cache_v_l<il>, each in its own cache: the global
     # layers' tensors have the context's cells, the sliding ones a window plus a ubatch, padded to 256
     # (swa_full off)
     sliding_cells = -(-(gemma3_script.N_SWA + gemma3.config.n_batch) // 256) * 256
-    for found in gemma3.kv_capture.describe():
+    for found in session.context.kv_capture.describe():
         il = found["layer"]
         assert found["k"]["name"] == f"cache_k_l{il}" and found["v"]["name"] == f"cache_v_l{il}"
         assert found["k"]["ne"][1] == (sliding_cells if il % 2 == 0 else N_CTX)
     # ... so the in-place pass, which assumes one cache where cell c holds position c, stays off
-    assert "sliding-window models keep a second KV cache" in session.kv_pass().direct_support(gemma3.kv_capture)
+    assert "sliding-window models keep a second KV cache" in session.compressor.native.in_place_refusal()
 
 
 def test_lfm2_state_holds_the_attention_cache_then_the_recurrent_state(lfm2: VisionLanguageModel,
                                                                       lfm2_script: ModuleType) -> None:
-    session = Session(lfm2, SessionConfig(question_room=128))
+    session = Session(lfm2, SessionConfig(n_ctx=N_CTX, question_room=128))
     stream(session, 2)
     total = session.memory.prefix_tokens + session.memory.video_tokens
-    parts = _native.state_parts(lfm2.ctx_address, False)
+    parts = _native.state_parts(session.context.ctx_address, False)
     (attention,) = parts["caches"]  # llama_memory_hybrid::state_write: attention, then recurrent
     assert len(attention["k_row_bytes"]) == 2 and attention["positions"] == list(range(total))
     recurrent = parts["recurrent"]
@@ -142,19 +142,19 @@ def test_lfm2_state_holds_the_attention_cache_then_the_recurrent_state(lfm2: Vis
     r_row = lfm2_script.N_EMBD * (lfm2_script.CONV_L_CACHE - 1) * 4
     assert recurrent == {"cells": 1, "n_layer": n_layer, "records": 2 * n_conv,
                          "bytes": 4 + 8 + 8 + n_conv * (12 + r_row) + n_conv * 12}
-    assert parts["bytes"] == 8 + attention["bytes"] + recurrent["bytes"] == len(lfm2.state_bytes())
-    assert len(lfm2.partial_state()) == 8 + recurrent["bytes"]  # PARTIAL_ONLY: the recurrent state alone
+    assert parts["bytes"] == 8 + attention["bytes"] + recurrent["bytes"] == len(session.context.state_bytes())
+    assert len(session.context.partial_state()) == 8 + recurrent["bytes"]  # PARTIAL_ONLY: the recurrent state alone
     # the model-wide n_head_kv is layer 0's, a convolution: the state gives the attention layers' heads
     assert session.geometry.n_head_kv == 2 and session.geometry.n_layer == 2
     # cb_eval sees cache_k_l1 and cache_k_l3 only: the convolution layers have no KV
-    found = lfm2.kv_capture.describe()
+    found = session.context.kv_capture.describe()
     assert [f["k"]["name"] if f["k"] else None for f in found] == [None, "cache_k_l1", None, "cache_k_l3"]
-    assert not lfm2.kv_capture.complete
-    assert "hybrid models keep a recurrent state" in session.kv_pass().direct_support(lfm2.kv_capture)
+    assert not session.context.kv_capture.complete
+    assert "hybrid models keep a recurrent state" in session.compressor.native.in_place_refusal()
     # A recurrent state cannot be rolled back: llama.cpp refuses to drop the sequence's last positions,
     # which is what the in-place pass and the removal of a question would do.
     with pytest.raises(ModelError, match="refused to remove positions"):
-        lfm2.remove_positions(total - 1)
+        session.context.remove_positions(total - 1)
 
 
 def test_frames_tokens_and_gemma3s_non_causal_batch(family_files: dict[str, Path]) -> None:
@@ -181,7 +181,7 @@ def test_frames_tokens_and_gemma3s_non_causal_batch(family_files: dict[str, Path
     with open_model(family_files, "gemma3", n_batch=16) as exact:
         exact.free_frame(exact.encode_frame(np.zeros((240, 320, 3), np.uint8)))
     with open_model(family_files, "lfm2", n_batch=16) as causal:  # causal images may be split
-        session = Session(causal, SessionConfig(question_room=128))
+        session = Session(causal, SessionConfig(n_ctx=N_CTX, question_room=128))
         stream(session, 1)
         assert session.memory.video_tokens == 82
 
@@ -206,14 +206,15 @@ def test_kept_tokens_equal_the_reference_and_the_bytes_move(case: tuple, family_
     with open_model(family_files, name, flash_attn=flash_attn, cache_type=cache_type) as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV()
-        session = Session(model, SessionConfig(budget=8 * p, positions=positions, question_room=128,
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=8 * p, positions=positions, question_room=128,
                                                max_answer_tokens=4), policy)
-        policy.geometry = geo = session.geometry
-        kv = session.kv_pass()
-        with caplog.at_level(logging.INFO, logger="edge_runtime.session"):
+        policy.attach(session)
+        geo = session.geometry
+        kv = session.compressor.native
+        with caplog.at_level(logging.INFO, logger="edge_runtime.compressor"):
             # passes before frames 8, 10, 12, 14
             for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=8 + 2 * 3 + 1)):
-                assert session.last_pass["path"] == "portable"
+                assert session.compressor.last.path == "portable"
                 kept, keep = seen["kept"], seen["kept"].shape[2]
                 kv.read()
                 for layer in range(kv.n_layer):
@@ -233,9 +234,9 @@ def test_kept_tokens_equal_the_reference_and_the_bytes_move(case: tuple, family_
             why = "sliding-window models keep a second KV cache" if name == "gemma3" else \
                 "hybrid models keep a recurrent state"
             assert f"the compression pass copies the KV state: {why}" in caplog.text
-        state = model.state_bytes()
+        state = session.context.state_bytes()
         assert session.ask("What happened?").n_tokens > 0
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state
 
 
 @pytest.mark.parametrize("name,positions,frames", [("gemma3", "keep", 8), ("gemma3", "reindex", 8),
@@ -250,18 +251,18 @@ def test_the_pass_carries_the_sliding_cache_and_the_recurrent_state(family_files
     positions go. The recurrent state's data never change, its position follows the sequence."""
     with open_model(family_files, name) as model:
         p = tokens_per_frame(model)
-        session = Session(model, SessionConfig(budget=frames * p, positions=positions, question_room=128),
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=frames * p, positions=positions, question_room=128),
                           make_policy("infinipot-v", alpha=1.0))
         stream_until_pass(session, iter(SyntheticScene(seed=4, n_frames=frames + 1)))
-        parts_before = _native.state_parts(model.ctx_address, False, rows=True)
-        before = model.partial_state()  # the sliding cache / the recurrent state, as PARTIAL_ONLY gives it
-        old_last = model.max_position()
-        session._compress()
-        parts_after = _native.state_parts(model.ctx_address, False, rows=True)
-        after = model.partial_state()
+        parts_before = _native.state_parts(session.context.ctx_address, False, rows=True)
+        before = session.context.partial_state()  # the sliding cache / the recurrent state, as PARTIAL_ONLY gives it
+        old_last = session.context.max_position()
+        session.compressor.compress(session.memory)
+        parts_after = _native.state_parts(session.context.ctx_address, False, rows=True)
+        after = session.context.partial_state()
         prefix, keep = session.memory.prefix_tokens, session.memory.video_tokens
         last = prefix + keep - 1 if positions == "reindex" else session.memory.next_pos - 1
-        assert model.max_position() == last
+        assert session.context.max_position() == last
         if name == "gemma3" and positions == "keep":
             assert after == before
         elif name == "gemma3":
@@ -292,18 +293,12 @@ def test_the_pass_carries_the_sliding_cache_and_the_recurrent_state(family_files
 def test_keeping_everything_leaves_the_logits_bit_identical(family_files: dict[str, Path], name: str,
                                                             positions: str, flash_attn: str) -> None:
     with open_model(family_files, name, flash_attn=flash_attn) as model:
-        session = Session(model, SessionConfig(budget=1024, positions=positions, question_room=128),
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=1024, positions=positions, question_room=128),
                           make_policy("infinipot-v"))
         stream(session, 5, seed=5)
-        before = probe_logits(model, session.memory.next_pos)
-        kv = session.kv_pass()
-        kv.read()
-        n, geo = kv.n_slots, session.geometry
-        everything = np.broadcast_to(np.arange(n, dtype=np.int32), (geo.n_layer, geo.n_head_kv, n))
-        everything = np.ascontiguousarray(everything)
-        _, _, rot_pos = session.memory.slots.arrays()
-        kv.apply(everything, kv.slot_positions(), rot_pos, positions == "reindex")
-        assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
+        before = probe_logits(session.context, session.memory.next_pos)
+        everything_kept(session.compressor.native, session, positions == "reindex")
+        assert np.array_equal(probe_logits(session.context, session.memory.next_pos), before)
 
 
 def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files: dict[str, Path]) -> None:
@@ -316,22 +311,23 @@ def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files:
     with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off") as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV(recent_fraction=0.25)
-        session = Session(model, SessionConfig(budget=8 * p, positions="keep", question_room=128), policy)
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=8 * p, positions="keep", question_room=128),
+                          policy)
         policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1  # before frame 8: 8 frames of 18 tokens down to 6
-        compressed = probe_logits(model, session.memory.next_pos)
+        compressed = probe_logits(session.context, session.memory.next_pos)
         kept, prefix, next_pos = policy.seen[0]["kept"][0, 0], session.memory.prefix_tokens, session.memory.next_pos
     with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off") as model:
-        full = Session(model, SessionConfig(question_room=128))
+        full = Session(model, SessionConfig(n_ctx=N_CTX, question_room=128))
         for frame in frames[:8]:
             full.insert_frame(frame)
         for slot in np.setdiff1d(np.arange(8 * p), kept):
-            model.remove_positions(prefix + int(slot), prefix + int(slot) + 1)
+            full.context.remove_positions(prefix + int(slot), prefix + int(slot) + 1)
         full.insert_frame(frames[8])
         assert full.memory.next_pos == next_pos
-        np.testing.assert_allclose(probe_logits(model, next_pos), compressed, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(probe_logits(full.context, next_pos), compressed, rtol=1e-5, atol=1e-6)
 
 
 def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(family_files: dict[str, Path]) -> None:
@@ -342,15 +338,16 @@ def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(
     with open_model(family_files, "lfm2-1kv-attention-first") as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV()
-        session = Session(model, SessionConfig(budget=8 * p, positions="reindex", question_room=128), policy)
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=8 * p, positions="reindex", question_room=128),
+                          policy)
         policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1
-        compressed = probe_logits(model, session.memory.next_pos)
+        compressed = probe_logits(session.context, session.memory.next_pos)
         kept, prefix, next_pos = policy.seen[0]["kept"][0, 0], session.memory.prefix_tokens, session.memory.next_pos
     with open_model(family_files, "lfm2-1kv-attention-first") as model:
-        fresh = Session(model, SessionConfig(question_room=128))
+        fresh = Session(model, SessionConfig(n_ctx=N_CTX, question_room=128))
         assert fresh.memory.prefix_tokens == prefix
         start, end = (model.tokenize(marker)[0] for marker in ("<|image_start|>", "<|image_end|>"))
         embd = [model.frame_embeddings(cv2.cvtColor(f.image, cv2.COLOR_BGR2RGB)) for f in frames[:8]]
@@ -359,22 +356,22 @@ def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(
         while i < len(kept):  # runs of text tokens and of image embeddings, each decoded in one batch
             frame, token = divmod(int(kept[i]), p)
             if token in (0, p - 1):
-                model.decode_tokens([start if token == 0 else end], pos)
+                fresh.context.decode_tokens([start if token == 0 else end], pos)
                 i, pos = i + 1, pos + 1
                 continue
             run = [token]
             while i + len(run) < len(kept) and kept[i + len(run)] == kept[i] + len(run) and \
                     (int(kept[i]) + len(run)) % p not in (0, p - 1):
                 run.append(token + len(run))
-            decode_embeddings(model, embd[frame][np.array(run) - 1], np.arange(pos, pos + len(run)))
+            decode_embeddings(fresh.context, embd[frame][np.array(run) - 1], np.arange(pos, pos + len(run)))
             i, pos = i + len(run), pos + len(run)
         last = model.encode_frame(cv2.cvtColor(frames[8].image, cv2.COLOR_BGR2RGB))
         try:
-            model.decode_frame(last, pos)
+            fresh.context.decode_frame(last, pos)
         finally:
             model.free_frame(last)
         assert pos + p == next_pos
-        np.testing.assert_allclose(probe_logits(model, next_pos), compressed, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(probe_logits(fresh.context, next_pos), compressed, rtol=1e-3, atol=1e-3)
 
 
 # -- questions and refusals -----------------------------------------------------------------------------
@@ -386,17 +383,17 @@ def test_questions_leave_the_memory_as_it_was(family_files: dict[str, Path], nam
     moves the window on and reuses the window's cells, which removing the question cannot bring back.
     LFM2's recurrent state takes every question in. Both are put back."""
     with open_model(family_files, name) as model:
-        session = Session(model, SessionConfig(question_room=1024, max_answer_tokens=4))
+        session = Session(model, SessionConfig(n_ctx=N_CTX, question_room=1024, max_answer_tokens=4))
         stream(session, 12, seed=8)
-        state = model.state_bytes()
-        before = probe_logits(model, session.memory.next_pos)
+        state = session.context.state_bytes()
+        before = probe_logits(session.context, session.memory.next_pos)
         questions = ["What moved in the last frames, and where did it go?", "And then?"]
         if name == "gemma3":
             questions.append("Say it again: " + "again " * 760)  # 760 tokens: past the 736 spare cells
         for question in questions:
             session.ask(question)
-            assert model.state_bytes() == state
-        assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
+            assert session.context.state_bytes() == state
+        assert np.array_equal(probe_logits(session.context, session.memory.next_pos), before)
 
 
 def test_gemma3_reindex_stream_keeps_positions_bounded_and_the_window_whole(gemma3: VisionLanguageModel,
@@ -404,14 +401,14 @@ def test_gemma3_reindex_stream_keeps_positions_bounded_and_the_window_whole(gemm
     """Far past the window and the budget: positions stay below |M| plus a frame, and after every frame the
     sliding cache shows exactly the last N_SWA positions, as llama.cpp's window would."""
     p = tokens_per_frame(gemma3)
-    session = Session(gemma3, SessionConfig(budget=4 * p, positions="reindex", question_room=128,
+    session = Session(gemma3, SessionConfig(n_ctx=N_CTX, budget=4 * p, positions="reindex", question_room=128,
                                             max_answer_tokens=4), make_policy("infinipot-v", alpha=1.0))
     most = 0
     for frame in SyntheticScene(seed=9, n_frames=40):
         session.insert_frame(frame)
         most = max(most, session.memory.next_pos)
         end = session.memory.next_pos
-        sliding = _native.state_parts(gemma3.ctx_address, False)["caches"][1]
+        sliding = _native.state_parts(session.context.ctx_address, False)["caches"][1]
         assert sliding["positions"] == list(range(end - gemma3_script.N_SWA, end))
     assert session.memory.passes > 10
     assert most <= session.memory.prefix_tokens + 4 * p + p
@@ -422,7 +419,7 @@ def test_gemma3_reindex_stream_keeps_positions_bounded_and_the_window_whole(gemm
 def test_pooling_wrapped_frames_is_refused_in_one_line(family_files: dict[str, Path], name: str) -> None:
     with open_model(family_files, name) as model:
         p = tokens_per_frame(model)
-        session = Session(model, SessionConfig(budget=4 * p, positions="keep", question_room=128),
+        session = Session(model, SessionConfig(n_ctx=N_CTX, budget=4 * p, positions="keep", question_room=128),
                           make_policy("infinipot-v", pool=True))
         with pytest.raises(SettingsError, match="^VaN pooling needs a frame's tokens on its patch grid"):
             stream(session, 5)
@@ -434,17 +431,17 @@ def test_a_hybrid_memory_with_a_sliding_window_is_refused_in_one_line(family_fil
     sliding cache, then the recurrent state. The parser reads it and questions leave it as it was, but no such
     model has been verified under compression: refused, naming the family."""
     with open_model(family_files, "lfm2-sliding") as model:
-        session = Session(model, SessionConfig(question_room=128, max_answer_tokens=4))
+        session = Session(model, SessionConfig(n_ctx=N_CTX, question_room=128, max_answer_tokens=4))
         stream(session, 2)
         total = session.memory.prefix_tokens + session.memory.video_tokens
-        parts = _native.state_parts(model.ctx_address, False)
+        parts = _native.state_parts(session.context.ctx_address, False)
         base, sliding = parts["caches"]
         assert len(base["k_row_bytes"]) == 0 and base["positions"] == list(range(total))
         assert len(sliding["k_row_bytes"]) == 2 and sliding["positions"] == list(range(total - 32, total))
         assert parts["recurrent"]["cells"] == 1
-        state = model.state_bytes()
+        state = session.context.state_bytes()
         session.ask("What?")
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state
         with pytest.raises(SettingsError, match=r"^lfm2: compressing a hybrid memory with a sliding window .* is "
                                                 r"not verified yet; use --policy full$"):
-            Session(model, SessionConfig(budget=8 * 82, question_room=128), make_policy("infinipot-v"))
+            Session(model, SessionConfig(n_ctx=N_CTX, budget=8 * 82, question_room=128), make_policy("infinipot-v"))

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import reference_infinipot_v as ref
 from conftest import load_script
-from probes import after_each_pass, moved_keys, probe_logits
+from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 from test_compression import CheckedInfiniPotV
 
 from edge_runtime import _native
 from edge_runtime.cli import main
+from edge_runtime.context import Context
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
@@ -47,8 +48,7 @@ def qwen(qwen_module: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def open_qwen(files: dict[str, Path], model: str = "model", **kw: object) -> VisionLanguageModel:
-    return VisionLanguageModel(ModelConfig(files[model], files["mmproj"], n_ctx=2048, n_threads=2,
-                                           frame_side=FRAME_SIDE, **kw))
+    return VisionLanguageModel(ModelConfig(files[model], files["mmproj"], n_threads=2, frame_side=FRAME_SIDE, **kw))
 
 
 def test_mtmd_positions_and_the_m_rope_state_layout(qwen: dict[str, Path]) -> None:
@@ -59,7 +59,7 @@ def test_mtmd_positions_and_the_m_rope_state_layout(qwen: dict[str, Path]) -> No
         assert geo.rope_type == llama_cpp.LLAMA_ROPE_TYPE_MROPE and geo.mrope  # llama-model.cpp: qwen2vl -> MROPE
         assert geo.rope_sections == (2, 3, 3, 0)  # read from the GGUF array (llama.cpp's meta API skips arrays)
         assert model.token_px == 28
-        session = Session(model, SessionConfig(question_room=128))
+        session = Session(model, SessionConfig(n_ctx=2048, question_room=128))
         # mtmd wraps an image in <|vision_start|> ... <|vision_end|> (mtmd.cpp, qwen2vl/qwen25vl img_beg,
         # img_end): the opening one ends the prefix once, the closing one opens every question.
         video_open, video_close = model.video_wrapper()
@@ -72,9 +72,13 @@ def test_mtmd_positions_and_the_m_rope_state_layout(qwen: dict[str, Path]) -> No
             assert (r.nx, r.ny, r.n_tokens, r.n_pos) == (NX, NY, NX * NY, max(NX, NY))
         assert records[1].pos0 == records[0].pos0 + max(NX, NY)
         assert session.memory.next_pos == records[1].pos0 + max(NX, NY)  # text starts above every position
-        kv = _native.KVPass(model.ctx_address, session.memory.prefix_tokens, geo.n_head_kv, geo.head_dim_k,
-                            geo.head_dim_v, True, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                            1024, 2048, 1, list(geo.rope_sections))
+        params = _native.PassParams()
+        params.n_prefix, params.n_head_kv = session.memory.prefix_tokens, geo.n_head_kv
+        params.head_dim_k, params.head_dim_v, params.mrope = geo.head_dim_k, geo.head_dim_v, True
+        params.rope_type, params.n_rot, params.freq_base, params.freq_scale = (geo.rope_type, geo.n_rot,
+                                                                               geo.freq_base, geo.freq_scale)
+        params.max_cells, params.max_position, params.rope_sections = 1024, 2048, list(geo.rope_sections)
+        kv = _native.KVPass(session.context.ctx_address, params)
         kv.read()  # the parser consumed the blob exactly with 12 extension bytes a cell
         pos, ext = kv.slot_positions(), kv.slot_ext()
         i = np.arange(NX * NY)
@@ -83,15 +87,14 @@ def test_mtmd_positions_and_the_m_rope_state_layout(qwen: dict[str, Path]) -> No
             assert (pos[cells] == r.pos0).all()  # all tokens of a frame share its position
             np.testing.assert_array_equal(ext[cells, 0], r.pos0 + i % NX)  # x = pos0 + column
             np.testing.assert_array_equal(ext[cells, 1], r.pos0 + i // NX)  # y = pos0 + row
-        no_ext = _native.KVPass(model.ctx_address, session.memory.prefix_tokens, geo.n_head_kv, geo.head_dim_k,
-                                geo.head_dim_v, False, geo.rope_type, geo.n_rot, geo.freq_base, geo.freq_scale,
-                                1024, 2048, 1)
+        params.mrope, params.rope_sections = False, []
+        no_ext = _native.KVPass(session.context.ctx_address, params)
         with pytest.raises(RuntimeError):  # the blob does not say it has the extension: the model does
             no_ext.read()
 
 
 def test_the_default_frame_size_gives_whole_tokens(qwen: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(qwen["model"], qwen["mmproj"], n_ctx=512, n_threads=2)) as model:
+    with VisionLanguageModel(ModelConfig(qwen["model"], qwen["mmproj"], n_threads=2)) as model:
         assert model.frame_size(1920, 1080) == (336, 196)  # 12 x 7 = 84 tokens
         assert model.frame_size(640, 480) == (336, 252)  # 12 x 9 = 108
         frame = model.encode_frame(np.zeros((480, 640, 3), np.uint8))
@@ -104,10 +107,12 @@ def test_seq_add_aborts_the_process_on_m_rope(qwen: dict[str, Path]) -> None:
     code = f"""
 from pathlib import Path
 import llama_cpp
+from edge_runtime.context import Context
 from edge_runtime.model import ModelConfig, VisionLanguageModel
-m = VisionLanguageModel(ModelConfig(Path({str(qwen["model"])!r}), Path({str(qwen["mmproj"])!r}), n_ctx=256))
-m.decode_tokens(m.tokenize("hello there"), 0)
-llama_cpp.llama_memory_seq_add(m.memory, 0, 0, -1, 5)
+m = VisionLanguageModel(ModelConfig(Path({str(qwen["model"])!r}), Path({str(qwen["mmproj"])!r})))
+c = Context(m, 256)
+c.decode_tokens(m.tokenize("hello there"), 0)
+llama_cpp.llama_memory_seq_add(c.memory, 0, 0, -1, 5)
 print("survived")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -122,13 +127,15 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(qwen: dict
     p = NX * NY
     with open_qwen(qwen, flash_attn=flash_attn) as model:
         policy = CheckedInfiniPotV(pool=flash_attn == "off")
-        session = Session(model, SessionConfig(budget=16 * p, positions=positions, question_room=128), policy)
-        policy.geometry = geo = session.geometry
+        session = Session(model, SessionConfig(n_ctx=2048, budget=16 * p, positions=positions, question_room=128),
+                          policy)
+        policy.attach(session)
+        geo = session.geometry
         prefix = session.memory.prefix_tokens
-        kv = session.kv_pass()
+        kv = session.compressor.native
         # passes before frames 16, 20, 24, 28
         for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1)):
-            assert session.last_pass["path"] == "portable"  # cells share positions: never in place
+            assert session.compressor.last.path == "portable"  # cells share positions: never in place
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
             pos, ext = kv.slot_positions()[:keep], kv.slot_ext()[:keep]
@@ -159,25 +166,20 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(qwen: dict
 @pytest.mark.parametrize("positions", ["keep", "reindex"])
 def test_keeping_everything_leaves_the_logits_bit_identical(qwen: dict[str, Path], positions: str) -> None:
     with open_qwen(qwen) as model:
-        session = Session(model, SessionConfig(budget=256, positions=positions, question_room=128),
+        session = Session(model, SessionConfig(n_ctx=2048, budget=256, positions=positions, question_room=128),
                           make_policy("infinipot-v"))
         for frame in SyntheticScene(seed=4, n_frames=8):
             session.insert_frame(frame)
-        before, state = probe_logits(model, session.memory.next_pos), model.state_bytes()
-        kv = session.kv_pass()
-        kv.read()
-        n = kv.n_slots
-        everything = np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int32), (2, 2, n)))
-        _, _, rot_pos = session.memory.slots.arrays()
-        kv.apply(everything, kv.slot_positions(), rot_pos, positions == "reindex")
-        assert model.state_bytes() == state
-        assert np.array_equal(probe_logits(model, session.memory.next_pos), before)
+        before, state = probe_logits(session.context, session.memory.next_pos), session.context.state_bytes()
+        everything_kept(session.compressor.native, session, positions == "reindex")
+        assert session.context.state_bytes() == state
+        assert np.array_equal(probe_logits(session.context, session.memory.next_pos), before)
 
 
-def decode_at(model: VisionLanguageModel, embd: np.ndarray, t: np.ndarray, y: np.ndarray, x: np.ndarray) -> None:
+def decode_at(context: Context, embd: np.ndarray, t: np.ndarray, y: np.ndarray, x: np.ndarray) -> None:
     """Decode embeddings at explicit M-RoPE positions (section-major: t, y, x, then 0), as mtmd's helper does."""
     n = len(embd)
-    batch = llama_cpp.llama_batch_init(4 * n, model.n_embd, 1)  # pos needs 4 entries a token
+    batch = llama_cpp.llama_batch_init(4 * n, context.model.n_embd, 1)  # pos needs 4 entries a token
     try:
         batch.n_tokens = n
         flat = np.ascontiguousarray(embd, np.float32).ravel()
@@ -189,7 +191,7 @@ def decode_at(model: VisionLanguageModel, embd: np.ndarray, t: np.ndarray, y: np
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 0
-        assert llama_cpp.llama_decode(model.ctx, batch) == 0
+        assert llama_cpp.llama_decode(context.ctx, batch) == 0
     finally:
         llama_cpp.llama_batch_free(batch)
 
@@ -201,33 +203,33 @@ def test_reindexed_memory_equals_the_kept_tokens_decoded_at_the_compact_position
     p = NX * NY
     with open_qwen(qwen, "model-1x1") as model:
         policy = CheckedInfiniPotV()
-        session = Session(model, SessionConfig(budget=8 * p, positions="reindex", question_room=128), policy)
+        session = Session(model, SessionConfig(n_ctx=2048, budget=8 * p, positions="reindex", question_room=128),
+                          policy)
         policy.attach(session)
         for frame in frames:
             session.insert_frame(frame)
         assert session.memory.passes == 1  # before frame 8: 8 frames down to 6
-        compressed = probe_logits(model, session.memory.next_pos)
+        compressed = probe_logits(session.context, session.memory.next_pos)
         kept = policy.seen[0]["kept"][0, 0]
         prefix, next_pos = session.memory.prefix_tokens, session.memory.next_pos
     with open_qwen(qwen, "model-1x1") as model:
-        fresh = Session(model, SessionConfig(question_room=128))
+        fresh = Session(model, SessionConfig(n_ctx=2048, question_room=128))
         assert fresh.memory.prefix_tokens == prefix
         embd = np.concatenate([model.frame_embeddings(np.ascontiguousarray(f.image[:, :, ::-1])) for f in frames])
         row, col = (kept % p) // NX, (kept % p) % NX
         t = prefix + np.arange(len(kept))
-        decode_at(model, embd[kept], t, t + row, t + col)
+        decode_at(fresh.context, embd[kept], t, t + row, t + col)
         i = np.arange(p)
         for f in (8, 9):  # the frames decoded after the pass (before frame 8), as mtmd placed them
             t0 = next_pos - (10 - f) * max(NX, NY)
-            decode_at(model, embd[f * p:(f + 1) * p], np.full(p, t0), t0 + i // NX, t0 + i % NX)
-        np.testing.assert_allclose(probe_logits(model, next_pos), compressed, rtol=1e-3, atol=1e-3)
+            decode_at(fresh.context, embd[f * p:(f + 1) * p], np.full(p, t0), t0 + i // NX, t0 + i % NX)
+        np.testing.assert_allclose(probe_logits(fresh.context, next_pos), compressed, rtol=1e-3, atol=1e-3)
 
 
 def test_a_long_stream_keeps_its_positions_bounded(qwen: dict[str, Path]) -> None:
     """Twice the trained context in positions, in reindex mode: positions stay below P + |M| + n_pos."""
-    with VisionLanguageModel(ModelConfig(qwen["model"], qwen["mmproj"], n_ctx=512, n_threads=2,
-                                         frame_side=FRAME_SIDE)) as model:
-        session = Session(model, SessionConfig(budget=96, question_room=128), make_policy("infinipot-v"))
+    with VisionLanguageModel(ModelConfig(qwen["model"], qwen["mmproj"], n_threads=2, frame_side=FRAME_SIDE)) as model:
+        session = Session(model, SessionConfig(n_ctx=512, budget=96, question_room=128), make_policy("infinipot-v"))
         most_pos = 0
         n_frames = 2 * model.n_ctx_train // max(NX, NY)
         for frame in SyntheticScene(seed=7, n_frames=n_frames):
@@ -247,7 +249,7 @@ def test_a_qwen2_vl_projector_streams_and_compresses_alike(qwen_module: ModuleTy
     with open_qwen(files) as model:
         assert model.family.name == "Qwen2-VL"
         policy = CheckedInfiniPotV()
-        session = Session(model, SessionConfig(budget=8 * NX * NY, question_room=128), policy)
+        session = Session(model, SessionConfig(n_ctx=2048, budget=8 * NX * NY, question_room=128), policy)
         policy.attach(session)
         for frame in SyntheticScene(seed=8, n_frames=12):
             session.insert_frame(frame)
@@ -263,8 +265,8 @@ def test_qwen3_vl_compression_is_refused_in_one_line(qwen_module: ModuleType, qw
         assert model.family.name == "Qwen3-VL"
         with pytest.raises(SettingsError, match=r"^Qwen3-VL cannot be compressed yet: interleaved M-RoPE .*; use "
                                                 r"--policy full$"):
-            Session(model, SessionConfig(budget=96, question_room=128), make_policy("infinipot-v"))
-        session = Session(model, SessionConfig(question_room=128))  # the full cache streams
+            Session(model, SessionConfig(n_ctx=2048, budget=96, question_room=128), make_policy("infinipot-v"))
+        session = Session(model, SessionConfig(n_ctx=2048, question_room=128))  # the full cache streams
         assert session.video_close == model.tokenize("<|vision_end|>")
 
 

@@ -25,7 +25,7 @@ def test_opening_uses_the_models_chat_template(session: Session) -> None:
     opening = session.opening_text
     assert opening.startswith("<|im_start|>system\n" + session.config.system_prompt)
     assert opening.endswith("<|im_start|>user\n")
-    assert session.model.max_position() == session.memory.prefix_tokens - 1
+    assert session.context.max_position() == session.memory.prefix_tokens - 1
 
 
 def test_frames_are_recorded_with_positions_and_grid(session: Session) -> None:
@@ -40,7 +40,7 @@ def test_frames_are_recorded_with_positions_and_grid(session: Session) -> None:
         assert (r.nx, r.ny) == (4, 4) and r.nx * r.ny == TOKENS_PER_FRAME
     assert mem.video_tokens == 5 * TOKENS_PER_FRAME
     assert mem.next_pos == mem.prefix_tokens + 5 * TOKENS_PER_FRAME
-    assert session.model.max_position() == mem.next_pos - 1
+    assert session.context.max_position() == mem.next_pos - 1
 
 
 def test_any_frame_size_gives_the_same_tokens(session: Session) -> None:
@@ -54,13 +54,13 @@ def test_any_frame_size_gives_the_same_tokens(session: Session) -> None:
 
 def test_ask_leaves_the_cache_bit_identical(session: Session) -> None:
     stream(session, 6)
-    model = session.model
-    state_before = model.state_bytes()
-    logits_before = probe_logits(model, session.memory.next_pos)
+    context = session.context
+    state_before = context.state_bytes()
+    logits_before = probe_logits(context, session.memory.next_pos)
     answer = session.ask("What colour was the circle?")
     assert answer.n_tokens > 0 and answer.ttft_ms > 0
-    assert model.state_bytes() == state_before
-    assert np.array_equal(probe_logits(model, session.memory.next_pos), logits_before)
+    assert context.state_bytes() == state_before
+    assert np.array_equal(probe_logits(context, session.memory.next_pos), logits_before)
     # and the memory keeps growing where it left off
     stream(session, 1, seed=1)
     assert session.memory.records[-1].pos0 == session.memory.prefix_tokens + 6 * TOKENS_PER_FRAME
@@ -82,7 +82,7 @@ def test_same_memory_same_question_same_answer(session: Session) -> None:
 
 
 def test_history_is_given_back_within_its_budget(tiny_model: VisionLanguageModel) -> None:
-    session = Session(tiny_model, SessionConfig(question_room=256, max_answer_tokens=4, history_tokens=40))
+    session = Session(tiny_model, SessionConfig(n_ctx=1024, question_room=256, max_answer_tokens=4, history_tokens=40))
     stream(session, 1)
     session.history = [("first question about the red square", "it moved left"),
                        ("second question about the blue circle", "it stayed")]
@@ -94,47 +94,45 @@ def test_history_is_given_back_within_its_budget(tiny_model: VisionLanguageModel
 
 
 def test_history_off_gives_only_the_question(tiny_model: VisionLanguageModel) -> None:
-    session = Session(tiny_model, SessionConfig(question_room=256, history_tokens=0))
+    session = Session(tiny_model, SessionConfig(n_ctx=1024, question_room=256, history_tokens=0))
     session.history = [("old question", "old answer")]
     prompt = session.question_prompt("new question")
     assert "old" not in prompt and "new question" in prompt
 
 
 def test_full_memory_stops_cleanly_and_stays_queryable(fixtures: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=256,
-                                         n_threads=2)) as model:
-        session = Session(model, SessionConfig(question_room=64, max_answer_tokens=8))
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_threads=2)) as model:
+        session = Session(model, SessionConfig(n_ctx=256, question_room=64, max_answer_tokens=8))
         fits = session.memory.capacity // TOKENS_PER_FRAME
         with pytest.raises(MemoryFull, match="video memory full after .* frames.*--ctx"):
             stream(session, fits + 3)
         assert len(session.memory.records) == fits
-        state = model.state_bytes()
+        state = session.context.state_bytes()
         assert session.ask("What happened?").n_tokens > 0
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state
 
 
 def test_question_too_long_for_the_room_is_refused(session: Session) -> None:
     stream(session, session.memory.capacity // TOKENS_PER_FRAME)  # only the question room is left
     with pytest.raises(ModelError, match="raise --question-room"):
         session.ask("why " * 300)
-    assert session.model.max_position() == session.memory.next_pos - 1
+    assert session.context.max_position() == session.memory.next_pos - 1
 
 
 def test_context_too_small_for_any_video(fixtures: dict[str, Path]) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=256)) as model:
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
         with pytest.raises(ModelError, match="leaves no room for video"):
-            Session(model, SessionConfig(question_room=256))
-        session = Session(model, SessionConfig(question_room=256 - 40))  # 7 cells for video
+            Session(model, SessionConfig(n_ctx=256, question_room=256))
+        session = Session(model, SessionConfig(n_ctx=256, question_room=256 - 40))  # 7 cells for video
         with pytest.raises(SettingsError, match="one frame needs 16 tokens but the video memory holds 7"):
             stream(session, 1)
 
 
 @pytest.mark.parametrize("flash_attn", ["on", "off"])
 def test_both_kv_layouts_stream_and_answer(fixtures: dict[str, Path], flash_attn: str) -> None:
-    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], n_ctx=512,
-                                         flash_attn=flash_attn)) as model:
-        session = Session(model, SessionConfig(question_room=128, max_answer_tokens=4))
+    with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"], flash_attn=flash_attn)) as model:
+        session = Session(model, SessionConfig(n_ctx=512, question_room=128, max_answer_tokens=4))
         stream(session, 3)
-        state = model.state_bytes()
+        state = session.context.state_bytes()
         session.ask("What is there?")
-        assert model.state_bytes() == state
+        assert session.context.state_bytes() == state

@@ -48,7 +48,7 @@ def test_mtmd_tiles_a_frame_and_the_runtime_decodes_the_global_view(smol: dict[s
     """Pins mtmd's idefics3 layout: tiles (each after <fake_token_around_image><row_Y_col_X>), then the global
     view after "\\n\\n<fake_token_around_image><global-img>" and before <fake_token_around_image>. The model
     caps an image at one view's tokens (image_max_tokens), so mtmd cuts one tile, not 2 x 2 at 256 px."""
-    with VisionLanguageModel(ModelConfig(smol["llama-2x2"], smol["mmproj-4x4"], n_ctx=1024, n_threads=2)) as model:
+    with VisionLanguageModel(ModelConfig(smol["llama-2x2"], smol["mmproj-4x4"], n_threads=2)) as model:
         assert model.projector == "idefics3" and model.family.global_view_only and not model.uses_mrope
         frame = model.encode_frame(np.zeros((240, 320, 3), np.uint8))
         try:
@@ -71,7 +71,7 @@ def test_mtmd_tiles_a_frame_and_the_runtime_decodes_the_global_view(smol: dict[s
             assert (mtmd.mtmd_image_tokens_get_nx(image), mtmd.mtmd_image_tokens_get_ny(image)) == (VIEW_TOKENS, 1)
         finally:
             model.free_frame(frame)
-        session = Session(model, SessionConfig(question_room=128))
+        session = Session(model, SessionConfig(n_ctx=1024, question_room=128))
         assert session.video_close == model.tokenize("<fake_token_around_image>")
         wrapper_open = model.tokenize("\n\n<fake_token_around_image><global-img>")
         assert session.memory.prefix_tokens == len(model.tokenize(session.opening_text, add_special=True)) + len(
