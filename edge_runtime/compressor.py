@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_runtime import _native
+from edge_runtime.context import Context
 from edge_runtime.errors import ModelError, SettingsError
 from edge_runtime.families import KVGeometry
 from edge_runtime.memory import VideoMemory
@@ -34,7 +35,6 @@ class CompressorParams:
     budget: int  # |M|
     n_ctx: int  # the context's cells: RoPE tables cover every position below it
     n_threads: int
-    seq_id: int = 0
     keep_fraction: float = 0.75  # |C| = 0.75 |M| (the paper's default), rounded down to whole frames
     positions: str = "reindex"  # reindex: compact positions, keys re-rotated; keep: original rotations
     in_place: bool = True  # rewrite llama.cpp's KV tensors in place when the cache allows it
@@ -56,13 +56,12 @@ class PassReport:
 class Compressor:
     """The compression pass of one memory: policy -> native pass -> bookkeeping."""
 
-    def __init__(self, ctx_address: int, capture: _native.KVCapture | None, params: CompressorParams,
-                 policy: Policy) -> None:
+    def __init__(self, context: Context, params: CompressorParams, policy: Policy) -> None:
         self.params = params
         self.policy = policy
         geo = params.geometry
         native = _native.PassParams()
-        native.seq_id, native.n_prefix = params.seq_id, params.n_prefix
+        native.seq_id, native.n_prefix = context.seq_id, params.n_prefix
         native.n_head_kv, native.head_dim_k, native.head_dim_v = geo.n_head_kv, geo.head_dim_k, geo.head_dim_v
         native.rope_type, native.n_rot = geo.rope_type, geo.n_rot
         native.freq_base, native.freq_scale = geo.freq_base, geo.freq_scale
@@ -70,8 +69,7 @@ class Compressor:
         native.sliding_freq_base = geo.freq_base_swa if params.sliding_cache else 0.0
         native.max_cells, native.max_position = params.n_prefix + params.budget, params.n_ctx
         native.n_threads, native.in_place = params.n_threads, params.in_place
-        self._ctx_address = ctx_address
-        self._capture = capture
+        self._context = context
         self._native_params = native
         self._pass: _native.KVPass | None = None  # made at the first pass; its buffers are sized for the budget
         # Diagnostics (tests, scripts/retention.py): called with the native pass once it has read the cache,
@@ -84,7 +82,7 @@ class Compressor:
     def native(self) -> _native.KVPass:
         """The native pass, made on first use (at the first pass: the capture has seen a decode by then)."""
         if self._pass is None:
-            self._pass = _native.KVPass(self._ctx_address, self._native_params, self._capture)
+            self._pass = _native.KVPass(self._context.ctx_address, self._native_params, self._context.kv_capture)
         return self._pass
 
     def keep_tokens(self, memory: VideoMemory) -> int:

@@ -153,7 +153,8 @@ class Session:
             self.context.decode_tokens(prefix, 0)
             # What the state holds besides the one KV cache every model has (the sliding-window cache of Gemma 3,
             # the recurrent state of LFM2): the pass carries it, questions save and restore it.
-            self.state_parts = _native.state_parts(self.context.ctx_address, geometry.mrope)
+            self.state_parts = _native.state_parts(self.context.ctx_address, geometry.mrope,
+                                                   seq_id=self.context.seq_id)
             self.geometry = compressed_cache_geometry(geometry, self.state_parts)
         except BaseException:
             self.context.close()
@@ -161,11 +162,10 @@ class Session:
         slots = SlotTable(self.geometry.n_layer, self.geometry.n_head_kv, capacity)
         self.memory = VideoMemory(capacity=capacity, budget=budget, prefix_tokens=len(prefix),
                                   next_pos=len(prefix), slots=slots, mrope=self.geometry.mrope)
-        self.compressor = Compressor(self.context.ctx_address, self.context.kv_capture, CompressorParams(
+        self.compressor = Compressor(self.context, CompressorParams(
             geometry=self.geometry, n_prefix=len(prefix), budget=budget, n_ctx=self.context.n_ctx,
-            n_threads=model.config.n_threads, seq_id=self.context.seq_id, keep_fraction=cfg.keep_fraction,
-            positions=cfg.positions, in_place=cfg.direct_pass,
-            sliding_cache=len(self.state_parts["caches"]) > 1), self.policy)
+            n_threads=model.config.n_threads, keep_fraction=cfg.keep_fraction, positions=cfg.positions,
+            in_place=cfg.direct_pass, sliding_cache=len(self.state_parts["caches"]) > 1), self.policy)
 
     def _check_settings(self, capacity: int, n_prefix: int) -> int:
         cfg = self.config

@@ -1,10 +1,10 @@
-// The compression pass over llama.cpp's KV cache, in place of sequence 0. Two ways to reach the cache:
+// The compression pass over llama.cpp's KV cache, in place, for one sequence. Two ways to reach the cache:
 //
 // Direct (in place; CPU caches in reindex mode): an evaluation callback (cb_eval, public API) records
 // llama.cpp's own K and V tensors ("cache_k_l<il>", "cache_v_l<il>") during a decode. The pass scores
 // straight from them, then moves the j-th kept token of each head into cell P + j (P = prefix cells),
 // re-rotating its key to position P + j, and frees the cells after P + C with llama_memory_seq_rm. No
-// cell metadata changes: in reindex mode cell c of sequence 0 holds position c (see read_direct), and
+// cell metadata changes: in reindex mode cell c of the sequence holds position c (see read_direct), and
 // the compacted cache keeps exactly that. The state is never copied.
 //
 // Portable (any backend, keep mode, M-RoPE, sliding-window and hybrid memories): copy the sequence's state
@@ -911,7 +911,7 @@ class KVPass {
         return "";
     }
 
-    // Direct path: check that cell c holds position c for all n_prefix + n_video cells of sequence 0 and
+    // Direct path: check that cell c holds position c for all n_prefix + n_video cells of the sequence and
     // point the pass at llama.cpp's tensors. Cheap at every pass (positions and cell count through the
     // public API); the first time, and after any mismatch, also against the parsed state, byte for byte.
     // Returns "" when the pass may run in place, else why not (the caller falls back to read()).
@@ -1127,7 +1127,7 @@ class KVPass {
         }
     }
 
-    // Test hook: rewrite sequence 0 with its video cells in reverse cell order (reverse) and/or their
+    // Test hook: rewrite the sequence with its video cells in reverse cell order (reverse) and/or their
     // positions moved by `shift`, K and V untouched: layouts the direct path must refuse. The model sees
     // the same memory when shift is 0 (cell order does not matter to attention).
     void relayout_for_test(bool reverse, int shift) {
@@ -1306,7 +1306,7 @@ class KVPass {
         slot_cells_.reserve(cells);
     }
 
-    // The direct path's check against the parsed state: sequence 0 is exactly cells [0, total) holding
+    // The direct path's check against the parsed state: the sequence is exactly cells [0, total) holding
     // positions 0..total-1 in cell order (state_write walks cells in index order), and the blob's rows are
     // the captured tensors' rows [0, total). A shifted or permuted layout differs in some row.
     std::string verify_layout(int total) {
@@ -2013,7 +2013,7 @@ class KVPass {
     std::vector<int32_t> moved_kept_;
     // this pass, either path
     bool direct_ = false, v_trans_ = false;
-    size_t n_layer_ = 0, state_bytes_ = 0;  // state_bytes_: sequence 0's state when the pass read it
+    size_t n_layer_ = 0, state_bytes_ = 0;  // state_bytes_: the sequence's state when the pass read it
     std::vector<LayerSrc> src_;
     std::vector<int32_t> prefix_cells_, slot_cells_;
     std::vector<uint8_t> marks_;  // [L][H][N] recent slots, marked by select() before scoring
@@ -2086,13 +2086,13 @@ I32Array keep_slots(I32Table frame, I32Table patch, I32Table rot_pos, size_t n, 
     return out;
 }
 
-// Sequence 0's state of a context, part by part, as parse_state reads it: what the session sizes its
+// A sequence's state of a context, part by part, as parse_state reads it: what the session sizes its
 // bookkeeping by (the layers and heads of the cache it compresses) and what tests pin llama.cpp's layout with.
-py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows) {
+py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows, int seq_id) {
     auto *ctx = reinterpret_cast<llama_context *>(ctx_address);
     const edge::StateLayout layout = edge::layout_of(llama_get_model(ctx), mrope);
-    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, 0));
-    blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), 0));
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx, seq_id));
+    blob.resize(llama_state_seq_get_data(ctx, blob.data(), blob.size(), seq_id));
     StateView v;
     edge::parse_state(blob.data(), blob.size(), layout, v);
     auto cache = [&](const edge::CacheView &c) {
@@ -2164,7 +2164,8 @@ PYBIND11_MODULE(_native, m) {
         return d;
     }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
     m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"), py::arg("rows") = false,
-          "Sequence 0's KV state of a context, part by part (caches in blob order, then any recurrent state).");
+          py::arg("seq_id") = 0,
+          "A sequence's KV state of a context, part by part (caches in blob order, then any recurrent state).");
     m.def("keep_slots", &keep_slots, py::arg("frame"), py::arg("patch"), py::arg("rot_pos"), py::arg("n"),
           py::arg("kept"), py::arg("new_rot_pos") = py::none(),
           "Slot j of each (layer, head) becomes its old slot kept[l, h, j], in the [L, H, M] tables, in place; "
