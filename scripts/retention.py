@@ -29,6 +29,7 @@ from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
 from scripts.bench import machine_info, save_figure
 from scripts.benchmark_recall import TRAINED_MMPROJ, parse_budget
+from scripts.scene_tools import object_patches
 
 
 def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int, ny: int) -> np.ndarray:
@@ -36,7 +37,7 @@ def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int,
     out = np.full(frame.shape, -1, np.int32)
     for k, event in enumerate(stream.events):
         for t in range(event.start, event.end):
-            hit = (frame == t) & np.isin(patch, stream.object_patches(t, nx, ny))
+            hit = (frame == t) & np.isin(patch, object_patches(stream, t, nx, ny))
             out[hit] = k
     return out
 
@@ -53,7 +54,7 @@ def retention(stream: Stream, session: Session) -> dict:
     shows = evidence_mask(stream, frame, patch, nx, ny)
     events = []
     for k, event in enumerate(stream.events):
-        total = sum(len(stream.object_patches(t, nx, ny)) for t in range(event.start, event.end))
+        total = sum(len(object_patches(stream, t, nx, ny)) for t in range(event.start, event.end))
         coverage = np.minimum(1.0, (shows == k).sum(axis=2) / (total / (event.end - event.start)))  # [L, H]
         events.append({"object": event.obj.name, "start": event.start, "end": event.end,
                        "depth": stream.n_frames - event.end, "tokens": total,

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_runtime import scenes
+from scripts.scene_tools import object_patches
 
 if TYPE_CHECKING:
     import torch
@@ -228,7 +229,7 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
         weight = math.exp(rng.uniform(math.log(PRUNED_WEIGHT), 0.0))
         grid = math.isqrt(tokens_per_frame)
         for t in range(n_frames - RECENT_WHOLE):
-            shown = set(stream.object_patches(t, grid, grid).tolist())
+            shown = set(object_patches(stream, t, grid, grid).tolist())
             for q in range(tokens_per_frame):
                 if q not in shown:
                     key_weight[first + t * tokens_per_frame + q] = weight

@@ -11,8 +11,30 @@ from edge_runtime.scenes import make_stream
 from edge_runtime.session import SessionConfig
 from scripts import train_vlm as tv
 from scripts import vlm_text
+from scripts.scene_tools import object_patches
 
 TOKENS = {"prefix": [1, 2, 3], "first": {}, "later": {}, "answer": {}}  # no questions: the frames are the point
+
+
+def test_object_patches_are_the_cells_its_colour_is_in() -> None:
+    """The patch mask (what retention counts as evidence) matches the pixels: background channels stay within
+    ~30 of each other plus noise, the coloured objects' differ by over 100."""
+    checked = 0
+    for seed in range(6):
+        stream = make_stream(seed, 60)
+        for t in range(stream.n_frames):
+            event = stream.event_at(t)
+            if event is None:
+                assert object_patches(stream, t, 6, 6).size == 0
+                continue
+            if event.obj.colour == "white" or event.obj.kind == "card":  # grey-ish, or ink of any colour
+                continue
+            frame = stream.frame(t).astype(int)
+            coloured = (frame.max(axis=2) - frame.min(axis=2)) > 100
+            cells = np.flatnonzero(coloured.reshape(6, 16, 6, 16).any(axis=(1, 3)))
+            np.testing.assert_array_equal(object_patches(stream, t, 6, 6), cells)
+            checked += 1
+    assert checked > 20
 
 
 def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
@@ -27,8 +49,8 @@ def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
             expected = np.ones(36)
             if t < 12 - tv.RECENT_WHOLE:  # the newest frames stay whole, as InfiniPot-V's recent frames do
                 expected[:] = w
-                expected[stream.object_patches(t, 6, 6)] = 1.0
-                checked_objects += stream.object_patches(t, 6, 6).size
+                expected[object_patches(stream, t, 6, 6)] = 1.0
+                checked_objects += object_patches(stream, t, 6, 6).size
             np.testing.assert_array_equal(weights[t], expected)
     assert checked_objects > 0
     whole = tv.make_example(3, 12, 3, TOKENS, 36, sparse=True)
