@@ -174,7 +174,7 @@ def _make_canvas(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return np.clip(canvas, 25, 200).astype(np.int16)  # below the white objects, above black ink
 
 
-def _shape_mask(kind: str, size: int) -> np.ndarray:
+def shape_mask(kind: str, size: int) -> np.ndarray:
     """The silhouette of a shape whose height is `size` pixels, sampled at pixel centres."""
     if kind == "card":  # portrait, so it never reads as a square even before the digit is seen
         return np.ones((size, max(22, round(size * 0.72))), dtype=bool)
@@ -195,7 +195,7 @@ class _Sprite:
 
 
 def _make_sprite(obj: SceneObject, size: int) -> _Sprite:
-    mask = _shape_mask(obj.kind, size)
+    mask = shape_mask(obj.kind, size)
     image = np.empty((*mask.shape, 3), dtype=np.int16)
     colour = COLOURS[obj.colour]
     image[:] = colour
@@ -283,20 +283,6 @@ class Stream:
         image += self._noise(t)
         np.clip(image, 0, 255, out=image)
         return image.astype(np.uint8)
-
-    def object_patches(self, t: int, nx: int, ny: int) -> np.ndarray:
-        """The patches (y * nx + x) of an nx x ny grid over frame t that show some of its object, ascending;
-        none when no object is visible. What a compression pass should keep of the frame."""
-        i = self._event_index(t) if 0 <= t < self.n_frames else -1
-        if i < 0:
-            return np.zeros(0, np.int64)
-        mask = self._sprites[i].mask
-        cx, cy = self.events[i].position(t)
-        h, w = mask.shape
-        covered = np.zeros((self.size, self.size), bool)
-        covered[cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w] = mask
-        cells = covered.reshape(ny, self.size // ny, nx, self.size // nx).any(axis=(1, 3))
-        return np.flatnonzero(cells)
 
     def frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Frames start .. stop-1 as one array [n, size, size, 3] uint8, BGR."""
@@ -457,7 +443,7 @@ def make_stream(seed: int, n_frames: int, n_events: tuple[int, int] = (2, 6), du
     for start, end in _place_events(rng, n_frames, n_events, duration):
         obj = _pick_object(rng, [e.obj for e in events])
         height = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-        extent = _shape_mask(obj.kind, height).shape
+        extent = shape_mask(obj.kind, height).shape
         p0, p1 = _path(rng, size, extent, end - start)
         events.append(Event(obj, start, end, p0, p1, height))
     appeared = {e.obj.name for e in events}

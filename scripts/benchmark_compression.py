@@ -6,7 +6,7 @@ pass (read, score and select, write back; which path ran: "direct" rewrites llam
 place, "portable" copies the state out and back), a memcpy of as many bytes as the state in the same
 process right after, and the ingest time of the frames that filled the room the previous pass freed.
 
-    python scripts/benchmark_compression.py --passes 6 --out results/compression_pass.json
+    python -m scripts.benchmark_compression --passes 6 --out results/compression_pass.json
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
+from scripts.bench import add_model_arguments, check_model_arguments, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ same llama context at the same positions; the bare loop is what a program using 
 (mtmd_tokenize + mtmd_helper_eval_chunks), the runtime adds its chunk walk, timing and token records.
 Rounds alternate runtime and bare loop so that drift on a noisy machine hits both alike.
 
-    python scripts/benchmark_ingest.py --frames 40 --rounds 3 --out results/ingest_overhead.json
+    python -m scripts.benchmark_ingest --frames 40 --rounds 3 --out results/ingest_overhead.json
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info
 from edge_runtime.context import Context
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session
 from edge_runtime.sources import SyntheticScene
+from scripts.bench import add_model_arguments, check_model_arguments, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

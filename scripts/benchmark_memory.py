@@ -5,8 +5,8 @@ peak RSS, read from the OS, is that run's alone), and records per frame: video t
 bytes, process RSS, ingest time (projector encode and language-model decode apart) and compression time.
 Every tenth of the stream it asks a fixed question and records time to first token and decode speed.
 
-    python scripts/benchmark_memory.py --frames 3600 --out results/memory_1h.json    # the one-hour stream
-    python scripts/benchmark_memory.py --soak 10                                       # 10 minutes, questions every 5 s
+    python -m scripts.benchmark_memory --frames 3600 --out results/memory_1h.json    # the one-hour stream
+    python -m scripts.benchmark_memory --soak 10                                       # 10 minutes, questions every 5 s
 
 The JSON holds the settings, the machine, per-run series and summaries; a PNG beside it plots memory
 against stream length and per-frame latency.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, make_policy
 from edge_runtime.session import Session, SessionConfig, rss_mb
 from edge_runtime.sources import SyntheticScene
+from scripts.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What has happened in the video so far?"

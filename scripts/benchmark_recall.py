@@ -6,15 +6,15 @@ now) are asked one after another from that one memory, as a user would, each wit
 history. Answers are graded by exact match (scenes.grade). The full cache runs uncapped, in a context
 sized for the whole stream: the ceiling the compression policies are measured against.
 
-    python scripts/benchmark_recall.py --streams 20 --frames 100 --budget 1/8 --out results/recall.json
-    python scripts/benchmark_recall.py --frames 600 --budgets 1/16,1/8,1/4 --policies infinipot-v,sliding-window,uniform
+    python -m scripts.benchmark_recall --streams 20 --frames 100 --budget 1/8 --out results/recall.json
+    python -m scripts.benchmark_recall --frames 600 --budgets 1/16,1/8,1/4 --policies infinipot-v,sliding-window,uniform
 
 On a machine with several cores, run the policies in separate processes (--threads 1 each, and
 OMP_WAIT_POLICY=PASSIVE so that OpenMP does not spin on cores the others need), then merge:
 
-    python scripts/benchmark_recall.py --policies full,infinipot-v ... --out a.json &
-    python scripts/benchmark_recall.py --policies sliding-window,uniform ... --out b.json
-    python scripts/benchmark_recall.py --merge a.json b.json --out results/recall.json
+    python -m scripts.benchmark_recall --policies full,infinipot-v ... --out a.json &
+    python -m scripts.benchmark_recall --policies sliding-window,uniform ... --out b.json
+    python -m scripts.benchmark_recall --merge a.json b.json --out results/recall.json
 
 The full cache must fit the model's trained context (SmolLM2: 8192 tokens, 119 frames of 64 tokens); longer
 streams compare the capped policies alone.
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, SettingsError, policy_from_spec
 from edge_runtime.scenes import QUESTION_KINDS, Stream, grade, make_stream
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
+from scripts.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_MMPROJ = ROOT / "models" / "edge-vlm" / "mmproj.gguf"

@@ -80,10 +80,8 @@ def make_frames(n: int, seed: int, size: int) -> tuple[list[str], np.ndarray, st
 def check(mmproj: Path, model: str, n_frames: int, seed: int, threads: int) -> dict[str, object]:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from vlm_vision import load_mmproj
-
     from edge_runtime.model import ModelConfig, VisionLanguageModel, resolve_model
+    from scripts.vlm_vision import load_mmproj
 
     reference = load_mmproj(mmproj)
     labels, frames, note = make_frames(n_frames, seed, reference.config.image_size)

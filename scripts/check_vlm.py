@@ -5,33 +5,32 @@ runtime (llama.cpp: mmproj.gguf + lora.gguf on the Q4_1 text model) and by PyTor
 from mmproj.gguf, the LoRA from lora.gguf, the text model dequantized from the same GGUF bytes), both
 greedy. The prompt, history included, is the one the runtime renders, so the two differ only in numerics.
 
-    python scripts/check_vlm.py --streams 5 --frames 12 --out results/vlm_agreement.json
+    python -m scripts.check_vlm --streams 5 --frames 12 --out results/vlm_agreement.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts")]
+from edge_runtime import scenes
+from edge_runtime.model import ModelConfig, VisionLanguageModel, edge_vlm_files
+from edge_runtime.session import Session, SessionConfig
+from edge_runtime.sources import SceneSource
 
-from edge_runtime import scenes  # noqa: E402
-from edge_runtime.model import ModelConfig, VisionLanguageModel, edge_vlm_files  # noqa: E402
-from edge_runtime.session import Session, SessionConfig  # noqa: E402
-from edge_runtime.sources import SceneSource  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def torch_model(text_gguf: Path, mmproj: Path, lora: Path):
     import gguf
     import torch
-    from vlm_text import LoraConfig, build_text_model, load_weights, pack
-    from vlm_vision import load_mmproj
+
+    from scripts.vlm_text import LoraConfig, build_text_model, load_weights, pack
+    from scripts.vlm_vision import load_mmproj
 
     with tempfile.TemporaryDirectory() as cache:
         pack(text_gguf, Path(cache))

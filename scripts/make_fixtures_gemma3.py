@@ -19,14 +19,12 @@ Same seed, same bytes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by the tests
-from make_fixtures import (  # noqa: E402
+from scripts.make_fixtures import (
     IMAGE_MEAN,
     IMAGE_STD,
     V_EPS,

@@ -14,14 +14,12 @@ whose KV cache differs most: M-RoPE. Two files:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_fixtures: the shared writer helpers
-import make_fixtures as base  # noqa: E402
+from scripts import make_fixtures as base
 
 N_EMBD, N_LAYER, N_HEAD, N_HEAD_KV = 64, 2, 4, 2
 HEAD_DIM = N_EMBD // N_HEAD  # 16 dims: 8 rotary pairs

@@ -15,14 +15,12 @@ that tiles its images. Two files:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_fixtures: the shared writer helpers
-import make_fixtures as base  # noqa: E402
+from scripts import make_fixtures as base
 
 MARKERS = ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>"]
 IMAGE_SIZE = 128  # a tile and the global view

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
+import importlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from tqdm import tqdm
@@ -30,15 +31,10 @@ from edge_runtime.policies import policy_from_spec
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import Frame
 
-SCRIPTS = Path(__file__).resolve().parent
 
-
-def load(name: str):  # noqa: ANN201 - a fixture writer module
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load(name: str) -> ModuleType:
+    """A fixture writer of scripts/."""
+    return importlib.import_module(f"scripts.{name}")
 
 
 def frames(seed: int, n: int, size: tuple[int, int] = (96, 96)) -> list[Frame]:

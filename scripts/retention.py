@@ -8,8 +8,8 @@ them, capped at 1), averaged over the (layer, KV head) pairs (each keeps its own
 kept tokens that are object tokens at all. Under InfiniPot-V, per layer, the AUC of TaR and VaN for object
 over background tokens at every pass. No question is asked: this measures the selection, not the model.
 
-    python scripts/retention.py --streams 8 --budget 1/8 --policies infinipot-v,tar,van,uniform --out r.json
-    python scripts/retention.py --policies infinipot-v,infinipot-v:alpha=0.9,infinipot-v:pool
+    python -m scripts.retention --streams 8 --budget 1/8 --policies infinipot-v,tar,van,uniform --out r.json
+    python -m scripts.retention --policies infinipot-v,infinipot-v:alpha=0.9,infinipot-v:pool
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import json
 from pathlib import Path
 
 import numpy as np
-from benchmark_recall import TRAINED_MMPROJ, parse_budget
 from tqdm import tqdm
 
-from edge_runtime.bench import machine_info, save_figure
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV, policy_from_spec
 from edge_runtime.policies.base import recent_frames
 from edge_runtime.scenes import Stream, make_stream
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
+from scripts.bench import machine_info, save_figure
+from scripts.benchmark_recall import TRAINED_MMPROJ, parse_budget
+from scripts.scene_tools import object_patches
 
 
 def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int, ny: int) -> np.ndarray:
@@ -36,7 +37,7 @@ def evidence_mask(stream: Stream, frame: np.ndarray, patch: np.ndarray, nx: int,
     out = np.full(frame.shape, -1, np.int32)
     for k, event in enumerate(stream.events):
         for t in range(event.start, event.end):
-            hit = (frame == t) & np.isin(patch, stream.object_patches(t, nx, ny))
+            hit = (frame == t) & np.isin(patch, object_patches(stream, t, nx, ny))
             out[hit] = k
     return out
 
@@ -53,7 +54,7 @@ def retention(stream: Stream, session: Session) -> dict:
     shows = evidence_mask(stream, frame, patch, nx, ny)
     events = []
     for k, event in enumerate(stream.events):
-        total = sum(len(stream.object_patches(t, nx, ny)) for t in range(event.start, event.end))
+        total = sum(len(object_patches(stream, t, nx, ny)) for t in range(event.start, event.end))
         coverage = np.minimum(1.0, (shows == k).sum(axis=2) / (total / (event.end - event.start)))  # [L, H]
         events.append({"object": event.obj.name, "start": event.start, "end": event.end,
                        "depth": stream.n_frames - event.end, "tokens": total,

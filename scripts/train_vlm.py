@@ -3,10 +3,10 @@
 Two steps, on two machines:
 
     # here (llama.cpp installed): pack the text model and the prompt tokens for the training machine
-    python scripts/vlm_text.py pack --out train_cache
-    python scripts/train_vlm.py prepare --cache train_cache
+    python -m scripts.vlm_text pack --out train_cache
+    python -m scripts.train_vlm prepare --cache train_cache
     # on the GPU machine (torch, no llama.cpp, no OpenCV): train, then export mmproj.gguf and lora.gguf
-    python scripts/train_vlm.py train --cache train_cache --out OUT --minutes 8 --seed 0
+    python -m scripts.train_vlm train --cache train_cache --out OUT --minutes 8 --seed 0
 
 The training examples are exactly what the runtime decodes: the session's opening (system prompt, start
 of the user turn), the frames' embeddings one after another, then the chat turns as Session.question_prompt
@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -44,13 +43,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_runtime import scenes
+from scripts.scene_tools import object_patches
+
 if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from edge_runtime import scenes  # noqa: E402
 
 log = logging.getLogger("train_vlm")
 
@@ -230,7 +229,7 @@ def make_example(seed: int, n_frames: int, n_turns: int, tokens: dict, tokens_pe
         weight = math.exp(rng.uniform(math.log(PRUNED_WEIGHT), 0.0))
         grid = math.isqrt(tokens_per_frame)
         for t in range(n_frames - RECENT_WHOLE):
-            shown = set(stream.object_patches(t, grid, grid).tolist())
+            shown = set(object_patches(stream, t, grid, grid).tolist())
             for q in range(tokens_per_frame):
                 if q not in shown:
                     key_weight[first + t * tokens_per_frame + q] = weight
@@ -336,7 +335,8 @@ def start_from(folder: Path, vision, text) -> None:
     """Load an exported model (mmproj.gguf, and lora.gguf if the text model has a LoRA) into the modules."""
     import gguf
     import torch
-    from vlm_vision import load_mmproj
+
+    from scripts.vlm_vision import load_mmproj
 
     vision.load_state_dict(load_mmproj(folder / "mmproj.gguf").state_dict())
     adapters = [m for m in text.modules() if getattr(m, "lora_a", None) is not None]
@@ -352,8 +352,9 @@ def start_from(folder: Path, vision, text) -> None:
 def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None:
     import torch
     from torch.nn import functional as F
-    from vlm_text import LoraConfig, build_text_model, load_weights
-    from vlm_vision import VisionConfig, VisionEncoder
+
+    from scripts.vlm_text import LoraConfig, build_text_model, load_weights
+    from scripts.vlm_vision import VisionConfig, VisionEncoder
 
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -568,8 +569,9 @@ def train(cache: Path, out: Path, cfg: TrainConfig, resume: Path | None) -> None
 def export(trained: Path, cache: Path, out: Path) -> list[Path]:
     """vision.pt (+ lora.pt) from a training run -> mmproj.gguf (+ lora.gguf) that llama.cpp loads."""
     import torch
-    from vlm_text import LoraConfig, build_text_model, export_lora, load_weights
-    from vlm_vision import VisionConfig, VisionEncoder, export_mmproj
+
+    from scripts.vlm_text import LoraConfig, build_text_model, export_lora, load_weights
+    from scripts.vlm_vision import VisionConfig, VisionEncoder, export_mmproj
 
     run = json.loads((trained / "train_log.json").read_text())
     vcfg = VisionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["vision"].items()})

@@ -5,8 +5,8 @@ enough to carry to the training machine, and dequantized there on the GPU: train
 and Q8_0 weights llama.cpp runs, not the Hugging Face ones. The GGUF's Q/K rows are permuted for llama.cpp's
 rotary layout (adjacent pairs rotate together), so the forward rotates adjacent pairs too.
 
-    python scripts/vlm_text.py pack --out train_cache      # here: the wheel's GGUF -> parts + index
-    python scripts/vlm_text.py check                        # here: torch logits against llama.cpp's
+    python -m scripts.vlm_text pack --out train_cache      # here: the wheel's GGUF -> parts + index
+    python -m scripts.vlm_text check                        # here: torch logits against llama.cpp's
 
 Imports torch lazily (pack needs only NumPy and gguf) and never imports llama.cpp at module level.
 """

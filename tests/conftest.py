@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,23 +10,12 @@ import pytest
 
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    """Import scripts/<name>.py: scripts/ is not a package, and tests must run exactly what users run."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses in the script look their module up here
-    spec.loader.exec_module(module)
-    return module
+from scripts import make_fixtures
 
 
 @pytest.fixture(scope="session")
 def make_fixtures_module() -> ModuleType:
-    return load_script("make_fixtures")
+    return make_fixtures
 
 
 @pytest.fixture(scope="session")

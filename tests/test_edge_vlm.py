@@ -16,6 +16,7 @@ from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SceneSource
 
 CMD = [sys.executable, "-m", "edge_runtime"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def answers(model: VisionLanguageModel, stream: scenes.Stream, seed: int, n: int) -> list[str]:
@@ -95,10 +96,9 @@ def test_another_model_needs_its_mmproj(fixtures: dict[str, Path]) -> None:
 
 def test_retention_script_measures_what_each_policy_keeps(tmp_path: Path) -> None:
     out = tmp_path / "retention.json"
-    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "retention.py"),
-                          "--threads", "2", "--streams", "1", "--frames", "24", "--budget", "1/4",
-                          "--policies", "full,infinipot-v:alpha=0.75,uniform", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "scripts.retention", "--threads", "2", "--streams", "1",
+                          "--frames", "24", "--budget", "1/4", "--policies", "full,infinipot-v:alpha=0.75,uniform",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
     assert list(runs) == ["full", "infinipot-v:alpha=0.75", "uniform"]

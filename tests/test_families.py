@@ -25,7 +25,6 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
-from conftest import load_script
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 from test_compression import CheckedInfiniPotV, decode_embeddings
 from test_direct_pass import stream_until_pass
@@ -35,18 +34,19 @@ from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
+from scripts import make_fixtures_gemma3, make_fixtures_lfm2
 
 N_CTX = 2048
 
 
 @pytest.fixture(scope="session")
 def gemma3_script(make_fixtures_module: ModuleType) -> ModuleType:
-    return load_script("make_fixtures_gemma3")
+    return make_fixtures_gemma3
 
 
 @pytest.fixture(scope="session")
 def lfm2_script(make_fixtures_module: ModuleType) -> ModuleType:
-    return load_script("make_fixtures_lfm2")
+    return make_fixtures_lfm2
 
 
 @pytest.fixture(scope="session")

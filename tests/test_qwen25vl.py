@@ -17,7 +17,6 @@ import llama_cpp
 import numpy as np
 import pytest
 import reference_infinipot_v as ref
-from conftest import load_script
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 from test_compression import CheckedInfiniPotV
 
@@ -28,6 +27,7 @@ from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
+from scripts import make_fixtures_qwen25vl
 
 FRAME_SIDE = 112  # 4 x 3 tokens for the 4:3 synthetic frames
 NX, NY = 4, 3
@@ -35,7 +35,7 @@ NX, NY = 4, 3
 
 @pytest.fixture(scope="session")
 def qwen_module() -> ModuleType:
-    return load_script("make_fixtures_qwen25vl")
+    return make_fixtures_qwen25vl
 
 
 @pytest.fixture(scope="session")
@@ -282,10 +282,10 @@ def test_the_cli_streams_qwen_under_a_budget(qwen: dict[str, Path], capsys: pyte
 
 
 def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures_qwen25vl.py"
+    root = Path(__file__).resolve().parents[1]
     for out in ("a", "b"):
-        done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "scripts.make_fixtures_qwen25vl", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, cwd=root)
         assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert len(names) == 2

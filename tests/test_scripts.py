@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-m", f"scripts.{name}", *args], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 
@@ -24,7 +24,7 @@ def tiny(fixtures: dict[str, Path]) -> list[str]:
 
 def test_memory_benchmark_compares_policies(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    run_script("benchmark_memory.py", *tiny(fixtures), "--frames", "40",
+    run_script("benchmark_memory", *tiny(fixtures), "--frames", "40",
                "--runs", "full,sliding-window@128,infinipot-v@128", "--out", str(out))
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
@@ -39,7 +39,7 @@ def test_memory_benchmark_compares_policies(fixtures: dict[str, Path], tmp_path:
 
 def test_compression_benchmark_reports_the_pass(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "pass.json"
-    run_script("benchmark_compression.py", *tiny(fixtures), "--budget", "128", "--passes", "3", "--out", str(out))
+    run_script("benchmark_compression", *tiny(fixtures), "--budget", "128", "--passes", "3", "--out", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["pass_ms_median"] > 0 and summary["memcpy_ms_median"] > 0
     assert 0 < summary["pass_over_freed_room_ingest"] < 10
@@ -47,14 +47,14 @@ def test_compression_benchmark_reports_the_pass(fixtures: dict[str, Path], tmp_p
 
 def test_ingest_benchmark_compares_with_bare_mtmd(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ingest.json"
-    run_script("benchmark_ingest.py", *tiny(fixtures), "--frames", "4", "--rounds", "1", "--out", str(out))
+    run_script("benchmark_ingest", *tiny(fixtures), "--frames", "4", "--rounds", "1", "--out", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["runtime_ms_median"] > 0 and summary["bare_ms_median"] > 0
 
 
 def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "recall.json"
-    run_script("benchmark_recall.py", *tiny(fixtures), "--streams", "2", "--frames", "12", "--questions-per-stream",
+    run_script("benchmark_recall", *tiny(fixtures), "--streams", "2", "--frames", "12", "--questions-per-stream",
                "4", "--policies", "full,sliding-window", "--budgets", "1/4,1/2", "--out", str(out))
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
@@ -87,9 +87,9 @@ def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_p
 
 def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Path], tmp_path: Path) -> None:
     common = [*tiny(fixtures), "--streams", "1", "--frames", "8", "--questions-per-stream", "2", "--budgets", "1/4,1/2"]
-    run_script("benchmark_recall.py", *common, "--policies", "full,uniform", "--out", str(tmp_path / "a.json"))
-    run_script("benchmark_recall.py", *common, "--policies", "sliding-window", "--out", str(tmp_path / "b.json"))
-    run_script("benchmark_recall.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+    run_script("benchmark_recall", *common, "--policies", "full,uniform", "--out", str(tmp_path / "a.json"))
+    run_script("benchmark_recall", *common, "--policies", "sliding-window", "--out", str(tmp_path / "b.json"))
+    run_script("benchmark_recall", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                "--out", str(tmp_path / "all.json"))
     merged = json.loads((tmp_path / "all.json").read_text())
     assert merged["settings"]["policies"] == ["full", "uniform", "sliding-window"]
@@ -97,37 +97,37 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
         ("full", None), ("uniform", "1/4"), ("uniform", "1/2"), ("sliding-window", "1/4"), ("sliding-window", "1/2")]
     assert (tmp_path / "all.png").stat().st_size > 10_000
     # The same policy and budget with kept positions is another run, not a duplicate.
-    run_script("benchmark_recall.py", *common, "--policies", "uniform", "--positions", "keep",
+    run_script("benchmark_recall", *common, "--policies", "uniform", "--positions", "keep",
                "--out", str(tmp_path / "k.json"))
-    run_script("benchmark_recall.py", "--merge", str(tmp_path / "a.json"), str(tmp_path / "k.json"),
+    run_script("benchmark_recall", "--merge", str(tmp_path / "a.json"), str(tmp_path / "k.json"),
                "--out", str(tmp_path / "ak.json"))
     assert [(r["policy"], r["budget"], r["positions"]) for r in json.loads((tmp_path / "ak.json").read_text())["runs"]
             if r["policy"] == "uniform"] == [("uniform", "1/4", "reindex"), ("uniform", "1/2", "reindex"),
                                              ("uniform", "1/4", "keep"), ("uniform", "1/2", "keep")]
     # Other streams cannot be merged in: the comparison would not be question by question.
-    run_script("benchmark_recall.py", *common, "--seed", "5", "--policies", "random", "--out", str(tmp_path / "c.json"))
-    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+    run_script("benchmark_recall", *common, "--seed", "5", "--policies", "random", "--out", str(tmp_path / "c.json"))
+    refused = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                               str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x.json")],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
     # Nor a run of another trained projector, though its file has the same name.
     other = json.loads((tmp_path / "b.json").read_text())
     other["settings"]["mmproj_sha256"] = "0" * 16
     (tmp_path / "o.json").write_text(json.dumps(other))
-    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+    refused = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                               str(tmp_path / "a.json"), str(tmp_path / "o.json"), "--out", str(tmp_path / "x.json")],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert refused.returncode != 0 and "mmproj_sha256" in refused.stderr
     # Single-turn answers are another measurement: not merged with multi-turn ones.
-    run_script("benchmark_recall.py", *common, "--turns", "single", "--policies", "random",
+    run_script("benchmark_recall", *common, "--turns", "single", "--policies", "random",
                "--out", str(tmp_path / "s.json"))
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["turns"] == "single"
-    mixed = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+    mixed = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                             str(tmp_path / "a.json"), str(tmp_path / "s.json"), "--out", str(tmp_path / "x.json")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert mixed.returncode != 0 and "(turns)" in mixed.stderr
-    twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_recall.py"), "--merge",
+    twice = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                             str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "x.json")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert twice.returncode != 0 and "full is in more than one result" in twice.stderr

@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 import test_compression
 import test_direct_pass
-from conftest import load_script
 
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticScene
+from scripts import make_fixtures_smolvlm2
 
 VIEW_TOKENS = 16  # (128 px / 16 px patches / pixel shuffle 2)^2: a 4 x 4 grid
 
 
 @pytest.fixture(scope="session")
 def smol_module() -> ModuleType:
-    return load_script("make_fixtures_smolvlm2")
+    return make_fixtures_smolvlm2
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +112,10 @@ def test_direct_and_portable_passes_leave_byte_identical_states(smol: dict[str, 
 
 
 def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_fixtures_smolvlm2.py"
+    root = Path(__file__).resolve().parents[1]
     for out in ("a", "b"):
-        done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "scripts.make_fixtures_smolvlm2", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, cwd=root)
         assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert len(names) == 2

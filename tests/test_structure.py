@@ -1,4 +1,4 @@
-"""The house's shape, pinned: the package's imports run one way, scripts import as modules, the wheel holds the runtime."""
+"""The house's shape, pinned: the package's imports run one way, scripts import as modules, one owner per protocol."""
 
 from __future__ import annotations
 

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_script
 from reference_infinipot_v import select_tokens
 
 from edge_runtime.policies import InfiniPotV
 from edge_runtime.scenes import make_stream
 from edge_runtime.session import SessionConfig
+from scripts import train_vlm as tv
+from scripts import vlm_text
+from scripts.scene_tools import object_patches
 
 TOKENS = {"prefix": [1, 2, 3], "first": {}, "later": {}, "answer": {}}  # no questions: the frames are the point
 
 
+def test_object_patches_are_the_cells_its_colour_is_in() -> None:
+    """The patch mask (what retention counts as evidence) matches the pixels: background channels stay within
+    ~30 of each other plus noise, the coloured objects' differ by over 100."""
+    checked = 0
+    for seed in range(6):
+        stream = make_stream(seed, 60)
+        for t in range(stream.n_frames):
+            event = stream.event_at(t)
+            if event is None:
+                assert object_patches(stream, t, 6, 6).size == 0
+                continue
+            if event.obj.colour == "white" or event.obj.kind == "card":  # grey-ish, or ink of any colour
+                continue
+            frame = stream.frame(t).astype(int)
+            coloured = (frame.max(axis=2) - frame.min(axis=2)) > 100
+            cells = np.flatnonzero(coloured.reshape(6, 16, 6, 16).any(axis=(1, 3)))
+            np.testing.assert_array_equal(object_patches(stream, t, 6, 6), cells)
+            checked += 1
+    assert checked > 20
+
+
 def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
-    tv = load_script("train_vlm")
     checked_objects = 0
     for seed in range(20):
         x = tv.make_example(seed, 12, 3, TOKENS, 36, sparse=True, pruned=True)
@@ -27,8 +49,8 @@ def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
             expected = np.ones(36)
             if t < 12 - tv.RECENT_WHOLE:  # the newest frames stay whole, as InfiniPot-V's recent frames do
                 expected[:] = w
-                expected[stream.object_patches(t, 6, 6)] = 1.0
-                checked_objects += stream.object_patches(t, 6, 6).size
+                expected[object_patches(stream, t, 6, 6)] = 1.0
+                checked_objects += object_patches(stream, t, 6, 6).size
             np.testing.assert_array_equal(weights[t], expected)
     assert checked_objects > 0
     whole = tv.make_example(3, 12, 3, TOKENS, 36, sparse=True)
@@ -36,7 +58,6 @@ def test_a_pruned_clip_weighs_down_only_the_older_background_patches() -> None:
 
 
 def test_a_compressed_stream_has_the_runtimes_memory() -> None:
-    tv = load_script("train_vlm")
     session, policy = SessionConfig(), InfiniPotV()
     assert (tv.KEEP_FRACTION, tv.RECENT_FRACTION, tv.COMPRESSED_ALPHA) == (
         session.keep_fraction, policy.recent_fraction, policy.alpha)
@@ -52,7 +73,6 @@ def test_a_compressed_stream_has_the_runtimes_memory() -> None:
 def test_the_training_time_pass_keeps_what_the_reference_infinipot_v_keeps() -> None:
     """Two passes in a row: the second over memories that differ per (layer, KV head), as in a stream."""
     torch = pytest.importorskip("torch")
-    tv = load_script("train_vlm")
     first, P, B, L, H, D = 3, 9, 2, 2, 2, 8  # a 3-token prompt, frames of a 3x3 grid
     g = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(B, L, H, first + 9 * P, D, generator=g) for _ in range(2))
@@ -79,8 +99,6 @@ def test_the_training_time_pass_keeps_what_the_reference_infinipot_v_keeps() -> 
 
 def test_a_stream_under_a_budget_it_never_fills_is_the_plain_forward() -> None:
     torch = pytest.importorskip("torch")
-    tv = load_script("train_vlm")
-    vlm_text = load_script("vlm_text")
     hp = {"n_layer": 2, "n_embd": 32, "n_ff": 48, "n_head": 4, "n_head_kv": 2, "rope_base": 10000.0, "n_rot": 8,
           "eps": 1e-5}
     g = torch.Generator().manual_seed(0)

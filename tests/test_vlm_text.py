@@ -7,10 +7,7 @@ identical copies of it: pinned here on a one-layer random model, where the copie
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import pytest
-from conftest import load_script
 
 torch = pytest.importorskip("torch")
 
@@ -20,7 +17,8 @@ HPARAMS = {"n_layer": 1, "n_embd": 32, "n_ff": 48, "n_head": 4, "n_head_kv": 2, 
 
 @pytest.fixture(scope="module")
 def text_model() -> torch.nn.Module:
-    vlm_text: ModuleType = load_script("vlm_text")
+    from scripts import vlm_text
+
     g = torch.Generator().manual_seed(0)
     e, ff, kv = HPARAMS["n_embd"], HPARAMS["n_ff"], HPARAMS["n_embd"] // HPARAMS["n_head"] * HPARAMS["n_head_kv"]
     shapes = {"attn_q": (e, e), "attn_k": (kv, e), "attn_v": (kv, e), "attn_output": (e, e),

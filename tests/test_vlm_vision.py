@@ -13,7 +13,6 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from conftest import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
@@ -21,12 +20,16 @@ pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def vision() -> ModuleType:
-    return load_script("vlm_vision")
+    from scripts import vlm_vision
+
+    return vlm_vision
 
 
 @pytest.fixture(scope="module")
 def check() -> ModuleType:
-    return load_script("check_mmproj")
+    from scripts import check_mmproj
+
+    return check_mmproj
 
 
 def random_frames(n: int, size: int, seed: int) -> np.ndarray:

@@ -23,7 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, fixtures: Path) -> None
 
 def check_model_arguments(args: argparse.Namespace) -> None:
     if not args.mmproj.exists():
-        sys.exit(f"{args.mmproj} not found: run python scripts/make_fixtures.py first")
+        sys.exit(f"{args.mmproj} not found: run python -m scripts.make_fixtures first")
 
 
 
