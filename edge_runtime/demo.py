@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -80,9 +79,3 @@ def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | Non
 def scenes_json(frames: int, q: scenes.Question, answer: str, ok: bool) -> str:
     return json.dumps({"event": "answer", "frames": frames, "question": q.text, "answer": answer,
                        "truth": q.answer, "kind": q.kind, "depth": q.depth, "correct": ok})
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from edge_runtime.cli import main
-
-    sys.exit(main(["--demo", *sys.argv[1:]]))
