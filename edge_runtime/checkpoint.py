@@ -348,7 +348,7 @@ def mismatch(session: Session, ckpt: Checkpoint) -> str | None:
     saved_s, now_s = ckpt.meta["settings"], _settings(session)
     order = ["family", "budget", "positions", "policy", "n_ctx", "cache_type", "flash_attn", "frame_side", "mrope",
              "session", "capacity", "prefix_tokens", "slot_shape"]
-    for key in order + sorted(set(saved_s) | set(now_s) - set(order)):
+    for key in order + sorted((set(saved_s) | set(now_s)) - set(order)):
         a, b = saved_s.get(key), now_s.get(key)
         if a == b:
             continue
