@@ -1,6 +1,6 @@
 """The process tests/test_checkpoint.py's crash test kills: restore, check, then stream and checkpoint every frame.
 
-    python tests/checkpoint_child.py MODEL MMPROJ DIRECTORY PAUSE_S
+    PYTHONPATH=tests python tests/checkpoint_child.py MODEL MMPROJ DIRECTORY PAUSE_S
 
 Prints one line per event, flushed: "RESTORED <frames_seen> <logits sha256> <file>" or "FRESH", then "READY",
 then per frame "SAVING <frames_seen> <logits sha256>" before its checkpoint and "SAVED <frames_seen>" after.
@@ -21,15 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import probe_logits
 
-from probes import probe_logits  # noqa: E402
-
-from edge_runtime import checkpoint  # noqa: E402
-from edge_runtime.model import ModelConfig, VisionLanguageModel  # noqa: E402
-from edge_runtime.policies import InfiniPotV  # noqa: E402
-from edge_runtime.session import Session, SessionConfig  # noqa: E402
-from edge_runtime.sources import SyntheticScene  # noqa: E402
+from edge_runtime import checkpoint
+from edge_runtime.model import ModelConfig, VisionLanguageModel
+from edge_runtime.policies import InfiniPotV
+from edge_runtime.session import Session, SessionConfig
+from edge_runtime.sources import SyntheticScene
 
 BUDGET = 64  # 4 frames of the tiny 4 x 4 projector: a pass every frame or two
 
