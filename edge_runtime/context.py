@@ -94,7 +94,19 @@ class Context:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, self.seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, self.seq_id)
-        return bytes(buf[:n])
+        return bytes(memoryview(buf)[:n])  # one copy (slicing the ctypes array would make a list of ints)
+
+    def set_state_bytes(self, blob: bytes | bytearray | memoryview) -> None:
+        """Replace the sequence's state with one state_bytes() gave (this context's model and cache types).
+
+        A writable buffer (bytearray, a memoryview of one) is read where it is; bytes are copied once."""
+        blob = memoryview(blob)
+        buf = (ctypes.c_uint8 * blob.nbytes)
+        buf = buf.from_buffer_copy(blob) if blob.readonly else buf.from_buffer(blob)
+        NATIVE_LOG.clear()
+        n = llama_cpp.llama_state_seq_set_data(self.ctx, buf, blob.nbytes, self.seq_id)
+        if n != blob.nbytes:
+            raise ModelError(f"llama.cpp refused the saved KV state ({blob.nbytes} bytes): {NATIVE_LOG.first_error()}")
 
     def partial_state(self) -> bytes | None:
         """The parts of the sequence's state that removing positions cannot put back: a sliding-window cache

@@ -130,3 +130,32 @@ class VideoMemory:
         self.records = [r for r in self.records if r.index in present]
         self.frames_since_pass = 0
         self.passes += 1
+
+    def load(self, *, next_pos: int, passes: int, frames_since_pass: int, records: list[FrameRecord],
+             frame: np.ndarray, patch: np.ndarray, rot_pos: np.ndarray) -> None:
+        """Put back a memory saved by edge_runtime/checkpoint.py into this fresh one (same capacity, budget,
+        prefix and heads): the first n slots of each table [L, H, n], the records and the counters.
+
+        Checked before anything changes (ValueError, one line): the shapes, the records against the tables
+        (every frame a slot holds has a record, in time order) and the positions against next_pos.
+        """
+        if self.records or self.slots.n or self.passes:
+            raise ValueError("a memory can only be loaded into a fresh one (nothing ingested yet)")
+        shape = self.slots.frame.shape
+        n = frame.shape[2] if frame.ndim == 3 else -1
+        if any(t.shape != (shape[0], shape[1], n) for t in (frame, patch, rot_pos)) or not 0 <= n <= shape[2]:
+            raise ValueError(f"slot tables of shape {frame.shape} do not fit [{shape[0]}, {shape[1]}, <= {shape[2]}]")
+        indices = [r.index for r in records]
+        if indices != sorted(set(indices)) or not 0 <= frames_since_pass <= len(records) or passes < 0:
+            raise ValueError("the frame records are not in time order or the counters do not match them")
+        if sum(r.n_tokens for r in records[len(records) - frames_since_pass:]) > n:
+            raise ValueError("the frames since the last pass hold more tokens than the slot tables")
+        if n and not set(np.unique(frame).tolist()) <= set(indices):
+            raise ValueError("the slot tables hold frames that have no record")
+        if n and (int(rot_pos.max()) >= next_pos or int(rot_pos.min()) < self.prefix_tokens):
+            raise ValueError(f"the slots' positions do not lie in [{self.prefix_tokens}, {next_pos})")
+        for mine, theirs in zip(self.slots.pass_tables(), (frame, patch, rot_pos), strict=True):
+            mine[:, :, :n] = theirs
+        self.slots.n = n
+        self.records = list(records)
+        self.next_pos, self.passes, self.frames_since_pass = next_pos, passes, frames_since_pass
