@@ -18,7 +18,7 @@ from edge_runtime import scenes
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 
 DEMO_FRAMES = 120
 DEMO_SEED = 7  # a held-out seed (training streams start at 10^6) whose questions cover most kinds
@@ -31,7 +31,8 @@ def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | Non
     text_model, mmproj, lora = model_files
     n_frames = args.max_frames or DEMO_FRAMES
     seed = args.synthetic if args.synthetic is not None else DEMO_SEED
-    stream = scenes.make_stream(seed, n_frames)
+    source = SyntheticSource(seed, n_frames, fps=args.fps, realtime=args.realtime)
+    stream = source.stream
     model = VisionLanguageModel(ModelConfig(
         model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=args.ctx or 4096,
         use_gpu=not args.cpu, verbose=args.verbose, **({"n_threads": args.threads} if args.threads else {})))
@@ -50,7 +51,7 @@ def run_demo(args: argparse.Namespace, model_files: tuple[Path, Path, Path | Non
         stops = {round(n_frames * (i + 1) / STOPS) for i in range(STOPS)}
         right = total = 0
         t0 = time.perf_counter()
-        for frame in SceneSource(stream, fps=args.fps, realtime=args.realtime):
+        for frame in source:
             session.insert_frame(frame)
             if session.frames_seen not in stops:
                 continue
