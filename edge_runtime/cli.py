@@ -8,7 +8,6 @@ an answer never waits for a backlog of frames.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import queue
 import signal
@@ -20,10 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from edge_runtime.demo import run_demo
+from edge_runtime.demo import DEMO_CTX, run_demo
 from edge_runtime.model import EDGE_VLM, NATIVE_LOG, ModelConfig, ModelError, VisionLanguageModel, edge_vlm_files
+from edge_runtime.output import Output, human_bytes
 from edge_runtime.policies import POLICIES, MemoryFull, SettingsError, make_policy
-from edge_runtime.session import Answer, Session, SessionConfig, Status
+from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
 
 log = logging.getLogger("edge_runtime")
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", metavar="URL", help="an RTSP or HTTP stream (OpenCV's FFmpeg backend)")
     src.add_argument("--images", metavar="DIR", help="a folder of images, in name order")
     src.add_argument("--synthetic", type=int, nargs="?", const=0, metavar="SEED",
-                     help="moving shapes on a background, deterministic from SEED (demos, tests)")
+                     help="the synthetic scenes edge-vlm knows: a fixed camera, objects coming and going; "
+                          "deterministic from SEED (demos, tests)")
     src.add_argument("--demo", action="store_true",
                      help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
                           "along the way, truth beside each answer (--synthetic SEED picks the scene)")
@@ -124,69 +125,21 @@ def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     return args.model, args.mmproj, args.lora
 
 
+def open_model(args: argparse.Namespace, n_ctx: int) -> VisionLanguageModel:
+    """The model the model options name, with a KV cache of n_ctx tokens: the one place the CLI builds it."""
+    text_model, mmproj, lora = model_files(args)
+    return VisionLanguageModel(ModelConfig(
+        model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=n_ctx, flash_attn=args.flash_attn,
+        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
+        **({"n_threads": args.threads} if args.threads else {})))
+
+
 def source_spec(args: argparse.Namespace) -> str:
     if args.camera is not None:
         return str(args.camera)
     if args.synthetic is not None:
         return f"synthetic:{args.synthetic}"
     return args.video or args.url or args.images
-
-
-def human_bytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
-
-
-class Output:
-    """Everything the user sees: a live status line on a terminal, or JSON lines for programs."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.live = not as_json and sys.stderr.isatty()
-        self._status_shown = False
-
-    def emit(self, event: str, **data: object) -> None:
-        print(json.dumps({"event": event, **data}), flush=True)
-
-    def status(self, status: Status) -> None:
-        if self.as_json:
-            self.emit("status", **asdict(status))
-        elif self.live:
-            line = (f"frames {status.frames} | memory {status.frames_in_memory} frames, "
-                    f"{status.video_tokens}/{status.budget} tokens, KV {human_bytes(status.kv_bytes)}, "
-                    f"{status.passes} passes | "
-                    f"RSS {status.rss_mb:.0f} MB | {status.frames_per_s:.2f} frames/s")
-            sys.stderr.write("\r\x1b[K" + line)
-            sys.stderr.flush()
-            self._status_shown = True
-
-    def break_status_line(self) -> None:
-        if self._status_shown:
-            sys.stderr.write("\n")
-            self._status_shown = False
-
-    def answer_start(self, question: str) -> None:
-        if not self.as_json:
-            self.break_status_line()
-            print(f"Q: {question}\nA: ", end="", flush=True)
-
-    def token(self, piece: str) -> None:
-        if not self.as_json:
-            print(piece, end="", flush=True)
-
-    def answer_end(self, answer: Answer) -> None:
-        if self.as_json:
-            data = asdict(answer)
-            data["answer"] = data.pop("text")
-            self.emit("answer", **data)
-        else:
-            print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
-
-    def notice(self, message: str) -> None:
-        if self.as_json:
-            self.emit("notice", message=message)
-        else:
-            self.break_status_line()
-            print(message, file=sys.stderr, flush=True)
 
 
 _END = object()  # a queue sentinel: the producer is done
@@ -259,11 +212,7 @@ def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, ctrl
     policy = make_policy(policy_name, alpha=args.alpha, recent_fraction=args.recent, pool=args.pool, seed=args.seed,
                          shared=args.shared)
     n_ctx = args.ctx or (args.budget + args.question_room + PREFIX_ROOM if args.budget else 8192)
-    text_model, mmproj, lora = model_files(args)
-    model = VisionLanguageModel(ModelConfig(
-        model_path=text_model, mmproj_path=mmproj, lora_path=lora, n_ctx=n_ctx, flash_attn=args.flash_attn,
-        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
-        **({"n_threads": args.threads} if args.threads else {})))
+    model = open_model(args, n_ctx)
     session = Session(model, SessionConfig(
         system_prompt=args.system_prompt, question_room=args.question_room,
         max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
@@ -374,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json)
     try:
         if args.demo:
-            return run_demo(args, model_files(args), args.json)
+            with open_model(args, args.ctx or DEMO_CTX) as model:
+                return run_demo(args, model, out)
         return run(args, out)
     except (ModelError, SourceError, MemoryFull, SettingsError) as e:
         out.break_status_line()
