@@ -8,7 +8,6 @@ an answer never waits for a backlog of frames.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import queue
 import signal
@@ -25,8 +24,9 @@ from edge_runtime.demo import run_demo
 from edge_runtime.errors import ModelError
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.native_log import NATIVE_LOG
+from edge_runtime.output import Output, human_bytes
 from edge_runtime.policies import POLICIES, InfiniPotV, MemoryFull, SettingsError, make_policy
-from edge_runtime.session import FULL_CACHE_CTX, Answer, Session, SessionConfig, Status
+from edge_runtime.session import FULL_CACHE_CTX, Session, SessionConfig
 from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
 
 log = logging.getLogger("edge_runtime")
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", metavar="URL", help="an RTSP or HTTP stream (OpenCV's FFmpeg backend)")
     src.add_argument("--images", metavar="DIR", help="a folder of images, in name order")
     src.add_argument("--synthetic", type=int, nargs="?", const=0, metavar="SEED",
-                     help="moving shapes on a background, deterministic from SEED (demos, tests)")
+                     help="the synthetic scenes edge-vlm knows: a fixed camera, objects coming and going; "
+                          "deterministic from SEED (demos, tests)")
     src.add_argument("--demo", action="store_true",
                      help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
                           "along the way, truth beside each answer (--synthetic SEED picks the scene)")
@@ -118,12 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def policy_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The policy settings the CLI takes; make_policy keeps those the chosen policy has."""
-    return {"alpha": args.alpha, "recent_fraction": args.recent, "pool": args.pool, "shared": args.shared,
-            "seed": args.seed}
-
-
 def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     """(text model, mmproj, LoRA or None) from --model / --mmproj / --lora."""
     if args.model == EDGE_VLM:
@@ -134,69 +129,27 @@ def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     return args.model, args.mmproj, args.lora
 
 
+def policy_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The policy settings the CLI takes; make_policy keeps those the chosen policy has."""
+    return {"alpha": args.alpha, "recent_fraction": args.recent, "pool": args.pool, "shared": args.shared,
+            "seed": args.seed}
+
+
+def open_model(args: argparse.Namespace) -> VisionLanguageModel:
+    """The model the model options name: the one place the CLI builds it (each session sizes its own context)."""
+    text_model, mmproj, lora = model_files(args)
+    return VisionLanguageModel(ModelConfig(
+        model_path=text_model, mmproj_path=mmproj, lora_path=lora, flash_attn=args.flash_attn,
+        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
+        **({"n_threads": args.threads} if args.threads else {})))
+
+
 def source_spec(args: argparse.Namespace) -> str:
     if args.camera is not None:
         return str(args.camera)
     if args.synthetic is not None:
         return f"synthetic:{args.synthetic}"
     return args.video or args.url or args.images
-
-
-def human_bytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
-
-
-class Output:
-    """Everything the user sees: a live status line on a terminal, or JSON lines for programs."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.live = not as_json and sys.stderr.isatty()
-        self._status_shown = False
-
-    def emit(self, event: str, **data: object) -> None:
-        print(json.dumps({"event": event, **data}), flush=True)
-
-    def status(self, status: Status) -> None:
-        if self.as_json:
-            self.emit("status", **asdict(status))
-        elif self.live:
-            line = (f"frames {status.frames} | memory {status.frames_in_memory} frames, "
-                    f"{status.video_tokens}/{status.budget} tokens, KV {human_bytes(status.kv_bytes)}, "
-                    f"{status.passes} passes | "
-                    f"RSS {status.rss_mb:.0f} MB | {status.frames_per_s:.2f} frames/s")
-            sys.stderr.write("\r\x1b[K" + line)
-            sys.stderr.flush()
-            self._status_shown = True
-
-    def break_status_line(self) -> None:
-        if self._status_shown:
-            sys.stderr.write("\n")
-            self._status_shown = False
-
-    def answer_start(self, question: str) -> None:
-        if not self.as_json:
-            self.break_status_line()
-            print(f"Q: {question}\nA: ", end="", flush=True)
-
-    def token(self, piece: str) -> None:
-        if not self.as_json:
-            print(piece, end="", flush=True)
-
-    def answer_end(self, answer: Answer) -> None:
-        if self.as_json:
-            data = asdict(answer)
-            data["answer"] = data.pop("text")
-            self.emit("answer", **data)
-        else:
-            print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
-
-    def notice(self, message: str) -> None:
-        if self.as_json:
-            self.emit("notice", message=message)
-        else:
-            self.break_status_line()
-            print(message, file=sys.stderr, flush=True)
 
 
 _END = object()  # a queue sentinel: the producer is done
@@ -267,11 +220,7 @@ def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, ctrl
     if policy_name != "full" and not args.budget:
         raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
     policy = make_policy(policy_name, **policy_settings(args))
-    text_model, mmproj, lora = model_files(args)
-    model = VisionLanguageModel(ModelConfig(
-        model_path=text_model, mmproj_path=mmproj, lora_path=lora, flash_attn=args.flash_attn,
-        use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
-        **({"n_threads": args.threads} if args.threads else {})))
+    model = open_model(args)
     session = Session(model, SessionConfig(
         system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
         max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
@@ -382,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(args.json)
     try:
         if args.demo:
-            return run_demo(args, model_files(args), args.json)
+            with open_model(args) as model:
+                return run_demo(args, model, out)
         return run(args, out)
     except (ModelError, SourceError, MemoryFull, SettingsError) as e:
         out.break_status_line()

@@ -5,9 +5,9 @@ frame a second), so the rest of the runtime never sees the native frame rate:
 
 - live sources (`CameraSource`, `UrlSource`) drain the device on a background thread and hand out the
   freshest frame every 1/fps seconds of wall time, however slow the consumer is;
-- recorded sources (`VideoFileSource`, `ImageFolderSource`, `SyntheticScene`, `SceneSource`) sample by media time and
-  run as fast as possible, or, with ``realtime=True``, paced against the wall clock as if they were live
-  (reproducible demos of the streaming behaviour).
+- recorded sources (`VideoFileSource`, `ImageFolderSource`, `SyntheticSource`) sample by media time and run
+  as fast as possible, or, with ``realtime=True``, paced against the wall clock as if they were live
+  (reproducible demos of the streaming behaviour); `FrameSource._paced` is that loop, written once.
 
 `open_source` turns a CLI spec ("0", "rtsp://...", "clip.mp4", "frames/", "synthetic:3") into one of them.
 Errors a user can fix (a wrong index, a dead URL, a corrupt file) are `SourceError`s with a one-line
@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +33,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from edge_runtime.scenes import Stream
+from edge_runtime import scenes
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ _S = TypeVar("_S", bound="FrameSource")
 class FrameSource(ABC):
     """Yields sampled frames; iterating ends when the source ends."""
 
-    description: str  # e.g. "camera 0", "video clip.mp4", "synthetic scene (seed 3)"
+    description: str  # e.g. "camera 0", "video clip.mp4", "synthetic scene (seed 3, endless)"
+    realtime: bool = False  # recorded sources: _paced waits for each frame's media time
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -97,6 +98,27 @@ class FrameSource(ABC):
     def _pace(self, deadline: float) -> bool:
         """Wait until time.monotonic() reaches deadline; False if the source was closed meanwhile."""
         return not self._closed.wait(max(0.0, deadline - time.monotonic()))
+
+    def _paced(self, items: Iterable[tuple[float, Callable[[], np.ndarray | None]]]) -> Iterator[Frame]:
+        """The recorded sources' loop: for each (media time t, producer), with realtime wait until t seconds
+        after the start, stop if the source was closed, then yield the producer's image as the next Frame.
+
+        A producer that returns None (an unreadable image, a video frame between two samples) yields no
+        frame but is paced all the same, so the stream keeps the media's timing. Frame indices count the
+        frames yielded.
+        """
+        wall_start = time.monotonic()
+        index = 0
+        for t, produce in items:
+            if self.realtime and not self._pace(wall_start + t):
+                return
+            if self._closed.is_set():
+                return
+            image = produce()
+            if image is None:
+                continue
+            yield Frame(index, t, image)
+            index += 1
 
 
 def _check_fps(fps: float) -> None:
@@ -339,23 +361,24 @@ class VideoFileSource(FrameSource):
         with self._cap_lock:
             self._cap = cap  # so that close() releases it even while a consumer holds this generator
         try:
-            yield from self._sample(cap)
+            yield from self._paced(self._decoded(cap))
         finally:
             with self._cap_lock:
                 cap.release()
 
-    def _sample(self, cap: cv2.VideoCapture) -> Iterator[Frame]:
+    def _decoded(self, cap: cv2.VideoCapture) -> Iterator[tuple[float, Callable[[], np.ndarray | None]]]:
+        """Every decoded frame as (media time, producer): the producer gives the image at the sampling points,
+        None between them. Realtime paces every decoded frame, not just the sampled ones, so the stream also
+        ends when the media does, as a live one would."""
         native_fps = cap.get(cv2.CAP_PROP_FPS)
         # When the container gives no usable timestamps, frames are assumed one native frame apart; with
         # no native rate either, every frame is one sample.
         frame_step = 1.0 / native_fps if 0 < native_fps < 1000 else 1.0 / self.fps
         expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # an estimate for some containers, 0 if unknown
-        wall_start = time.monotonic()
         first_pos: float | None = None
         t = 0.0
         next_due = 0.0
         decoded = 0
-        index = 0
         while True:
             with self._cap_lock:
                 # Checked under the lock: once close() has released the capture, it must not be read.
@@ -375,16 +398,13 @@ class VideoFileSource(FrameSource):
                 t = pos - first_pos
             else:
                 t += frame_step
-            # Realtime paces every decoded frame, not just the sampled ones, so the stream also ends when
-            # the media does, as a live one would.
-            if self.realtime and not self._pace(wall_start + t):
-                return
             if t >= next_due - _EPS_S:
-                yield Frame(index, t, image)
-                index += 1
                 # The next sampling point after this frame; a gap in the video skips the points it covers
                 # instead of emitting the same frame several times.
                 next_due = (math.floor((t + _EPS_S) * self.fps) + 1) / self.fps
+                yield t, lambda image=image: image
+            else:
+                yield t, _not_sampled
         # OpenCV cannot tell the end of a file from a decode error, but a file that stops well short of
         # its announced frame count is truncated or damaged. The slack absorbs estimated counts.
         if not self._closed.is_set() and decoded < expected - max(1, expected // 20):
@@ -401,6 +421,11 @@ class VideoFileSource(FrameSource):
             if self._cap is not None:
                 self._cap.release()  # releasing twice is harmless in OpenCV
                 self._cap = None
+
+
+def _not_sampled() -> None:
+    """The producer of a decoded video frame that is not sampled."""
+    return None
 
 
 def _natural_key(path: Path) -> list[str | int]:
@@ -434,180 +459,74 @@ class ImageFolderSource(FrameSource):
 
     def __iter__(self) -> Iterator[Frame]:
         self._check_open()
-        wall_start = time.monotonic()
-        index = 0
-        for position, path in enumerate(self.paths):
-            # The timestamp follows the file's position, so a skipped image leaves a gap in time, like a
-            # dropped frame, rather than shifting every later frame earlier.
-            t = position / self.fps
-            if self.realtime and not self._pace(wall_start + t):
-                return
-            if self._closed.is_set():
-                return
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey or RGBA files come back as BGR
-            if image is None:
-                logger.warning("%s: skipping %s: not a readable image", self.description, path.name)
-                continue
-            yield Frame(index, t, image)
-            index += 1
+        # The timestamp follows the file's position, so a skipped image leaves a gap in time, like a dropped
+        # frame, rather than shifting every later frame earlier.
+        yield from self._paced((position / self.fps, lambda path=path: self._load(path))
+                               for position, path in enumerate(self.paths))
+
+    def _load(self, path: Path) -> np.ndarray | None:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey or RGBA files come back as BGR
+        if image is None:
+            logger.warning("%s: skipping %s: not a readable image", self.description, path.name)
+        return image
 
 
 # --------------------------------------------------------------------------------------------------
-# Synthetic scene.
+# The synthetic world: edge_runtime.scenes.
+
+SEGMENT_FRAMES = 120  # an endless synthetic stream is one scene of this many frames after another
 
 
-@dataclass(frozen=True)
-class _Shape:
-    kind: str  # "circle", "square" or "triangle"
-    color: tuple[int, int, int]  # BGR
-    radius: float  # circumradius, pixels
-    start: tuple[float, float]  # centre at t=0, pixels
-    velocity: tuple[float, float]  # pixels per second
-    spin: float  # radians per second (circles ignore it)
+class SyntheticSource(FrameSource):
+    """The synthetic world of `edge_runtime.scenes`: a fixed camera, objects that come and go, questions
+    with known answers; what edge-vlm was trained on. For demos and tests where no camera is at hand.
 
+    With n_frames, the frames of ``scenes.make_stream(seed, n_frames)``, whose questions and events are
+    `stream`. Without (None), endless: one SEGMENT_FRAMES-frame scene after another, scene k being
+    ``make_stream(seed + k * 2**32, SEGMENT_FRAMES)`` (so scene 0 is the finite stream of that length; the
+    camera cuts to a new scene between them), and `stream` is None. Frame i has media time i / fps.
 
-# Vivid BGR colours that stand out from the muted background and that a VLM can name.
-_PALETTE = (
-    (40, 40, 220),  # red
-    (40, 180, 40),  # green
-    (220, 80, 30),  # blue
-    (30, 220, 240),  # yellow
-    (200, 40, 200),  # magenta
-    (30, 140, 255),  # orange
-    (245, 245, 245),  # white
-    (20, 20, 20),  # black
-)
-
-
-def _bounce(x: float, low: float, high: float) -> float:
-    """Where a point moving freely from `low` ends up if it reflects off `low` and `high`.
-
-    Closed form (a triangle wave), so render(t) needs no state from earlier frames.
-    """
-    span = high - low
-    if span <= 0:
-        return (low + high) / 2
-    u = (x - low) % (2 * span)
-    return low + (u if u <= span else 2 * span - u)
-
-
-class SyntheticScene(FrameSource):
-    """Coloured circles, squares and triangles bouncing over a textured static background.
-
-    Everything, camera noise included, is a function of (seed, t): the same seed gives identical frames.
-    For demos and tests where no camera or video is at hand.
+    size: (width, height) in pixels. None gives the world's own 96 x 96 frames, byte for byte; any other
+    size is those frames resized (cv2.INTER_LINEAR), for models and tests that want other shapes, e.g.
+    4:3 ones. Everything is a function of (seed, i): the same seed gives identical frames.
     """
 
-    def __init__(
-        self,
-        seed: int = 0,
-        fps: float = 1.0,
-        size: tuple[int, int] = (320, 240),
-        n_frames: int | None = None,
-        realtime: bool = False,
-    ) -> None:
+    def __init__(self, seed: int = 0, n_frames: int | None = None, fps: float = 1.0, realtime: bool = False,
+                 size: tuple[int, int] | None = None) -> None:
         _check_fps(fps)
         if seed < 0:
             raise SourceError(f"synthetic seed must be a non-negative integer, got {seed}")
-        width, height = size
-        if width < 16 or height < 16:
-            raise SourceError(f"synthetic scene size must be at least 16 x 16 pixels, got {width} x {height}")
-        super().__init__(f"synthetic scene (seed {seed})")
+        if n_frames is not None and n_frames < 1:
+            raise SourceError(f"a synthetic stream needs at least one frame, got n_frames={n_frames}")
+        if size is not None and (size[0] < 16 or size[1] < 16):
+            raise SourceError(f"synthetic frames must be at least 16 x 16 pixels, got {size[0]} x {size[1]}")
+        length = f"{n_frames} frames" if n_frames is not None else "endless"
+        super().__init__(f"synthetic scene (seed {seed}, {length})")
         self.seed = seed
+        self.n_frames = n_frames
         self.fps = fps
-        self.size = (width, height)  # OpenCV order: width, height
-        self.n_frames = n_frames  # None: endless
         self.realtime = realtime
-        rng = np.random.default_rng(seed)
-        self._background = self._make_background(rng)
-        # One of each kind so every scene has all three, plus a random extra.
-        kinds = ["circle", "square", "triangle", str(rng.choice(["circle", "square", "triangle"]))]
-        self._shapes = [self._make_shape(rng, kind) for kind in kinds]
+        self.size = size
+        self.stream = scenes.make_stream(seed, n_frames) if n_frames is not None else None
+        self._segment: tuple[int, scenes.Stream] | None = None  # the endless stream's current scene
 
-    def _make_background(self, rng: np.random.Generator) -> np.ndarray:
-        width, height = self.size
-        # A muted base colour modulated by soft light/dark blotches (coarse noise blown up), a diagonal
-        # light gradient and fine grain: enough texture to look like a scene and to make motion
-        # estimation non-trivial, and it never moves.
-        base = rng.uniform(90, 170, size=3)
-        coarse = rng.uniform(0.6, 1.3, size=(height // 24 + 2, width // 24 + 2)).astype(np.float32)
-        shade = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
-        yy, xx = np.mgrid[0:height, 0:width]
-        gradient = ((xx / width + yy / height) * 30 - 30)[..., None]
-        grain = rng.normal(0.0, 6.0, size=(height, width, 1))
-        return np.clip(base * shade + gradient + grain, 0, 255).astype(np.uint8)
-
-    def _make_shape(self, rng: np.random.Generator, kind: str) -> _Shape:
-        width, height = self.size
-        radius = float(rng.uniform(0.07, 0.13) * min(width, height))
-        speed = float(rng.uniform(0.15, 0.35) * width)  # a good part of the frame per second
-        heading = float(rng.uniform(0, 2 * math.pi))
-        return _Shape(
-            kind=kind,
-            color=_PALETTE[int(rng.integers(len(_PALETTE)))],
-            radius=radius,
-            start=(float(rng.uniform(radius, width - radius)), float(rng.uniform(radius, height - radius))),
-            velocity=(speed * math.cos(heading), speed * math.sin(heading)),
-            spin=float(rng.uniform(-2.0, 2.0)),
-        )
-
-    def render(self, t: float) -> np.ndarray:
-        """The frame at time t seconds (H x W x 3 uint8, BGR)."""
-        width, height = self.size
-        image = self._background.copy()
-        for shape in self._shapes:
-            r = shape.radius
-            cx = _bounce(shape.start[0] + shape.velocity[0] * t, r, width - r)
-            cy = _bounce(shape.start[1] + shape.velocity[1] * t, r, height - r)
-            if shape.kind == "circle":
-                cv2.circle(image, (round(cx), round(cy)), round(r), shape.color, -1, cv2.LINE_AA)
-                continue
-            corners = 4 if shape.kind == "square" else 3
-            angles = shape.spin * t + 2 * math.pi * np.arange(corners) / corners
-            points = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
-            cv2.fillPoly(image, [np.round(points).astype(np.int32)], shape.color, cv2.LINE_AA)
-        # Sensor noise, seeded by (seed, t in ms) so that it, too, is reproducible.
-        noise_rng = np.random.default_rng([self.seed, round(t * 1000)])
-        noise = noise_rng.normal(0.0, 2.0, size=image.shape)
-        return np.clip(image + noise, 0, 255).astype(np.uint8)
+    def frame(self, i: int) -> np.ndarray:
+        """Frame i: H x W x 3 uint8, BGR."""
+        if self.stream is not None:
+            image = self.stream.frame(i)
+        else:
+            k, t = divmod(i, SEGMENT_FRAMES)
+            if self._segment is None or self._segment[0] != k:
+                self._segment = (k, scenes.make_stream(self.seed + k * 2**32, SEGMENT_FRAMES))
+            image = self._segment[1].frame(t)
+        if self.size is None or self.size == image.shape[1::-1]:
+            return image
+        return cv2.resize(image, self.size, interpolation=cv2.INTER_LINEAR)
 
     def __iter__(self) -> Iterator[Frame]:
         self._check_open()
-        wall_start = time.monotonic()
         indices = itertools.count() if self.n_frames is None else range(self.n_frames)
-        for i in indices:
-            t = i / self.fps
-            if self.realtime and not self._pace(wall_start + t):
-                return
-            if self._closed.is_set():
-                return
-            yield Frame(i, t, self.render(t))
-
-
-class SceneSource(FrameSource):
-    """The frames of a `scenes.Stream` (objects coming and going, questions with known answers).
-
-    Frame t has media time t / fps; with realtime=True they are paced by it, as a recorded file is.
-    Each iteration starts again from frame 0.
-    """
-
-    def __init__(self, stream: Stream, fps: float = 1.0, realtime: bool = False) -> None:
-        _check_fps(fps)
-        super().__init__(f"scene stream (seed {stream.seed}, {stream.n_frames} frames)")
-        self.stream = stream
-        self.fps = fps
-        self.realtime = realtime
-
-    def __iter__(self) -> Iterator[Frame]:
-        self._check_open()
-        wall_start = time.monotonic()
-        for i in range(self.stream.n_frames):
-            t = i / self.fps
-            if self.realtime and not self._pace(wall_start + t):
-                return
-            if self._closed.is_set():
-                return
-            yield Frame(i, t, self.stream.frame(i))
+        yield from self._paced((i / self.fps, lambda i=i: self.frame(i)) for i in indices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,7 +550,7 @@ def open_source(spec: str, fps: float = 1.0, realtime: bool = False, timeout_s: 
             raise SourceError(
                 f"bad synthetic seed {seed_text!r}: use 'synthetic' or 'synthetic:SEED', SEED >= 0"
             )
-        return SyntheticScene(seed=int(seed_text), fps=fps, realtime=realtime)
+        return SyntheticSource(seed=int(seed_text), fps=fps, realtime=realtime)
     path = Path(text).expanduser()
     if path.is_dir():
         return ImageFolderSource(path, fps, realtime)

@@ -11,6 +11,9 @@ from pathlib import Path
 import llama_cpp
 
 DEMO_MMPROJ = "smollm2-mmproj-random.gguf"  # written by scripts/make_fixtures.py
+# The speed and memory benchmarks feed synthetic frames of a camera's 4:3 shape, the size their committed
+# results were measured with (the scenes' own frames are 96 x 96; SyntheticSource resizes them).
+FRAME_SIZE = (320, 240)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, fixtures: Path) -> None:

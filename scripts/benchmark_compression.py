@@ -23,8 +23,8 @@ from tqdm import tqdm
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
-from scripts.bench import add_model_arguments, check_model_arguments, machine_info
+from edge_runtime.sources import SyntheticSource
+from scripts.bench import FRAME_SIZE, add_model_arguments, check_model_arguments, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def main() -> None:
     config = SessionConfig(budget=args.budget, positions=args.positions)  # its context sized for the budget
     model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads))
     session = Session(model, config, make_policy(args.policy, seed=args.seed))
-    frames = SyntheticScene(seed=args.seed)
+    frames = SyntheticSource(seed=args.seed, size=FRAME_SIZE)
     ingest_ms: list[float] = []  # per frame: colour conversion, projector and decode
     passes = []
     since_pass: list[float] = []

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from edge_runtime.context import Context
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session
-from edge_runtime.sources import SyntheticScene
-from scripts.bench import add_model_arguments, check_model_arguments, machine_info
+from edge_runtime.sources import SyntheticSource
+from scripts.bench import FRAME_SIZE, add_model_arguments, check_model_arguments, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     check_model_arguments(args)
 
-    frames = list(SyntheticScene(seed=args.seed, n_frames=args.frames))
+    frames = list(SyntheticSource(seed=args.seed, n_frames=args.frames, size=FRAME_SIZE))
     model = VisionLanguageModel(ModelConfig(args.model, args.mmproj, n_threads=args.threads))
     runtime_ms: list[list[float]] = []
     bare_ms: list[list[float]] = []

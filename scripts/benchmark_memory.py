@@ -28,8 +28,8 @@ from tqdm import tqdm
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, make_policy
 from edge_runtime.session import Session, SessionConfig, rss_mb
-from edge_runtime.sources import SyntheticScene
-from scripts.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
+from edge_runtime.sources import SyntheticSource
+from scripts.bench import FRAME_SIZE, add_model_arguments, check_model_arguments, machine_info, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What has happened in the video so far?"
@@ -54,7 +54,8 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
     stopped_at = None
     t_start = time.perf_counter()
     label = f"{policy}@{budget}" if budget else policy
-    for frame in tqdm(SyntheticScene(seed=args.seed, fps=args.fps, n_frames=args.frames), total=args.frames,
+    source = SyntheticSource(seed=args.seed, fps=args.fps, n_frames=args.frames, size=FRAME_SIZE)
+    for frame in tqdm(source, total=args.frames,
                       desc=f"{label:>20}", unit="frame", position=position, leave=True, mininterval=2.0):
         try:
             _, timing = session.insert_frame(frame)
@@ -111,7 +112,7 @@ def soak(args: argparse.Namespace) -> int:
     next_question = time.monotonic() + 5
     rss: list[float] = []
     with tqdm(total=int(args.soak * 60), desc="soak", unit="s", mininterval=2.0) as bar:
-        for frame in SyntheticScene(seed=args.seed):
+        for frame in SyntheticSource(seed=args.seed, size=FRAME_SIZE):
             session.insert_frame(frame)
             rss.append(rss_mb()[0])
             if time.monotonic() >= next_question:

@@ -44,7 +44,7 @@ from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, SettingsError, policy_from_spec
 from edge_runtime.scenes import QUESTION_KINDS, Stream, grade, make_stream
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 from scripts.bench import add_model_arguments, check_model_arguments, machine_info, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, policy: str, budget: int | None, n_ctx: int, s
             config = SessionConfig(n_ctx=n_ctx, budget=budget, question_room=args.question_room,
                                    max_answer_tokens=args.max_answer_tokens, seed=args.seed, positions=args.positions)
             session = Session(model, config, policy_from_spec(policy, seed=args.seed + i))
-            for frame in SceneSource(stream):
+            for frame in SyntheticSource(stream.seed, stream.n_frames):
                 session.insert_frame(frame)
                 bar.update()
             # The same questions in the same order for every policy: the ask set is seeded by the stream.

@@ -20,7 +20,7 @@ import numpy as np
 from edge_runtime import scenes
 from edge_runtime.model import ModelConfig, VisionLanguageModel, edge_vlm_files
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def main() -> None:
         for i in range(args.streams):
             stream = scenes.make_stream(args.seed + i, args.frames)
             session = Session(model, SessionConfig(n_ctx=2048, max_answer_tokens=16))
-            for frame in SceneSource(stream):
+            for frame in SyntheticSource(stream.seed, stream.n_frames):
                 session.insert_frame(frame)
             prefix = model.tokenize(session.opening_text, add_special=True)
             for q in stream.ask_set(args.seed + i, args.questions):

@@ -26,7 +26,7 @@ from edge_runtime.policies import InfiniPotV, policy_from_spec
 from edge_runtime.policies.base import recent_frames
 from edge_runtime.scenes import Stream, make_stream
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 from scripts.bench import machine_info, save_figure
 from scripts.benchmark_recall import TRAINED_MMPROJ, parse_budget
 from scripts.scene_tools import object_patches
@@ -143,7 +143,7 @@ def main() -> None:
             session = Session(model, SessionConfig(n_ctx=8192, budget=None if spec == "full" else budget), policy)
             if probe:
                 probe.attach(session)
-            for frame in SceneSource(stream):
+            for frame in SyntheticSource(stream.seed, stream.n_frames):
                 session.insert_frame(frame)
                 bar.update()
             per_stream.append(retention(stream, session))

@@ -27,14 +27,14 @@ from edge_runtime import checkpoint
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 
 BUDGET = 64  # 4 frames of the tiny 4 x 4 projector: a pass every frame or two
 
 
 def scene(seed: int, n_frames: int):
     """The synthetic frames the checkpoint tests stream (the one place that names the source's class)."""
-    return SyntheticScene(seed=seed, n_frames=n_frames)
+    return SyntheticSource(seed=seed, n_frames=n_frames)
 
 
 def slowed(fn, pause: float):

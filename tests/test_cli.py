@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_runtime import cli
-from edge_runtime.sources import Frame, FrameSource, SourceError, SyntheticScene
+from edge_runtime.sources import Frame, FrameSource, SourceError, SyntheticSource
 
 CMD = [sys.executable, "-m", "edge_runtime"]
 
@@ -135,7 +135,7 @@ class DyingCamera(FrameSource):
         super().__init__("dying camera")
 
     def __iter__(self) -> Iterator[Frame]:
-        yield from SyntheticScene(seed=2, n_frames=3)
+        yield from SyntheticSource(seed=2, n_frames=3)
         raise SourceError("camera 0 stopped delivering frames")
 
 

@@ -19,7 +19,7 @@ from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import InfiniPotV, SettingsError, SlidingWindow, TaR, Uniform, make_policy, policy_from_spec
 from edge_runtime.policies.base import recent_frames
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +141,7 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(case: tupl
         kv.read()
         assert kv.v_trans == (flash_attn == "off")  # llamacpp-notes: no flash attention, transposed V
         # passes before frames 16, 20, 24, 28
-        for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1)):
+        for seen in after_each_pass(session, SyntheticSource(seed=3, n_frames=16 + 4 * 3 + 1)):
             # The pass just ran, then the new frame went in after the kept slots: check what moved.
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
@@ -169,7 +169,7 @@ def test_keeping_everything_leaves_the_logits_bit_identical(variants: dict[str, 
     with open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as model:
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, positions=positions, question_room=128),
                           make_policy("infinipot-v"))
-        for frame in SyntheticScene(seed=4, n_frames=8):
+        for frame in SyntheticSource(seed=4, n_frames=8):
             session.insert_frame(frame)
         before = probe_logits(session.context, session.memory.next_pos)
         everything_kept(session.compressor.native, session, positions == "reindex")
@@ -179,7 +179,7 @@ def test_keeping_everything_leaves_the_logits_bit_identical(variants: dict[str, 
 def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> None:
     with open_model(variants, "llama-2x2", "mmproj-4x4") as model:
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, question_room=128), make_policy("infinipot-v"))
-        for frame in SyntheticScene(seed=5, n_frames=6):
+        for frame in SyntheticSource(seed=5, n_frames=6):
             session.insert_frame(frame)
         state = session.context.state_bytes()
         kv = session.compressor.native
@@ -215,7 +215,7 @@ def test_one_head_drops_equal_a_cache_that_only_held_the_kept_tokens(variants: d
                                                                     positions: str) -> None:
     """With one layer and one KV head a token's K and V depend on it alone, so the compressed cache must
     equal one built from the kept tokens only: at their old positions (keep) or at the compact ones."""
-    frames = list(SyntheticScene(seed=6, n_frames=10))
+    frames = list(SyntheticSource(seed=6, n_frames=10))
     with open_model(variants, "llama-1x1", "mmproj-4x4") as model:
         policy = CheckedInfiniPotV()
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=128, positions=positions, question_room=128),
@@ -249,7 +249,7 @@ def test_a_stream_of_twenty_contexts_stays_within_budget(fixtures: dict[str, Pat
         assert model.n_ctx_train == 1024
         session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), make_policy("infinipot-v"))
         most_tokens = most_pos = 0
-        for frame in SyntheticScene(seed=7, n_frames=20 * 1024 // 16):
+        for frame in SyntheticSource(seed=7, n_frames=20 * 1024 // 16):
             session.insert_frame(frame)
             most_tokens = max(most_tokens, session.memory.video_tokens)
             most_pos = max(most_pos, session.memory.next_pos)
@@ -261,7 +261,7 @@ def test_a_stream_of_twenty_contexts_stays_within_budget(fixtures: dict[str, Pat
 
 def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
     with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
-        frame = next(iter(SyntheticScene(n_frames=1)))
+        frame = next(iter(SyntheticSource(n_frames=1)))
         with pytest.raises(SettingsError, match="one frame needs 16 tokens but the video memory holds 8"):
             Session(model, SessionConfig(n_ctx=512, budget=8, question_room=128),
                     make_policy("infinipot-v")).insert_frame(frame)
@@ -275,7 +275,7 @@ def test_bad_settings_are_refused(fixtures: dict[str, Path]) -> None:
         session = Session(model, SessionConfig(n_ctx=512, budget=64, question_room=128),
                           make_policy("infinipot-v", alpha=0.1))
         with pytest.raises(SettingsError, match="cannot hold the 1 recent frames"):
-            for frame in SyntheticScene(n_frames=6):
+            for frame in SyntheticSource(n_frames=6):
                 session.insert_frame(frame)
 
 
@@ -312,7 +312,7 @@ def test_shared_infinipot_v_keeps_one_set_for_every_head_by_vote(variants: dict[
                           policy)
         session.compressor.on_read.append(lambda kv, memory, keep: n_slots.append(memory.video_tokens))
         session.compressor.on_pass.append(recorded)
-        for frame in SyntheticScene(seed=5, n_frames=20):
+        for frame in SyntheticSource(seed=5, n_frames=20):
             session.insert_frame(frame)
         assert len(chosen) >= 3
         for kept, count in zip(chosen, votes, strict=True):
@@ -327,7 +327,7 @@ def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dic
     with open_model(variants, "llama-2x2-d32", "mmproj-4x4", cache_type="q8_0", flash_attn="on") as model:
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=64, question_room=128), make_policy("infinipot-v"))
         with pytest.raises(ModelError, match="the KV cache is q8_0; compression supports f16 and f32"):
-            for frame in SyntheticScene(n_frames=6):
+            for frame in SyntheticSource(n_frames=6):
                 session.insert_frame(frame)
         assert session.memory.video_tokens == 64
         assert session.ask("What?", max_tokens=2).n_tokens > 0
@@ -337,7 +337,7 @@ def test_a_quantized_cache_gets_a_clear_error_and_keeps_its_memory(variants: dic
 def test_every_policy_keeps_the_budget(fixtures: dict[str, Path], name: str) -> None:
     with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
         session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), make_policy(name))
-        for frame in SyntheticScene(seed=8, n_frames=40):
+        for frame in SyntheticSource(seed=8, n_frames=40):
             session.insert_frame(frame)
             assert session.memory.video_tokens <= 128
         assert session.memory.passes == 16
@@ -350,7 +350,7 @@ def test_every_policy_keeps_the_budget(fixtures: dict[str, Path], name: str) -> 
 def test_sliding_window_keeps_the_sinks_and_the_newest(fixtures: dict[str, Path]) -> None:
     with VisionLanguageModel(ModelConfig(fixtures["model"], fixtures["mmproj"])) as model:
         session = Session(model, SessionConfig(n_ctx=512, budget=128, question_room=128), SlidingWindow(sink_tokens=4))
-        for frame in SyntheticScene(seed=8, n_frames=20):
+        for frame in SyntheticSource(seed=8, n_frames=20):
             session.insert_frame(frame)
         frame_of = session.memory.slots.frame[0, 0, :session.memory.video_tokens]
         assert list(frame_of[:4]) == [0, 0, 0, 0] and frame_of[-1] == 19

@@ -18,7 +18,7 @@ from edge_runtime.context import Context
 from edge_runtime.model import ModelError, VisionLanguageModel
 from edge_runtime.policies import make_policy
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 
 CASES = [  # model, projector, flash attention (off: transposed V), cache type, policy
     ("llama-2x2", "mmproj-4x4", "on", "f16", "infinipot-v"),
@@ -52,7 +52,7 @@ def test_direct_and_portable_passes_leave_byte_identical_states(case: tuple, var
         p = tokens_per_frame(m_direct)
         direct, copy = make_session(m_direct, policy, True, p), make_session(m_copy, policy, False, p)
         paths = []
-        for i, frame in enumerate(SyntheticScene(seed=11, n_frames=16 + 4 * 5)):  # five passes
+        for i, frame in enumerate(SyntheticSource(seed=11, n_frames=16 + 4 * 5)):  # five passes
             passes = direct.memory.passes
             direct.insert_frame(frame)
             copy.insert_frame(frame)
@@ -105,7 +105,7 @@ def test_a_layout_the_direct_pass_cannot_trust_falls_back_to_the_copy(variants: 
             open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as m_copy:
         p = tokens_per_frame(m_direct)
         direct, copy = make_session(m_direct, "infinipot-v", True, p), make_session(m_copy, "infinipot-v", False, p)
-        frames_d, frames_c = iter(SyntheticScene(seed=12, n_frames=60)), iter(SyntheticScene(seed=12, n_frames=60))
+        frames_d, frames_c = iter(SyntheticSource(seed=12, n_frames=60)), iter(SyntheticSource(seed=12, n_frames=60))
         if broken != "reverse-before-first-pass":  # one pass in place first: the layout is trusted from then on
             for s, f in ((direct, frames_d), (copy, frames_c)):
                 stream_until_pass(s, f)
@@ -132,7 +132,7 @@ def test_a_hole_in_the_cells_is_refused_without_touching_the_memory(variants: di
     with open_model(variants, "llama-2x2", "mmproj-4x4") as model:
         p = tokens_per_frame(model)
         session = make_session(model, "infinipot-v", True, p)
-        frames = iter(SyntheticScene(seed=13, n_frames=40))
+        frames = iter(SyntheticSource(seed=13, n_frames=40))
         stream_until_pass(session, frames)
         session.insert_frame(next(frames))  # one pass in place
         stream_until_pass(session, frames)

@@ -13,7 +13,7 @@ from edge_runtime import scenes
 from edge_runtime.builtin import edge_vlm_files
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 
 CMD = [sys.executable, "-m", "edge_runtime"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def answers(model: VisionLanguageModel, stream: scenes.Stream, seed: int, n: int) -> list[str]:
     """Stream every frame into a fresh memory, then ask n questions of it."""
     with Session(model, SessionConfig(n_ctx=1536, max_answer_tokens=8)) as session:
-        for frame in SceneSource(stream):
+        for frame in SyntheticSource(stream.seed, stream.n_frames):
             session.insert_frame(frame)
         return [session.ask(q.text).text for q in stream.ask_set(seed, n)]
 

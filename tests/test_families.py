@@ -33,10 +33,11 @@ from edge_runtime import _native
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 from scripts import make_fixtures_gemma3, make_fixtures_lfm2
 
 N_CTX = 2048
+FOUR_BY_THREE = (320, 240)  # the synthetic frames' size here: LFM2 keeps the aspect ratio (80 tokens)
 
 
 @pytest.fixture(scope="session")
@@ -85,13 +86,13 @@ def lfm2(family_files: dict[str, Path]) -> Iterator[VisionLanguageModel]:
 
 
 def tokens_per_frame(model: VisionLanguageModel) -> int:
-    frame = model.encode_frame(np.zeros((240, 320, 3), np.uint8))  # SyntheticScene's frame size
+    frame = model.encode_frame(np.zeros((240, 320, 3), np.uint8))  # the synthetic frames' size here (FOUR_BY_THREE)
     model.free_frame(frame)
     return frame.n_tokens
 
 
 def stream(session: Session, n_frames: int, seed: int = 1) -> None:
-    for frame in SyntheticScene(seed=seed, n_frames=n_frames):
+    for frame in SyntheticSource(seed=seed, n_frames=n_frames, size=FOUR_BY_THREE):
         session.insert_frame(frame)
 
 
@@ -213,7 +214,7 @@ def test_kept_tokens_equal_the_reference_and_the_bytes_move(case: tuple, family_
         kv = session.compressor.native
         with caplog.at_level(logging.INFO, logger="edge_runtime.compressor"):
             # passes before frames 8, 10, 12, 14
-            for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=8 + 2 * 3 + 1)):
+            for seen in after_each_pass(session, SyntheticSource(seed=3, n_frames=8 + 2 * 3 + 1, size=FOUR_BY_THREE)):
                 assert session.compressor.last.path == "portable"
                 kept, keep = seen["kept"], seen["kept"].shape[2]
                 kv.read()
@@ -253,7 +254,7 @@ def test_the_pass_carries_the_sliding_cache_and_the_recurrent_state(family_files
         p = tokens_per_frame(model)
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=frames * p, positions=positions, question_room=128),
                           make_policy("infinipot-v", alpha=1.0))
-        stream_until_pass(session, iter(SyntheticScene(seed=4, n_frames=frames + 1)))
+        stream_until_pass(session, iter(SyntheticSource(seed=4, n_frames=frames + 1, size=FOUR_BY_THREE)))
         parts_before = _native.state_parts(session.context.ctx_address, False, rows=True)
         before = session.context.partial_state()  # the sliding cache / the recurrent state, as PARTIAL_ONLY gives it
         old_last = session.context.max_position()
@@ -315,7 +316,7 @@ def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files:
     logits of a full cache from which every token the pass dropped was removed before the next frame.
     Without flash attention: llama.cpp's CPU flash attention gives these two caches (one packed, one with
     holes) logits up to 2e-3 apart, the plain kernels agree to the last bits."""
-    frames = list(SyntheticScene(seed=6, n_frames=9))
+    frames = list(SyntheticSource(seed=6, n_frames=9, size=FOUR_BY_THREE))
     with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off") as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV(recent_fraction=0.25)
@@ -342,7 +343,7 @@ def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(
     """One KV head, the attention layer first (its K and V depend on each token alone), then a convolution.
     After one pass and one more frame, the memory must give the logits of a fresh cache that got only the
     kept tokens (wrapper tokens and image embeddings alike) at the compact positions, then that frame."""
-    frames = list(SyntheticScene(seed=7, n_frames=9))
+    frames = list(SyntheticSource(seed=7, n_frames=9, size=FOUR_BY_THREE))
     with open_model(family_files, "lfm2-1kv-attention-first") as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV()
@@ -412,7 +413,7 @@ def test_gemma3_reindex_stream_keeps_positions_bounded_and_the_window_whole(gemm
     session = Session(gemma3, SessionConfig(n_ctx=N_CTX, budget=4 * p, positions="reindex", question_room=128,
                                             max_answer_tokens=4), make_policy("infinipot-v", alpha=1.0))
     most = 0
-    for frame in SyntheticScene(seed=9, n_frames=40):
+    for frame in SyntheticSource(seed=9, n_frames=40, size=FOUR_BY_THREE):
         session.insert_frame(frame)
         most = max(most, session.memory.next_pos)
         end = session.memory.next_pos

@@ -26,9 +26,10 @@ from edge_runtime.context import Context
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.policies import SettingsError, make_policy
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 from scripts import make_fixtures_qwen25vl
 
+FOUR_BY_THREE = (320, 240)  # the synthetic frames' size here: 4:3, for a patch grid that is not square
 FRAME_SIDE = 112  # 4 x 3 tokens for the 4:3 synthetic frames
 NX, NY = 4, 3
 
@@ -66,7 +67,7 @@ def test_mtmd_positions_and_the_m_rope_state_layout(qwen: dict[str, Path]) -> No
         assert video_open == model.tokenize("<|vision_start|>") and len(video_open) == 1
         assert session.video_close == video_close == model.tokenize("<|vision_end|>")
         assert session.memory.prefix_tokens == len(model.tokenize(session.opening_text, add_special=True)) + 1
-        frames = iter(SyntheticScene(seed=1, n_frames=3))
+        frames = iter(SyntheticSource(seed=1, n_frames=3, size=FOUR_BY_THREE))
         records = [session.insert_frame(next(frames))[0] for _ in range(2)]
         for r in records:  # mtmd: nx x ny tokens at one position, n_pos = max(nx, ny) (mtmd.cpp get_n_pos)
             assert (r.nx, r.ny, r.n_tokens, r.n_pos) == (NX, NY, NX * NY, max(NX, NY))
@@ -134,7 +135,7 @@ def test_native_pass_selects_the_reference_tokens_and_moves_the_bytes(qwen: dict
         prefix = session.memory.prefix_tokens
         kv = session.compressor.native
         # passes before frames 16, 20, 24, 28
-        for seen in after_each_pass(session, SyntheticScene(seed=3, n_frames=16 + 4 * 3 + 1)):
+        for seen in after_each_pass(session, SyntheticSource(seed=3, n_frames=16 + 4 * 3 + 1, size=FOUR_BY_THREE)):
             assert session.compressor.last.path == "portable"  # cells share positions: never in place
             kept, keep = seen["kept"], seen["kept"].shape[2]
             kv.read()
@@ -168,7 +169,7 @@ def test_keeping_everything_leaves_the_logits_bit_identical(qwen: dict[str, Path
     with open_qwen(qwen) as model:
         session = Session(model, SessionConfig(n_ctx=2048, budget=256, positions=positions, question_room=128),
                           make_policy("infinipot-v"))
-        for frame in SyntheticScene(seed=4, n_frames=8):
+        for frame in SyntheticSource(seed=4, n_frames=8, size=FOUR_BY_THREE):
             session.insert_frame(frame)
         before, state = probe_logits(session.context, session.memory.next_pos), session.context.state_bytes()
         everything_kept(session.compressor.native, session, positions == "reindex")
@@ -199,7 +200,7 @@ def decode_at(context: Context, embd: np.ndarray, t: np.ndarray, y: np.ndarray, 
 def test_reindexed_memory_equals_the_kept_tokens_decoded_at_the_compact_positions(qwen: dict[str, Path]) -> None:
     """One layer, one KV head: K and V of a token depend on it alone, so after a reindex pass the cache must
     give the logits of a fresh cache holding only the kept tokens, at t = P + j and x, y moved alike."""
-    frames = list(SyntheticScene(seed=6, n_frames=10))
+    frames = list(SyntheticSource(seed=6, n_frames=10, size=FOUR_BY_THREE))
     p = NX * NY
     with open_qwen(qwen, "model-1x1") as model:
         policy = CheckedInfiniPotV()
@@ -232,7 +233,7 @@ def test_a_long_stream_keeps_its_positions_bounded(qwen: dict[str, Path]) -> Non
         session = Session(model, SessionConfig(n_ctx=512, budget=96, question_room=128), make_policy("infinipot-v"))
         most_pos = 0
         n_frames = 2 * model.n_ctx_train // max(NX, NY)
-        for frame in SyntheticScene(seed=7, n_frames=n_frames):
+        for frame in SyntheticSource(seed=7, n_frames=n_frames, size=FOUR_BY_THREE):
             session.insert_frame(frame)
             most_pos = max(most_pos, session.memory.next_pos)
             assert session.memory.video_tokens <= 96
@@ -251,7 +252,7 @@ def test_a_qwen2_vl_projector_streams_and_compresses_alike(qwen_module: ModuleTy
         policy = CheckedInfiniPotV()
         session = Session(model, SessionConfig(n_ctx=2048, budget=8 * NX * NY, question_room=128), policy)
         policy.attach(session)
-        for frame in SyntheticScene(seed=8, n_frames=12):
+        for frame in SyntheticSource(seed=8, n_frames=12, size=FOUR_BY_THREE):
             session.insert_frame(frame)
         assert session.memory.passes == 2 and len(policy.seen) == 2  # each checked against the reference
         assert session.ask("What?", max_tokens=2).n_tokens > 0

@@ -20,7 +20,7 @@ from edge_runtime.scenes import (
     make_stream,
     normalise,
 )
-from edge_runtime.sources import SceneSource
+from edge_runtime.sources import SyntheticSource
 
 SEEDS = range(40)
 
@@ -210,9 +210,11 @@ def test_short_clips_still_hold_an_event() -> None:
 
 def test_scene_source_yields_the_stream() -> None:
     stream = make_stream(2, 6)
-    frames = list(SceneSource(stream, fps=2.0))
+    source = SyntheticSource(seed=2, n_frames=6, fps=2.0)
+    frames = list(source)
     assert [f.index for f in frames] == list(range(6)) and frames[-1].timestamp == 2.5
     assert np.array_equal(frames[3].image, stream.frame(3))
+    assert source.stream.questions() == stream.questions()
 
 
 def test_import_needs_neither_opencv_nor_llama_cpp() -> None:

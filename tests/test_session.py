@@ -11,13 +11,13 @@ from probes import probe_logits
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
 from edge_runtime.policies import MemoryFull, SettingsError
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import Frame, SyntheticScene
+from edge_runtime.sources import Frame, SyntheticSource
 
 TOKENS_PER_FRAME = 16  # the tiny mmproj: 64 px frames, 16 px patches
 
 
 def stream(session: Session, n: int, seed: int = 0) -> None:
-    for frame in SyntheticScene(seed=seed, n_frames=n):
+    for frame in SyntheticSource(seed=seed, n_frames=n):
         session.insert_frame(frame)
 
 

@@ -20,10 +20,11 @@ import test_direct_pass
 
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
-from edge_runtime.sources import SyntheticScene
+from edge_runtime.sources import SyntheticSource
 from scripts import make_fixtures_smolvlm2
 
 VIEW_TOKENS = 16  # (128 px / 16 px patches / pixel shuffle 2)^2: a 4 x 4 grid
+FOUR_BY_THREE = (320, 240)  # the synthetic frames' size here: 4:3, which mtmd tiles
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +77,7 @@ def test_mtmd_tiles_a_frame_and_the_runtime_decodes_the_global_view(smol: dict[s
         wrapper_open = model.tokenize("\n\n<fake_token_around_image><global-img>")
         assert session.memory.prefix_tokens == len(model.tokenize(session.opening_text, add_special=True)) + len(
             wrapper_open)
-        for f in SyntheticScene(seed=1, n_frames=3):
+        for f in SyntheticSource(seed=1, n_frames=3, size=FOUR_BY_THREE):
             record, _ = session.insert_frame(f)
             assert record.n_tokens == VIEW_TOKENS  # one view a frame, no tiles, no per-frame text
         assert session.memory.video_tokens == 3 * VIEW_TOKENS

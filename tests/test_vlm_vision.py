@@ -59,7 +59,7 @@ def test_llama_cpp_matches_torch(vision: ModuleType, check: ModuleType, tmp_path
     frames[1] = 255
     with torch.no_grad():
         want = reference(torch.from_numpy(frames)).numpy()
-    with VisionLanguageModel(ModelConfig(resolve_model("smollm2"), path, n_ctx=256, n_threads=2,
+    with VisionLanguageModel(ModelConfig(resolve_model("smollm2"), path, n_threads=2,
                                          use_gpu=False)) as model:
         got = np.stack([model.frame_embeddings(frame) for frame in frames])
     assert got.shape == (3, config.n_patches, config.out_width)
@@ -115,7 +115,7 @@ def test_wrong_out_width_gives_mtmds_one_line_error(vision: ModuleType, tmp_path
     config = vision.VisionConfig(**{**CONFIGS["128px-2-layers"], "out_width": 64})
     path = vision.export_mmproj(vision.VisionEncoder(config), config, tmp_path / "w64.gguf")
     with pytest.raises(ModelError, match=r"mismatch between text model \(n_embd = 576\) and mmproj \(n_embd = 64\)"):
-        VisionLanguageModel(ModelConfig(resolve_model("smollm2"), path, n_ctx=256, n_threads=2, use_gpu=False))
+        VisionLanguageModel(ModelConfig(resolve_model("smollm2"), path, n_threads=2, use_gpu=False))
 
 
 def test_frames_of_another_size_are_refused(vision: ModuleType) -> None:
