@@ -18,457 +18,30 @@
 //
 // Method: InfiniPot-V, https://arxiv.org/abs/2506.15745 (TaR on keys, VaN on values, per layer and head).
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include "kv_pass.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <type_traits>
 #include <vector>
-
-#if defined(__F16C__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-#if defined(__ARM_NEON) && defined(__aarch64__)
-#include <arm_neon.h>
-#endif
 
 #include "ggml-backend.h"
 #include "ggml.h"
-#include "kv_state.hpp"
 #include "llama.h"
+#include "select.hpp"
 
-namespace py = pybind11;
-using edge::StateView;
+namespace edge {
 
 namespace {
-
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
-// Rotary embedding as llama.cpp applies it to keys (normal: adjacent pairs; NeoX and M-RoPE: halves).
-struct Rope {
-    int type = LLAMA_ROPE_TYPE_NORM;
-    int n_rot = 0;
-    double freq_base = 10000.0;
-    double freq_scale = 1.0;
-};
-
-// The order of choice, the contract the NumPy reference shares: highest score first, ties: lower slot index
-// first. Scores are doubles, ranked through their bits as unsigned keys in the same order.
-
-// A double's bits as an unsigned key in the same order (-0 and +0 made one, as == has them).
-inline uint64_t order_key(double x) {
-    x += 0.0;  // -0 -> +0
-    uint64_t b;
-    std::memcpy(&b, &x, 8);
-    return (b >> 63) ? ~b : b | (uint64_t(1) << 63);
-}
-
-// The k-th highest of keys[0..n) (1 <= k < n) and how many keys lie strictly above it. A radix select: 8
-// bits a round, from the highest byte in which the keys differ, each round on the survivors of the last
-// (in scratch, n entries); a few survivors are finished by nth_element.
-struct Kth {
-    uint64_t key;
-    size_t above;
-};
-
-inline Kth kth_key(const uint64_t *keys, size_t n, size_t k, uint64_t *scratch) {
-    uint64_t all_or = 0, all_and = ~uint64_t(0);
-    for (size_t i = 0; i < n; ++i) all_or |= keys[i], all_and &= keys[i];
-    const uint64_t differ = all_or ^ all_and;
-    if (differ == 0) return {keys[0], 0};
-    int shift = 0;
-    while (shift < 56 && (differ >> (shift + 8)) != 0) shift += 8;
-    const uint64_t *cur = keys;
-    size_t m = n, kk = k;  // the threshold is the kk-th highest of cur[0..m)
-    for (;; shift -= 8) {
-        if (m <= 32) {
-            std::copy(cur, cur + m, scratch);
-            std::nth_element(scratch, scratch + (kk - 1), scratch + m, std::greater<uint64_t>());
-            const uint64_t t = scratch[kk - 1];
-            size_t above = k - kk;
-            for (size_t i = 0; i < m; ++i) above += scratch[i] > t;
-            return {t, above};
-        }
-        // Two histograms, even and odd entries: runs of one bucket do not wait on their own counts.
-        uint32_t hist[2][256] = {};
-        size_t i = 0;
-        for (; i + 2 <= m; i += 2) {
-            ++hist[0][(cur[i] >> shift) & 255];
-            ++hist[1][(cur[i + 1] >> shift) & 255];
-        }
-        if (i < m) ++hist[0][(cur[i] >> shift) & 255];
-        int bucket = 255;
-        for (; hist[0][bucket] + hist[1][bucket] < kk; --bucket) kk -= hist[0][bucket] + hist[1][bucket];
-        size_t w = 0;
-        for (i = 0; i < m; ++i) {
-            scratch[w] = cur[i];  // w <= i: in place once cur is scratch
-            w += int((cur[i] >> shift) & 255) == bucket;
-        }
-        cur = scratch;
-        m = w;
-        if (m == 1 || shift == 0) return {cur[0], k - kk};  // every survivor equals the threshold
-    }
-}
-
-// Eight floats at a time: AVX2/FMA, Arm NEON, or plain loops (sixteen with AVX-512, further down).
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-struct F8 {
-    __m256 v;
-};
-inline F8 f8_load(const float *p) { return {_mm256_loadu_ps(p)}; }
-inline void f8_store(float *p, F8 a) { _mm256_storeu_ps(p, a.v); }
-inline F8 f8_zero() { return {_mm256_setzero_ps()}; }
-inline F8 f8_add(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline F8 f8_mul(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline F8 f8_fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }    // a * b + c
-inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a * b
-inline F8 f8_swap_pairs(F8 a) { return {_mm256_permute_ps(a.v, 0xB1)}; }          // (x0, x1) -> (x1, x0)
-inline F8 f8_load(const uint16_t *p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))}; }
-inline void f8_store(uint16_t *p, F8 a) { _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(a.v, 0)); }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-struct F8 {
-    float32x4_t lo, hi;
-};
-inline F8 f8_load(const float *p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
-inline void f8_store(float *p, F8 a) { vst1q_f32(p, a.lo), vst1q_f32(p + 4, a.hi); }
-inline F8 f8_zero() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
-inline F8 f8_add(F8 a, F8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
-inline F8 f8_mul(F8 a, F8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
-inline F8 f8_fma(F8 a, F8 b, F8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
-inline F8 f8_fnma(F8 a, F8 b, F8 c) { return {vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi)}; }
-inline F8 f8_swap_pairs(F8 a) { return {vrev64q_f32(a.lo), vrev64q_f32(a.hi)}; }
-inline F8 f8_load(const uint16_t *p) {
-    return {vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))), vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4)))};
-}
-inline void f8_store(uint16_t *p, F8 a) {
-    vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(a.lo)));
-    vst1_u16(p + 4, vreinterpret_u16_f16(vcvt_f16_f32(a.hi)));
-}
-#else
-struct F8 {
-    float v[8];
-};
-inline F8 f8_load(const float *p) {
-    F8 r;
-    std::memcpy(r.v, p, sizeof r.v);
-    return r;
-}
-inline void f8_store(float *p, F8 a) { std::memcpy(p, a.v, sizeof a.v); }
-inline F8 f8_zero() { return F8{}; }
-inline F8 f8_add(F8 a, F8 b) {
-    for (int k = 0; k < 8; ++k) a.v[k] += b.v[k];
-    return a;
-}
-inline F8 f8_mul(F8 a, F8 b) {
-    for (int k = 0; k < 8; ++k) a.v[k] *= b.v[k];
-    return a;
-}
-inline F8 f8_fma(F8 a, F8 b, F8 c) {
-    for (int k = 0; k < 8; ++k) c.v[k] += a.v[k] * b.v[k];
-    return c;
-}
-inline F8 f8_fnma(F8 a, F8 b, F8 c) {
-    for (int k = 0; k < 8; ++k) c.v[k] -= a.v[k] * b.v[k];
-    return c;
-}
-inline F8 f8_swap_pairs(F8 a) {
-    for (int k = 0; k < 8; k += 2) std::swap(a.v[k], a.v[k + 1]);
-    return a;
-}
-inline F8 f8_load(const uint16_t *p) {
-    F8 r;
-    ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(p), r.v, 8);
-    return r;
-}
-inline void f8_store(uint16_t *p, F8 a) { ggml_fp32_to_fp16_row(a.v, reinterpret_cast<ggml_fp16_t *>(p), 8); }
-#endif
-
-inline float f_load(const float *p) { return *p; }
-inline float f_load(const uint16_t *p) { return ggml_fp16_to_fp32(*p); }
-
-inline float f8_sum(F8 a) {
-    float t[8];
-    f8_store(t, a);
-    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-}
-
-// The one order every reduction (dot products, squared norms) adds in, at any vector width: sixteen partial
-// sums, lane k taking dims d = k (mod 16) in increasing d; then lanes k and k + 8 are added, then the eight
-// as f8_sum does. So a score has the same bits with AVX-512, AVX2 or NEON, and each partial sum is a chain
-// of D / 16 additions, not D / 8: half the wait on the adder. The eight-wide builds keep two accumulators,
-// dims 16m + k and 16m + 8 + k.
-struct Acc {
-    F8 lo = f8_zero(), hi = f8_zero();
-};
-inline float acc_sum(const Acc &a) { return f8_sum(f8_add(a.lo, a.hi)); }
-// The accumulator of the 8 dims from d on.
-inline F8 &acc_of(Acc &a, int d) { return (d & 8) ? a.hi : a.lo; }
-
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-// Sixteen floats at a time: lanes 0-7 and 8-15 are Acc's lo and hi, so the order above holds as it is.
-inline __m512 f16_load(const float *p) { return _mm512_loadu_ps(p); }
-inline __m512 f16_load(const uint16_t *p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
-}
-inline void f16_store(float *p, __m512 a) { _mm512_storeu_ps(p, a); }
-inline void f16_store(uint16_t *p, __m512 a) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtps_ph(a, 0));
-}
-inline float f16_sum(__m512 a) {
-    return f8_sum(f8_add(F8{_mm512_castps512_ps256(a)}, F8{_mm512_extractf32x8_ps(a, 1)}));
-}
-#define EDGE_WIDE16 1
-#endif
-
-// One head's key and its rotary pairs as llama.cpp rotates them: normal RoPE pairs (2i, 2i + 1), NeoX
-// pairs (i, i + n_rot / 2); dims from n_rot on are not rotated. With per-position tables C[d] = cos of
-// d's pair angle and S[d] = +sin for a pair's first element, -sin for its second:
-//   R(-pos) x = x * C + partner(x) * S,   R(+pos) x = x * C - partner(x) * S.
-// Keys stay in their stored layout; a normal pair's partner is its neighbour (one in-lane shuffle).
-struct RopeLayout {
-    bool neox = false;
-    int n_rot = 0, D = 0;
-    bool vec = false;    // whole blocks of 8: no block straddles a pair or the unrotated tail
-    bool vec16 = false;  // whole blocks of 16 as well (the AVX-512 kernels)
-};
-
-template <bool NEOX, typename E> inline F8 partner8(const E *x, F8 xv, int d, int half) {
-    if constexpr (!NEOX) return f8_swap_pairs(xv);
-    return f8_load(x + (d < half ? d + half : d - half));
-}
-
-template <typename E> inline float partner1(const E *x, int d, const RopeLayout &r) {
-    if (!r.neox) return f_load(x + (d ^ 1));
-    const int half = r.n_rot / 2;
-    return f_load(x + (d < half ? d + half : d - half));
-}
-
-#ifdef EDGE_WIDE16
-template <bool NEOX, typename E> inline __m512 partner16(const E *x, __m512 xv, int d, int half) {
-    if constexpr (!NEOX) return _mm512_permute_ps(xv, 0xB1);
-    return f16_load(x + (d < half ? d + half : d - half));
-}
-#endif
-
-// The vector kernels below take the pairing as a template argument (no test of it per block): f gets
-// std::true_type for NeoX pairs, std::false_type for normal ones.
-template <typename F> inline auto by_pairing(const RopeLayout &r, F &&f) {
-    return r.neox ? f(std::true_type{}) : f(std::false_type{});
-}
-
-// u = R(-pos) x; returns |x|^2 (a rotation keeps the norm).
-template <bool NEOX>
-inline float unrotate_vec(const float *__restrict x, const float *__restrict C, const float *__restrict S,
-                          const RopeLayout &r, float *__restrict u) {
-    const int half = r.n_rot / 2;
-#ifdef EDGE_WIDE16
-    if (r.vec16) {
-        __m512 n2 = _mm512_setzero_ps();
-        for (int d = 0; d < r.D; d += 16) {
-            const __m512 xv = f16_load(x + d);
-            f16_store(u + d, d < r.n_rot ? _mm512_fmadd_ps(partner16<NEOX>(x, xv, d, half), f16_load(S + d),
-                                                           _mm512_mul_ps(xv, f16_load(C + d)))
-                                         : xv);
-            n2 = _mm512_fmadd_ps(xv, xv, n2);
-        }
-        return f16_sum(n2);
-    }
-#endif
-    Acc n2;
-    for (int d = 0; d < r.D; d += 8) {
-        const F8 xv = f8_load(x + d);
-        f8_store(u + d, d < r.n_rot ? f8_fma(partner8<NEOX>(x, xv, d, half), f8_load(S + d), f8_mul(xv, f8_load(C + d)))
-                                    : xv);
-        F8 &a = acc_of(n2, d);
-        a = f8_fma(xv, xv, a);
-    }
-    return acc_sum(n2);
-}
-
-inline float unrotate(const float *__restrict x, const float *__restrict C, const float *__restrict S,
-                      const RopeLayout &r, float *__restrict u) {
-    if (r.vec)
-        return by_pairing(r, [&](auto neox) { return unrotate_vec<decltype(neox)::value>(x, C, S, r, u); });
-    float n2 = 0;
-    for (int d = 0; d < r.D; ++d) {
-        u[d] = d < r.n_rot ? x[d] * C[d] + partner1(x, d, r) * S[d] : x[d];
-        n2 += x[d] * x[d];
-    }
-    return n2;
-}
-
-// (R(-pos) x) . T without storing the turned key; |x|^2 into n2. x: f16 or f32, as the cache stores it.
-template <bool NEOX, typename E>
-inline float unrotate_dot_vec(const E *__restrict x, const float *__restrict C, const float *__restrict S,
-                              const float *__restrict T, const RopeLayout &r, float &n2) {
-    const int half = r.n_rot / 2;
-#ifdef EDGE_WIDE16
-    if (r.vec16) {
-        __m512 dot = _mm512_setzero_ps(), nn = _mm512_setzero_ps();
-        for (int d = 0; d < r.D; d += 16) {
-            const __m512 xv = f16_load(x + d);
-            const __m512 u = d < r.n_rot ? _mm512_fmadd_ps(partner16<NEOX>(x, xv, d, half), f16_load(S + d),
-                                                           _mm512_mul_ps(xv, f16_load(C + d)))
-                                         : xv;
-            dot = _mm512_fmadd_ps(u, f16_load(T + d), dot);
-            nn = _mm512_fmadd_ps(xv, xv, nn);
-        }
-        n2 = f16_sum(nn);
-        return f16_sum(dot);
-    }
-#endif
-    Acc dot, nn;
-    for (int d = 0; d < r.D; d += 8) {
-        const F8 xv = f8_load(x + d);
-        const F8 u =
-            d < r.n_rot ? f8_fma(partner8<NEOX>(x, xv, d, half), f8_load(S + d), f8_mul(xv, f8_load(C + d))) : xv;
-        F8 &a = acc_of(dot, d), &b = acc_of(nn, d);
-        a = f8_fma(u, f8_load(T + d), a);
-        b = f8_fma(xv, xv, b);
-    }
-    n2 = acc_sum(nn);
-    return acc_sum(dot);
-}
-
-template <typename E>
-inline float unrotate_dot(const E *__restrict x, const float *__restrict C, const float *__restrict S,
-                          const float *__restrict T, const RopeLayout &r, float &n2) {
-    if (r.vec)
-        return by_pairing(r, [&](auto neox) { return unrotate_dot_vec<decltype(neox)::value>(x, C, S, T, r, n2); });
-    float dot = 0, nn = 0;
-    for (int d = 0; d < r.D; ++d) {
-        const float xd = f_load(x + d);
-        const float u = d < r.n_rot ? xd * C[d] + partner1(x, d, r) * S[d] : xd;
-        dot += u * T[d];
-        nn += xd * xd;
-    }
-    n2 = nn;
-    return dot;
-}
-
-// y = R(+pos) x (forward) or R(-pos) x, one element at a time (layouts the vector kernels do not cover);
-// y must not alias x.
-inline void rotate_to(const float *__restrict x, const float *__restrict C, const float *__restrict S, bool forward,
-                      const RopeLayout &r, float *__restrict y) {
-    for (int d = 0; d < r.D; ++d) {
-        if (d >= r.n_rot) {
-            y[d] = x[d];
-            continue;
-        }
-        const float xc = x[d] * C[d], p = partner1(x, d, r) * S[d];
-        y[d] = forward ? xc - p : xc + p;
-    }
-}
-
-// dst = R(+pos) src (forward) or R(-pos) src, in the cache's own type; dst may be src (in place: a
-// NeoX pair's two halves are read before either is written). tmp: 2 D floats for the scalar path.
-// Element by element: the same bits at any vector width.
-template <typename E>
-inline void move_key(const E *src, E *dst, const float *__restrict C, const float *__restrict S, bool forward,
-                     const RopeLayout &r, float *__restrict tmp) {
-    if (r.vec) {
-#ifdef EDGE_WIDE16
-        if (r.vec16) {
-            auto turn = [forward](__m512 x, __m512 p, __m512 c, __m512 s) {
-                return forward ? _mm512_fnmadd_ps(p, s, _mm512_mul_ps(x, c)) : _mm512_fmadd_ps(p, s, _mm512_mul_ps(x, c));
-            };
-            if (!r.neox) {
-                for (int d = 0; d < r.n_rot; d += 16) {
-                    const __m512 x = f16_load(src + d);
-                    f16_store(dst + d, turn(x, _mm512_permute_ps(x, 0xB1), f16_load(C + d), f16_load(S + d)));
-                }
-            } else {
-                const int half = r.n_rot / 2;
-                for (int i = 0; i < half; i += 16) {
-                    const __m512 a = f16_load(src + i), b = f16_load(src + half + i);
-                    f16_store(dst + i, turn(a, b, f16_load(C + i), f16_load(S + i)));
-                    f16_store(dst + half + i, turn(b, a, f16_load(C + half + i), f16_load(S + half + i)));
-                }
-            }
-            if (dst != src)
-                for (int d = r.n_rot; d < r.D; ++d) dst[d] = src[d];
-            return;
-        }
-#endif
-        auto turn = [forward](F8 x, F8 p, F8 c, F8 s) { return forward ? f8_fnma(p, s, f8_mul(x, c)) : f8_fma(p, s, f8_mul(x, c)); };
-        if (!r.neox) {
-            for (int d = 0; d < r.n_rot; d += 8) {
-                const F8 x = f8_load(src + d);
-                f8_store(dst + d, turn(x, f8_swap_pairs(x), f8_load(C + d), f8_load(S + d)));
-            }
-        } else {
-            const int half = r.n_rot / 2;
-            for (int i = 0; i < half; i += 8) {
-                const F8 a = f8_load(src + i), b = f8_load(src + half + i);
-                f8_store(dst + i, turn(a, b, f8_load(C + i), f8_load(S + i)));
-                f8_store(dst + half + i, turn(b, a, f8_load(C + half + i), f8_load(S + half + i)));
-            }
-        }
-        if (dst != src)
-            for (int d = r.n_rot; d < r.D; ++d) dst[d] = src[d];
-        return;
-    }
-    for (int d = 0; d < r.D; ++d) tmp[d] = f_load(src + d);
-    rotate_to(tmp, C, S, forward, r, tmp + r.D);
-    for (int d = 0; d < r.D; ++d) {
-        if constexpr (std::is_same_v<E, float>)
-            dst[d] = tmp[r.D + d];
-        else
-            dst[d] = ggml_fp32_to_fp16(tmp[r.D + d]);
-    }
-}
-
-template <typename E> inline float sum_squares(const E *__restrict x, int D) {
-#ifdef EDGE_WIDE16
-    if (D % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 16) {
-            const __m512 v = f16_load(x + d);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        return f16_sum(acc);
-    }
-#endif
-    if (D % 8 == 0) {
-        Acc acc;
-        for (int d = 0; d < D; d += 8) {
-            const F8 v = f8_load(x + d);
-            F8 &a = acc_of(acc, d);
-            a = f8_fma(v, v, a);
-        }
-        return acc_sum(acc);
-    }
-    float s = 0;
-    for (int d = 0; d < D; ++d) s += f_load(x + d) * f_load(x + d);
-    return s;
-}
-
-}  // namespace
-
-// f16 -> f32 for whole rows: the hardware conversions where the build CPU has them (x86 F16C, Arm
-// NEON), ggml's scalar ones otherwise. These run for every key and value of a pass.
-inline void f16_to_f32(const uint16_t *src, float *dst, size_t n) {
-    size_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
-#endif
-    if (i < n) ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(src + i), dst + i, int64_t(n - i));
-}
 
 // Rows a sweep will read kAhead rows from now: asked for early, so the loads of a row do not wait on
 // memory while the scores of the previous ones are still being computed.
@@ -509,111 +82,6 @@ inline void prefetch_row_for_write(uint8_t *p, size_t n) {
 #endif
 }
 
-inline void to_float(int type, const uint8_t *src, float *dst, size_t n) {
-    if (type == GGML_TYPE_F16)
-        f16_to_f32(reinterpret_cast<const uint16_t *>(src), dst, n);
-    else
-        std::memcpy(dst, src, n * 4);
-}
-
-// ---------------------------------------------------------------------------------------------------
-// The evaluation callback that finds llama.cpp's KV tensors. llama.cpp names them "cache_k_l<il>" and
-// "cache_v_l<il>" (llama_kv_cache's constructor, no name tag for a model's one cache); the graph reaches
-// them through views (get_k/get_v, set_rows), whose view_src is always the root tensor. It never asks
-// for a node's data, so the scheduler still runs each split as one graph.
-
-class KVCapture {
-  public:
-    explicit KVCapture(int n_layer) : k_(size_t(std::max(n_layer, 0)), nullptr), v_(k_.size(), nullptr) {}
-
-    static bool on_eval(ggml_tensor *t, bool ask, void *user_data) {
-        auto *self = static_cast<KVCapture *>(user_data);
-        if (!ask || self->complete_) return false;  // captured: nothing more to do for the stream's life
-        self->look(t);
-        for (ggml_tensor *s : t->src)
-            if (s) self->look(s);
-        return false;
-    }
-
-    bool complete() const { return complete_; }
-    bool conflict() const { return conflict_; }
-    size_t n_layer() const { return k_.size(); }
-    ggml_tensor *k(size_t l) const { return k_[l]; }
-    ggml_tensor *v(size_t l) const { return v_[l]; }
-    uintptr_t callback() const { return reinterpret_cast<uintptr_t>(&KVCapture::on_eval); }
-    uintptr_t user_data() const { return reinterpret_cast<uintptr_t>(this); }
-
-    // What was found, per layer (tests and diagnostics).
-    py::list describe() const {
-        py::list out;
-        for (size_t l = 0; l < k_.size(); ++l) {
-            py::dict d;
-            d["layer"] = l;
-            const std::pair<const char *, ggml_tensor *> kv[2] = {{"k", k_[l]}, {"v", v_[l]}};
-            for (const auto &[name, t] : kv) {
-                if (!t) {
-                    d[name] = py::none();
-                    continue;
-                }
-                py::dict e;
-                e["name"] = std::string(t->name);
-                e["type"] = ggml_type_name(t->type);
-                e["ne"] = std::vector<int64_t>(t->ne, t->ne + 4);
-                e["nb"] = std::vector<size_t>(t->nb, t->nb + 4);
-                e["host"] = t->buffer && ggml_backend_buffer_is_host(t->buffer);
-                d[name] = e;
-            }
-            out.append(d);
-        }
-        return out;
-    }
-
-  private:
-    void look(ggml_tensor *t) {
-        if (t->view_src) t = t->view_src;
-        const char *n = t->name;
-        if (std::strncmp(n, "cache_", 6) != 0 || (n[6] != 'k' && n[6] != 'v') || std::strncmp(n + 7, "_l", 2) != 0)
-            return;
-        char *end = nullptr;
-        const long il = std::strtol(n + 9, &end, 10);
-        if (end == n + 9 || *end != '\0' || il < 0 || size_t(il) >= k_.size()) return;
-        ggml_tensor *&slot = (n[6] == 'k' ? k_ : v_)[size_t(il)];
-        if (slot == t) return;
-        if (slot) conflict_ = true;  // two caches under one name: not a layout the direct path knows
-        slot = t;
-        if (++found_ == 2 * k_.size() && !conflict_) complete_ = true;
-    }
-
-    std::vector<ggml_tensor *> k_, v_;
-    size_t found_ = 0;
-    bool complete_ = false, conflict_ = false;
-};
-
-// ---------------------------------------------------------------------------------------------------
-
-// Where one layer's K and V live for this pass: buffer A (portable) or llama.cpp's tensors (direct).
-struct LayerSrc {
-    int k_type = 0, v_type = 0;
-    uint8_t *k = nullptr, *v = nullptr;
-    size_t k_row = 0;   // bytes from one cell's K row (all heads) to the next
-    size_t v_row = 0;   // V rows: bytes per cell; transposed V: bytes from one dimension's run to the next
-    size_t v_elem = 0;  // bytes per V element
-};
-
-// Everything one worker needs for one layer, sized once (for the budget) and reused by every pass.
-struct Scratch {
-    std::vector<float> raw;             // one cell's K row as stored, converted to float
-    std::vector<float> unit;            // one turned key, then angle and rotation scratch
-    std::vector<float> sum;             // [H][p][D] sums of the recent frames' unit keys
-    std::vector<float> run, vacc;       // transposed V: one dimension over the slots; [H][N] sums of squares
-    std::vector<double> tar, van;       // [H][N]
-    std::vector<double> pooled, grid;
-    std::vector<uint64_t> keys, radix;  // candidates' order keys; kth_key's scratch
-    std::vector<int32_t> cand, slots;   // candidates' slots; the kept slots
-    std::vector<uint8_t> mark;          // [H][N]: kept (recent, then chosen)
-    std::vector<uint8_t> any_recent, any_past, present;
-};
-
 // Run f(layer, scratch) for every layer on `n` threads (layers split round-robin); rethrow the first error.
 // backwards: last layer first. The write-back runs backwards after a selection that ran forwards, so
 // its first layers are the ones the selection left in the cache.
@@ -639,1400 +107,1058 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
         if (e) std::rethrow_exception(e);
 }
 
-// Everything a pass needs to know of the model and the memory, fixed for the memory's life (as llama.cpp's
-// *_params structs: one struct with defaults instead of a long argument list).
-struct PassParams {
-    int seq_id = 0;          // the llama.cpp sequence that holds the memory
-    int n_prefix = 0;        // cells of the prompt before the video: never touched
-    int n_head_kv = 0;       // of the cache the pass compresses (its first KV cache)
-    int head_dim_k = 0, head_dim_v = 0;
-    int rope_type = LLAMA_ROPE_TYPE_NORM;  // llama.cpp's LLAMA_ROPE_TYPE_*
-    int n_rot = 0;           // rotated dimensions of a head
-    double freq_base = 10000.0, freq_scale = 1.0;
-    std::vector<int> rope_sections;  // M-RoPE: rotary pairs per section (t, h, w, e); empty otherwise
-    bool mrope = false;      // cells carry M-RoPE's 12-byte position extension
-    double sliding_freq_base = 0.0;  // > 0: a sliding-window cache (Gemma 3) moves along in reindex mode, this base
-    int max_cells = 0;       // prefix + budget: every buffer is sized for it once
-    int max_position = 1;    // RoPE tables cover positions below this (the context size)
-    int n_threads = 1;
-    bool in_place = true;    // may rewrite llama.cpp's own tensors (CPU caches, reindex mode, a capture)
-};
+}  // namespace
 
-// InfiniPot-V's selection settings for one pass (TaR and VaN per layer and head; see select()).
-struct ScoreParams {
-    int nx = 0, ny = 0;          // the grid a frame's tokens are scored on
-    int recent_min_frame = 0;    // frames with this index or later are the recent ones, kept whole
-    int keep = 0;                // |C|
-    double alpha = 0.5;          // share of |C| chosen by TaR (recent frames included)
-    bool pool = false, use_tar = true, use_van = true;
-    bool shared = false;         // one set for every (layer, head): the slots most per-head choices agree on
-};
+KVPass::KVPass(uintptr_t ctx, const PassParams &p, KVCapture *capture)
+    : ctx_(reinterpret_cast<llama_context *>(ctx)), seq_(p.seq_id), n_prefix_(p.n_prefix), n_head_(p.n_head_kv),
+      dk_(p.head_dim_k), dv_(p.head_dim_v), mrope_(p.mrope), max_cells_(p.max_cells), in_place_(p.in_place),
+      capture_(capture), scratch_(size_t(std::max(p.n_threads, 1))) {
+    const int rope_type = p.rope_type, n_rot = p.n_rot, head_dim_k = p.head_dim_k;
+    layout_ = edge::layout_of(llama_get_model(ctx_), mrope_);
+    rope_.type = rope_type;
+    rope_.n_rot = n_rot;
+    rope_.freq_base = p.freq_base;
+    rope_.freq_scale = p.freq_scale;
+    // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
+    // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
+    // M-RoPE pairs its dims as NeoX does (ggml-cpu/ops.cpp rotate_pairs, MROPE and IMROPE cases).
+    rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX || multi_rope();
+    rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
+    set_pair_turns(p.rope_sections);
+    rl_.D = head_dim_k;
+    rl_.vec = fits_width(rl_, 8);
+    rl_.vec16 = fits_width(rl_, 16);
+    table_n_ = std::max(p.max_position, 1);
+    const size_t nr = size_t(rl_.n_rot);
+    rc_.resize(size_t(table_n_) * nr);
+    rs_.resize(size_t(table_n_) * nr);
+    for (int q = 0; q < table_n_; ++q) fill_tables(q, &rc_[size_t(q) * nr], &rs_[size_t(q) * nr]);
+    if (p.sliding_freq_base > 0) set_sliding_rope(p.sliding_freq_base, 1.0);
+}
 
-class KVPass {
-  public:
-    KVPass(uintptr_t ctx, const PassParams &p, KVCapture *capture)
-        : ctx_(reinterpret_cast<llama_context *>(ctx)), seq_(p.seq_id), n_prefix_(p.n_prefix), n_head_(p.n_head_kv),
-          dk_(p.head_dim_k), dv_(p.head_dim_v), mrope_(p.mrope), max_cells_(p.max_cells), in_place_(p.in_place),
-          capture_(capture), scratch_(size_t(std::max(p.n_threads, 1))) {
-        const int rope_type = p.rope_type, n_rot = p.n_rot, head_dim_k = p.head_dim_k;
-        layout_ = edge::layout_of(llama_get_model(ctx_), mrope_);
-        rope_.type = rope_type;
-        rope_.n_rot = n_rot;
-        rope_.freq_base = p.freq_base;
-        rope_.freq_scale = p.freq_scale;
-        // RoPE tables (see RopeLayout) for every position a reindexed cache can hold, for un-rotating and
-        // re-rotating keys; positions past the table (keep mode on long streams) are computed directly.
-        // M-RoPE pairs its dims as NeoX does (ggml-cpu/ops.cpp rotate_pairs, MROPE and IMROPE cases).
-        rl_.neox = rope_type == LLAMA_ROPE_TYPE_NEOX || multi_rope();
-        rl_.n_rot = std::max(std::min(n_rot, head_dim_k), 0);
-        set_pair_turns(p.rope_sections);
-        rl_.D = head_dim_k;
-        rl_.vec = rl_.n_rot % 8 == 0 && rl_.D % 8 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 8 == 0);
-        rl_.vec16 = rl_.n_rot % 16 == 0 && rl_.D % 16 == 0 && (!rl_.neox || (rl_.n_rot / 2) % 16 == 0);
-        table_n_ = std::max(p.max_position, 1);
-        const size_t nr = size_t(rl_.n_rot);
-        rc_.resize(size_t(table_n_) * nr);
-        rs_.resize(size_t(table_n_) * nr);
-        for (int q = 0; q < table_n_; ++q) fill_tables(q, &rc_[size_t(q) * nr], &rs_[size_t(q) * nr]);
-        if (p.sliding_freq_base > 0) set_sliding_rope(p.sliding_freq_base, 1.0);
-    }
-
-    // One whole pass, in the one order it can run in: read the cache (in place when it can, else a copy),
-    // let `on_read` look at it (diagnostics), choose (InfiniPot-V's scores, or `choice` given as kept slots
-    // [L, H, C] ascending per head), give the kept slots their positions, write back. The tables are the
-    // memory's bookkeeping ([L, H, capacity], first n_video slots live), read only: the caller rewrites them
-    // from the result. Positions: `new_pos` when given (tests), else reindex: right after the prompt; keep:
-    // ending just below next_pos (llama.cpp wants new tokens at the highest position + 1), or, on M-RoPE,
-    // each cell at its head-(0, 0) token's own position (a frame spans fewer positions than tokens).
-    // Nothing has moved when it throws std::invalid_argument; a failed write-back restores the memory.
-    py::dict compress(const I32Array &frame, const I32Array &patch, const I32Array &rot_pos, int n_video,
-                      const py::object &choice, bool reindex, int next_pos, std::optional<I32Array> new_pos,
-                      const py::object &on_read) {
-        using clock = std::chrono::steady_clock;
-        const auto ms = [](clock::time_point a, clock::time_point b) {
-            return std::chrono::duration<double, std::milli>(b - a).count();
-        };
-        const auto t0 = clock::now();
-        std::string fallback;
-        bool direct = false;
-        if (in_place_ && reindex && capture_) {
-            if (!direct_checked_) {
-                direct_why_ = direct_support(*capture_);
-                direct_checked_ = true;
-            }
-            if (direct_why_.empty()) {
-                py::gil_scoped_release nogil;
-                fallback = read_direct(n_video);
-                direct = fallback.empty();
-            }
-        }
-        if (!direct) {
-            try {
-                py::gil_scoped_release nogil;
-                read();
-            } catch (const std::runtime_error &e) {  // a layout the pass cannot rewrite: nothing moved
-                throw std::runtime_error(std::string("cannot compress this KV cache: ") + e.what());
-            }
-        }
-        if (slot_cells_.size() != size_t(n_video))
-            throw std::runtime_error("the KV cache holds " + std::to_string(slot_cells_.size()) + " video cells but " +
-                                     std::to_string(n_video) + " were recorded: was the context used by another "
-                                     "program?");
-        if (!on_read.is_none()) on_read();
-        const auto t1 = clock::now();
-        I32Array kept;
-        py::object per_head = py::none();  // shared: the per-head choices that voted (diagnostics)
-        if (py::isinstance<ScoreParams>(choice)) {
-            const ScoreParams sp = choice.cast<ScoreParams>();
-            // A final native choice moves each layer while it is still in the CPU's cache.
-            if (direct_ && !sp.shared) plan_ = true;
-            kept = select(frame, patch, rot_pos, sp.nx, sp.ny, sp.recent_min_frame, sp.keep, sp.alpha, sp.pool,
-                          sp.use_tar, sp.use_van);
-            if (sp.shared) {
-                per_head = kept;
-                kept = shared_choice(kept, size_t(sp.keep));
-            }
-        } else {
-            kept = choice.cast<I32Array>();
-        }
-        const auto t2 = clock::now();
-        if (kept.ndim() != 3 || size_t(kept.shape(0)) != n_layer_ || size_t(kept.shape(1)) != size_t(n_head_))
-            throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
-        const size_t C = size_t(kept.shape(2));
-        I32Array pos(py::ssize_t(C), nullptr);
-        if (new_pos) {
-            pos = *new_pos;
-        } else {
-            int32_t *o = pos.mutable_data();
-            const int32_t *K = kept.data();
-            if (!reindex && mrope_) {
-                check_bookkeeping(rot_pos, n_layer_, size_t(n_head_), slot_cells_.size());
-                for (size_t j = 0; j < C; ++j) o[j] = rot_pos.data()[K[j]];  // head (0, 0)'s tokens, in time order
-            } else {
-                const int32_t first = reindex ? n_prefix_ : next_pos - int32_t(C);
-                for (size_t j = 0; j < C; ++j) o[j] = first + int32_t(j);
-            }
-        }
-        apply(kept, pos, rot_pos, reindex);
-        const auto t3 = clock::now();
-        py::dict out;
-        out["kept"] = kept;
-        out["new_pos"] = pos;
-        out["path"] = path();
-        out["fallback"] = fallback;  // why the in-place pass copied this time ("" when it did not have to)
-        out["read_ms"] = ms(t0, t1);
-        out["select_ms"] = ms(t1, t2);
-        out["apply_ms"] = ms(t2, t3);
-        out["state_bytes"] = state_bytes_;
-        out["per_head"] = per_head;
-        return out;
-    }
-
-    // Why the in-place path cannot serve this memory ("" when it can), as the first pass found it.
-    std::string in_place_refusal() {
-        if (!in_place_) return "the in-place pass is turned off";
-        if (!capture_) return "no evaluation callback found llama.cpp's KV tensors";
+py::dict KVPass::compress(const I32Array &frame, const I32Array &patch, const I32Array &rot_pos, int n_video,
+                          const py::object &choice, bool reindex, int next_pos, std::optional<I32Array> new_pos,
+                          const py::object &on_read) {
+    using clock = std::chrono::steady_clock;
+    const auto ms = [](clock::time_point a, clock::time_point b) {
+        return std::chrono::duration<double, std::milli>(b - a).count();
+    };
+    const auto t0 = clock::now();
+    std::string fallback;
+    bool direct = false;
+    if (in_place_ && reindex && capture_) {
         if (!direct_checked_) {
             direct_why_ = direct_support(*capture_);
             direct_checked_ = true;
         }
-        return direct_why_;
+        if (direct_why_.empty()) {
+            py::gil_scoped_release nogil;
+            fallback = read_direct(n_video);
+            direct = fallback.empty();
+        }
     }
-
-    // The sliding-window layers' RoPE, for re-indexing their cache (same type and rotated dimensions).
-    void set_sliding_rope(double freq_base, double freq_scale) {
-        sliding_rope_ = rope_;
-        sliding_rope_.freq_base = freq_base;
-        sliding_rope_.freq_scale = freq_scale;
-        sliding_rope_set_ = true;
+    if (!direct) {
+        try {
+            py::gil_scoped_release nogil;
+            read();
+        } catch (const std::runtime_error &e) {  // a layout the pass cannot rewrite: nothing moved
+            throw std::runtime_error(std::string("cannot compress this KV cache: ") + e.what());
+        }
     }
-
-    // Portable path: copy the sequence's state into buffer A and parse it; sizes A and B on the first call.
-    void read() {
-        direct_ = plan_ = moved_ = false;
-        size_t size = llama_state_seq_get_size(ctx_, seq_);
-        if (a_.empty()) {
-            a_.resize(size);
-            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, seq_);
-            edge::parse_state(a_.data(), size_a_, layout_, view_);
-            check_layout();
-            size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
-            a_.resize(cap);
-            b_.resize(cap);
+    if (slot_cells_.size() != size_t(n_video))
+        throw std::runtime_error("the KV cache holds " + std::to_string(slot_cells_.size()) + " video cells but " +
+                                 std::to_string(n_video) + " were recorded: was the context used by another "
+                                 "program?");
+    if (!on_read.is_none()) on_read();
+    const auto t1 = clock::now();
+    I32Array kept;
+    py::object per_head = py::none();  // shared: the per-head choices that voted (diagnostics)
+    if (py::isinstance<ScoreParams>(choice)) {
+        const ScoreParams sp = choice.cast<ScoreParams>();
+        // A final native choice moves each layer while it is still in the CPU's cache.
+        if (direct_ && !sp.shared) plan_ = true;
+        kept = select(frame, patch, rot_pos, sp.nx, sp.ny, sp.recent_min_frame, sp.keep, sp.alpha, sp.pool,
+                      sp.use_tar, sp.use_van);
+        if (sp.shared) {
+            per_head = kept;
+            kept = shared_choice(kept, size_t(sp.keep));
+        }
+    } else {
+        kept = choice.cast<I32Array>();
+    }
+    const auto t2 = clock::now();
+    if (kept.ndim() != 3 || size_t(kept.shape(0)) != n_layer_ || size_t(kept.shape(1)) != size_t(n_head_))
+        throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
+    const size_t C = size_t(kept.shape(2));
+    I32Array pos(py::ssize_t(C), nullptr);
+    if (new_pos) {
+        pos = *new_pos;
+    } else {
+        int32_t *o = pos.mutable_data();
+        const int32_t *K = kept.data();
+        if (!reindex && mrope_) {
+            check_bookkeeping(rot_pos, n_layer_, size_t(n_head_), slot_cells_.size());
+            for (size_t j = 0; j < C; ++j) o[j] = rot_pos.data()[K[j]];  // head (0, 0)'s tokens, in time order
         } else {
-            if (size > a_.size())
-                throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
-                                         std::to_string(a_.size()) + " (more cells than the budget?)");
-            size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), seq_);
-            edge::parse_state(a_.data(), size_a_, layout_, view_);
+            const int32_t first = reindex ? n_prefix_ : next_pos - int32_t(C);
+            for (size_t j = 0; j < C; ++j) o[j] = first + int32_t(j);
         }
-        if (view_.cell_count > uint32_t(max_cells_))
-            throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
-        size_scratch(view_.v_trans != 0);
-        // Cells below n_prefix are the system prompt: never touched. The rest, by position, are the slots.
-        prefix_cells_.clear();
-        slot_cells_.clear();
-        for (uint32_t c = 0; c < view_.cell_count; ++c)
-            (view_.pos[c] < n_prefix_ ? prefix_cells_ : slot_cells_).push_back(int32_t(c));
-        auto by_pos = [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; };
-        std::sort(prefix_cells_.begin(), prefix_cells_.end(), by_pos);
-        if (!mrope_) {
-            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
-        } else {
-            // All tokens of an M-RoPE frame share one position; within it mtmd gives token i x = pos + i % nx,
-            // y = pos + i / nx (mtmd.cpp mtmd_image_tokens_get_decoder_pos), so (pos, y, x) is time order
-            // whatever cells llama.cpp put them in. Rewritten slots keep it (apply_portable).
-            auto by_pos_yx = [&](int32_t a, int32_t b) {
-                const auto &v = view_;
-                if (v.pos[a] != v.pos[b]) return v.pos[a] < v.pos[b];
-                if (v.ext_y[a] != v.ext_y[b]) return v.ext_y[a] < v.ext_y[b];
-                return v.ext_x[a] < v.ext_x[b];
-            };
-            std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos_yx);
-        }
-        src_.resize(view_.n_layer);
-        for (size_t l = 0; l < view_.n_layer; ++l) {
-            const auto &LV = view_.layers[l];
-            LayerSrc &s = src_[l];
-            s.k_type = LV.k_type;
-            s.v_type = LV.v_type;
-            s.k = a_.data() + LV.k_offset;
-            s.v = a_.data() + LV.v_offset;
-            s.k_row = LV.k_row_bytes;
-            s.v_elem = ggml_type_size(ggml_type(LV.v_type));
-            s.v_row = view_.v_trans ? size_t(view_.cell_count) * LV.v_elem_bytes : LV.v_row_bytes;
-        }
-        v_trans_ = view_.v_trans != 0;
-        n_layer_ = view_.n_layer;
-        state_bytes_ = size_a_;
     }
+    apply(kept, pos, rot_pos, reindex);
+    const auto t3 = clock::now();
+    py::dict out;
+    out["kept"] = kept;
+    out["new_pos"] = pos;
+    out["path"] = path();
+    out["fallback"] = fallback;  // why the in-place pass copied this time ("" when it did not have to)
+    out["read_ms"] = ms(t0, t1);
+    out["select_ms"] = ms(t1, t2);
+    out["apply_ms"] = ms(t2, t3);
+    out["state_bytes"] = state_bytes_;
+    out["per_head"] = per_head;
+    return out;
+}
 
-    // Per cell of the state read last, M-RoPE only: the extension's (x, y) in slot order, [N, 2] (tests).
-    I32Array slot_ext() const {
-        if (!mrope_ || direct_) throw std::logic_error("slot_ext needs an M-RoPE state read by read()");
-        I32Array out({py::ssize_t(slot_cells_.size()), py::ssize_t(2)});
-        auto o = out.mutable_unchecked<2>();
-        for (size_t n = 0; n < slot_cells_.size(); ++n) {
-            o(py::ssize_t(n), 0) = view_.ext_x[size_t(slot_cells_[n])];
-            o(py::ssize_t(n), 1) = view_.ext_y[size_t(slot_cells_[n])];
-        }
-        return out;
+std::string KVPass::in_place_refusal() {
+    if (!in_place_) return "the in-place pass is turned off";
+    if (!capture_) return "no evaluation callback found llama.cpp's KV tensors";
+    if (!direct_checked_) {
+        direct_why_ = direct_support(*capture_);
+        direct_checked_ = true;
     }
+    return direct_why_;
+}
 
-    // Whether the direct path can work on this context at all: "" if so, else why not (said once).
-    std::string direct_support(KVCapture &cap) {
-        cap_ = nullptr;
-        if (mrope_) return "M-RoPE models keep x/y positions per cell, which the in-place pass does not rewrite";
-        if (layout_.n_caches > 1)
-            return "sliding-window models keep a second KV cache (the sliding layers') whose cells hold other "
-                   "positions than the global one's";
-        if (layout_.recurrent)
-            return "hybrid models keep a recurrent state beside the KV cache, and llama.cpp cannot free the end of "
-                   "a recurrent sequence (seq_rm) as the in-place pass does";
-        if (rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
-            return "re-rotation in place supports normal and NeoX RoPE only";
-        if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
-        if (!cap.complete()) return "the evaluation callback has not seen every layer's K and V tensors";
-        for (size_t l = 0; l < cap.n_layer(); ++l)
-            for (ggml_tensor *t : {cap.k(l), cap.v(l)}) {
-                if (!t->buffer || !ggml_backend_buffer_is_host(t->buffer) || !t->data)
-                    return "the KV cache is not in host memory (GPU offload)";
-                if (t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)
-                    return std::string("the KV cache is ") + ggml_type_name(t->type);
-                if (t->ne[2] != 1 || t->ne[3] != 1) return "the KV cache has more than one stream";
-                if (t->nb[1] != ggml_row_size(t->type, t->ne[0])) return "the KV tensors are not contiguous";
-                if (t->ne[1] < max_cells_) return "the KV cache has fewer cells than the budget";
-            }
-        for (size_t l = 0; l < cap.n_layer(); ++l)
-            if (cap.k(l)->ne[0] != int64_t(n_head_) * dk_ || cap.v(l)->ne[0] != int64_t(n_head_) * dv_)
-                return "K or V rows do not match n_head_kv x head_dim";
-        cap_ = &cap;
+void KVPass::set_sliding_rope(double freq_base, double freq_scale) {
+    sliding_rope_ = rope_;
+    sliding_rope_.freq_base = freq_base;
+    sliding_rope_.freq_scale = freq_scale;
+    sliding_rope_set_ = true;
+}
+
+void KVPass::read() {
+    direct_ = plan_ = moved_ = false;
+    size_t size = llama_state_seq_get_size(ctx_, seq_);
+    if (a_.empty()) {
+        a_.resize(size);
+        size_a_ = llama_state_seq_get_data(ctx_, a_.data(), size, seq_);
+        edge::parse_state(a_.data(), size_a_, layout_, view_);
+        check_layout();
+        size_t cap = std::max(edge::state_capacity_for(view_, size_t(max_cells_)), size);
+        a_.resize(cap);
+        b_.resize(cap);
+    } else {
+        if (size > a_.size())
+            throw std::runtime_error("KV state of " + std::to_string(size) + " bytes exceeds the pass buffer of " +
+                                     std::to_string(a_.size()) + " (more cells than the budget?)");
+        size_a_ = llama_state_seq_get_data(ctx_, a_.data(), a_.size(), seq_);
+        edge::parse_state(a_.data(), size_a_, layout_, view_);
+    }
+    if (view_.cell_count > uint32_t(max_cells_))
+        throw std::runtime_error("the sequence holds more cells than the budget the pass was sized for");
+    size_scratch(view_.v_trans != 0);
+    // Cells below n_prefix are the system prompt: never touched. The rest, by position, are the slots.
+    prefix_cells_.clear();
+    slot_cells_.clear();
+    for (uint32_t c = 0; c < view_.cell_count; ++c)
+        (view_.pos[c] < n_prefix_ ? prefix_cells_ : slot_cells_).push_back(int32_t(c));
+    auto by_pos = [&](int32_t a, int32_t b) { return view_.pos[a] < view_.pos[b]; };
+    std::sort(prefix_cells_.begin(), prefix_cells_.end(), by_pos);
+    if (!mrope_) {
+        std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos);
+    } else {
+        // All tokens of an M-RoPE frame share one position; within it mtmd gives token i x = pos + i % nx,
+        // y = pos + i / nx (mtmd.cpp mtmd_image_tokens_get_decoder_pos), so (pos, y, x) is time order
+        // whatever cells llama.cpp put them in. Rewritten slots keep it (apply_portable).
+        auto by_pos_yx = [&](int32_t a, int32_t b) {
+            const auto &v = view_;
+            if (v.pos[a] != v.pos[b]) return v.pos[a] < v.pos[b];
+            if (v.ext_y[a] != v.ext_y[b]) return v.ext_y[a] < v.ext_y[b];
+            return v.ext_x[a] < v.ext_x[b];
+        };
+        std::sort(slot_cells_.begin(), slot_cells_.end(), by_pos_yx);
+    }
+    src_.resize(view_.n_layer);
+    for (size_t l = 0; l < view_.n_layer; ++l) {
+        const auto &LV = view_.layers[l];
+        LayerSrc &s = src_[l];
+        s.k_type = LV.k_type;
+        s.v_type = LV.v_type;
+        s.k = a_.data() + LV.k_offset;
+        s.v = a_.data() + LV.v_offset;
+        s.k_row = LV.k_row_bytes;
+        s.v_elem = ggml_type_size(ggml_type(LV.v_type));
+        s.v_row = view_.v_trans ? size_t(view_.cell_count) * LV.v_elem_bytes : LV.v_row_bytes;
+    }
+    v_trans_ = view_.v_trans != 0;
+    n_layer_ = view_.n_layer;
+    state_bytes_ = size_a_;
+}
+
+I32Array KVPass::slot_ext() const {
+    if (!mrope_ || direct_) throw std::logic_error("slot_ext needs an M-RoPE state read by read()");
+    I32Array out({py::ssize_t(slot_cells_.size()), py::ssize_t(2)});
+    auto o = out.mutable_unchecked<2>();
+    for (size_t n = 0; n < slot_cells_.size(); ++n) {
+        o(py::ssize_t(n), 0) = view_.ext_x[size_t(slot_cells_[n])];
+        o(py::ssize_t(n), 1) = view_.ext_y[size_t(slot_cells_[n])];
+    }
+    return out;
+}
+
+std::string KVPass::direct_support(KVCapture &cap) {
+    cap_ = nullptr;
+    if (mrope_) return "M-RoPE models keep x/y positions per cell, which the in-place pass does not rewrite";
+    if (layout_.n_caches > 1)
+        return "sliding-window models keep a second KV cache (the sliding layers') whose cells hold other "
+               "positions than the global one's";
+    if (layout_.recurrent)
+        return "hybrid models keep a recurrent state beside the KV cache, and llama.cpp cannot free the end of "
+               "a recurrent sequence (seq_rm) as the in-place pass does";
+    if (rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX)
+        return "re-rotation in place supports normal and NeoX RoPE only";
+    if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
+    if (!cap.complete()) return "the evaluation callback has not seen every layer's K and V tensors";
+    for (size_t l = 0; l < cap.n_layer(); ++l)
+        for (ggml_tensor *t : {cap.k(l), cap.v(l)}) {
+            if (!t->buffer || !ggml_backend_buffer_is_host(t->buffer) || !t->data)
+                return "the KV cache is not in host memory (GPU offload)";
+            if (t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)
+                return std::string("the KV cache is ") + ggml_type_name(t->type);
+            if (t->ne[2] != 1 || t->ne[3] != 1) return "the KV cache has more than one stream";
+            if (t->nb[1] != ggml_row_size(t->type, t->ne[0])) return "the KV tensors are not contiguous";
+            if (t->ne[1] < max_cells_) return "the KV cache has fewer cells than the budget";
+        }
+    for (size_t l = 0; l < cap.n_layer(); ++l)
+        if (cap.k(l)->ne[0] != int64_t(n_head_) * dk_ || cap.v(l)->ne[0] != int64_t(n_head_) * dv_)
+            return "K or V rows do not match n_head_kv x head_dim";
+    cap_ = &cap;
+    verified_ = false;
+    return "";
+}
+
+std::string KVPass::read_direct(int n_video) {
+    direct_ = plan_ = moved_ = false;
+    if (!cap_) throw std::logic_error("read_direct before a successful direct_support");
+    const int total = n_prefix_ + n_video;
+    llama_memory_t mem = llama_get_memory(ctx_);
+    const llama_pos lo = llama_memory_seq_pos_min(mem, seq_), hi = llama_memory_seq_pos_max(mem, seq_);
+    if (lo != 0 || hi != total - 1) {
         verified_ = false;
-        return "";
+        return "the sequence spans positions [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not [0, " +
+               std::to_string(total - 1) + "]";
     }
-
-    // Direct path: check that cell c holds position c for all n_prefix + n_video cells of the sequence and
-    // point the pass at llama.cpp's tensors. Cheap at every pass (positions and cell count through the
-    // public API); the first time, and after any mismatch, also against the parsed state, byte for byte.
-    // Returns "" when the pass may run in place, else why not (the caller falls back to read()).
-    std::string read_direct(int n_video) {
-        direct_ = plan_ = moved_ = false;
-        if (!cap_) throw std::logic_error("read_direct before a successful direct_support");
-        const int total = n_prefix_ + n_video;
-        llama_memory_t mem = llama_get_memory(ctx_);
-        const llama_pos lo = llama_memory_seq_pos_min(mem, seq_), hi = llama_memory_seq_pos_max(mem, seq_);
-        if (lo != 0 || hi != total - 1) {
+    if (total > max_cells_) return "the sequence holds more cells than the budget the pass was sized for";
+    if (verified_) {
+        // get_size walks the cell metadata only: it counts the cells without copying K or V.
+        const size_t size = llama_state_seq_get_size(ctx_, seq_), want = edge::state_size_for(dview_, size_t(total));
+        if (size != want) {
             verified_ = false;
-            return "the sequence spans positions [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not [0, " +
-                   std::to_string(total - 1) + "]";
+            return "the KV state is " + std::to_string(size) + " bytes, not the " + std::to_string(want) +
+                   " of " + std::to_string(total) + " cells";
         }
-        if (total > max_cells_) return "the sequence holds more cells than the budget the pass was sized for";
-        if (verified_) {
-            // get_size walks the cell metadata only: it counts the cells without copying K or V.
-            const size_t size = llama_state_seq_get_size(ctx_, seq_), want = edge::state_size_for(dview_, size_t(total));
-            if (size != want) {
-                verified_ = false;
-                return "the KV state is " + std::to_string(size) + " bytes, not the " + std::to_string(want) +
-                       " of " + std::to_string(total) + " cells";
-            }
-            state_bytes_ = size;
-            // The cells the last direct pass left must still hold what it left there: a re-packed or
-            // permuted sequence (set_data of another layout) moves them, and then the layout is checked
-            // in full again.
-            if (!fingerprint_matches()) {
-                verified_ = false;
-                std::string why = verify_layout(total);
-                if (!why.empty()) return why;
-                verified_ = true;
-            }
-        } else {
+        state_bytes_ = size;
+        // The cells the last direct pass left must still hold what it left there: a re-packed or
+        // permuted sequence (set_data of another layout) moves them, and then the layout is checked
+        // in full again.
+        if (!fingerprint_matches()) {
+            verified_ = false;
             std::string why = verify_layout(total);
             if (!why.empty()) return why;
             verified_ = true;
         }
-        n_layer_ = cap_->n_layer();
-        v_trans_ = dview_.v_trans != 0;
-        size_scratch(v_trans_);
-        src_.resize(n_layer_);
-        for (size_t l = 0; l < n_layer_; ++l) {
-            ggml_tensor *k = cap_->k(l), *v = cap_->v(l);
-            LayerSrc &s = src_[l];
-            s.k_type = k->type;
-            s.v_type = v->type;
-            s.k = static_cast<uint8_t *>(k->data);
-            s.v = static_cast<uint8_t *>(v->data);
-            s.k_row = k->nb[1];
-            s.v_elem = ggml_type_size(v->type);
-            // transposed V (cpy_v/get_v): element (d, cell) at d * kv_size + cell
-            s.v_row = v_trans_ ? size_t(v->ne[1]) * s.v_elem : v->nb[1];
-        }
-        prefix_cells_.resize(size_t(n_prefix_));
-        std::iota(prefix_cells_.begin(), prefix_cells_.end(), 0);
-        slot_cells_.resize(size_t(n_video));
-        std::iota(slot_cells_.begin(), slot_cells_.end(), n_prefix_);
-        direct_ = true;
-        return "";
+    } else {
+        std::string why = verify_layout(total);
+        if (!why.empty()) return why;
+        verified_ = true;
     }
-
-    // Direct path: let the next select() move each layer in place right after choosing its tokens (while
-    // the layer is still in the CPU's cache), with the positions apply() would give (n_prefix + j). The
-    // apply() that follows must then pass that very selection; it only frees the cells after it.
-    void plan_in_place() {
-        if (!direct_) throw std::logic_error("plan_in_place needs a direct read");
-        plan_ = true;
+    n_layer_ = cap_->n_layer();
+    v_trans_ = dview_.v_trans != 0;
+    size_scratch(v_trans_);
+    src_.resize(n_layer_);
+    for (size_t l = 0; l < n_layer_; ++l) {
+        ggml_tensor *k = cap_->k(l), *v = cap_->v(l);
+        LayerSrc &s = src_[l];
+        s.k_type = k->type;
+        s.v_type = v->type;
+        s.k = static_cast<uint8_t *>(k->data);
+        s.v = static_cast<uint8_t *>(v->data);
+        s.k_row = k->nb[1];
+        s.v_elem = ggml_type_size(v->type);
+        // transposed V (cpy_v/get_v): element (d, cell) at d * kv_size + cell
+        s.v_row = v_trans_ ? size_t(v->ne[1]) * s.v_elem : v->nb[1];
     }
+    prefix_cells_.resize(size_t(n_prefix_));
+    std::iota(prefix_cells_.begin(), prefix_cells_.end(), 0);
+    slot_cells_.resize(size_t(n_video));
+    std::iota(slot_cells_.begin(), slot_cells_.end(), n_prefix_);
+    direct_ = true;
+    return "";
+}
 
-    size_t n_slots() const { return slot_cells_.size(); }
-    size_t n_layer() const { return n_layer_; }
-    bool v_trans() const { return v_trans_; }
-    std::string path() const { return direct_ ? "direct" : "portable"; }
-    size_t state_bytes() const { return state_bytes_; }
-    size_t buffer_bytes() const { return a_.size() + b_.size(); }
+void KVPass::plan_in_place() {
+    if (!direct_) throw std::logic_error("plan_in_place needs a direct read");
+    plan_ = true;
+}
 
-    I32Array slot_positions() const {
-        I32Array out(py::ssize_t(slot_cells_.size()));
-        auto o = out.mutable_unchecked<1>();
-        for (size_t n = 0; n < slot_cells_.size(); ++n)
-            o(py::ssize_t(n)) = direct_ ? slot_cells_[n] : view_.pos[slot_cells_[n]];  // direct: cell = position
-        return out;
+I32Array KVPass::slot_positions() const {
+    I32Array out(py::ssize_t(slot_cells_.size()));
+    auto o = out.mutable_unchecked<1>();
+    for (size_t n = 0; n < slot_cells_.size(); ++n)
+        o(py::ssize_t(n)) = direct_ ? slot_cells_[n] : view_.pos[slot_cells_[n]];  // direct: cell = position
+    return out;
+}
+
+py::tuple KVPass::scores() const {
+    if (rec_tar_.empty()) throw std::logic_error("no scores recorded: call record_scores(True) before select()");
+    const std::vector<py::ssize_t> shape{py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(rec_n_)};
+    return py::make_tuple(py::array_t<double>(shape, rec_tar_.data()), py::array_t<double>(shape, rec_van_.data()));
+}
+
+I32Array KVPass::select(const I32Array &slot_frame, const I32Array &slot_patch, const I32Array &rot_pos, int nx, int ny,
+                        int recent_min_frame, int keep, double alpha, bool pool, bool use_tar, bool use_van) {
+    const size_t L = n_layer_, H = size_t(n_head_), N = slot_cells_.size(), p = size_t(nx) * ny;
+    const size_t M = check_bookkeeping(slot_frame, L, H, N);
+    if (check_bookkeeping(slot_patch, L, H, N) != M || check_bookkeeping(rot_pos, L, H, N) != M)
+        throw std::invalid_argument("the bookkeeping arrays differ in shape");
+    if (keep <= 0 || size_t(keep) > N) throw std::invalid_argument("keep must be in [1, slots]");
+    if (nx <= 0 || ny <= 0) throw std::invalid_argument("empty patch grid");
+    const int32_t *F = slot_frame.data(), *P = slot_patch.data(), *R = rot_pos.data();
+    I32Array out({py::ssize_t(L), py::ssize_t(H), py::ssize_t(keep)});
+    int32_t *o = out.mutable_data();
+    for (auto &S : scratch_) {
+        if (S.sum.size() < H * p * dk_) S.sum.resize(H * p * dk_);
+        if (S.grid.size() < p) S.grid.resize(p), S.present.resize(p);
     }
-
-    // [H, N, D] float32 keys / values of one layer in slot order, as stored (tests and diagnostics).
-    py::array_t<float> keys(int layer) { return rows(layer, true); }
-    py::array_t<float> values(int layer) { return rows(layer, false); }
-
-    // Diagnostics: keep each select()'s scores (off in normal use: a copy of every score per pass).
-    void record_scores(bool on) { record_ = on; }
-
-    // The TaR and VaN scores of the last select() with record_scores(true): two [L, H, N] float64 arrays.
-    py::tuple scores() const {
-        if (rec_tar_.empty()) throw std::logic_error("no scores recorded: call record_scores(True) before select()");
-        const std::vector<py::ssize_t> shape{py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(rec_n_)};
-        return py::make_tuple(py::array_t<double>(shape, rec_tar_.data()), py::array_t<double>(shape, rec_van_.data()));
-    }
-
-    // InfiniPot-V selection (or its TaR-only / VaN-only ablations) for every (layer, head).
-    // slot_frame, slot_patch, rot_pos: [L, H, M >= N] int32 bookkeeping (frame id, patch y*nx+x, the
-    // position the stored key is rotated at) of the N slots; the session's tables are read in place.
-    // Returns kept slot indices [L, H, keep], ascending.
-    I32Array select(const I32Array &slot_frame, const I32Array &slot_patch, const I32Array &rot_pos, int nx, int ny,
-                    int recent_min_frame, int keep, double alpha, bool pool, bool use_tar, bool use_van) {
-        const size_t L = n_layer_, H = size_t(n_head_), N = slot_cells_.size(), p = size_t(nx) * ny;
-        const size_t M = check_bookkeeping(slot_frame, L, H, N);
-        if (check_bookkeeping(slot_patch, L, H, N) != M || check_bookkeeping(rot_pos, L, H, N) != M)
-            throw std::invalid_argument("the bookkeeping arrays differ in shape");
-        if (keep <= 0 || size_t(keep) > N) throw std::invalid_argument("keep must be in [1, slots]");
-        if (nx <= 0 || ny <= 0) throw std::invalid_argument("empty patch grid");
-        const int32_t *F = slot_frame.data(), *P = slot_patch.data(), *R = rot_pos.data();
-        I32Array out({py::ssize_t(L), py::ssize_t(H), py::ssize_t(keep)});
-        int32_t *o = out.mutable_data();
-        for (auto &S : scratch_) {
-            if (S.sum.size() < H * p * dk_) S.sum.resize(H * p * dk_);
-            if (S.grid.size() < p) S.grid.resize(p), S.present.resize(p);
-        }
-        const bool move = direct_ && plan_;
-        plan_ = false;
-        marks_.resize(L * H * N);
-        recent_.resize(L * H);
-        if (record_) rec_tar_.assign(L * H * N, 0.0), rec_van_.assign(L * H * N, 0.0), rec_n_ = N;
-        {
-            py::gil_scoped_release nogil;
-            // Every input of every layer is checked (and the recent frames marked) before any layer is
-            // scored: with `move`, each layer moves right after its selection, while its K and V are still
-            // in the CPU's cache, and nothing may fail once a byte moved.
-            for_layers(L, scratch_, [&](size_t l, Scratch &) {
-                for (size_t h = 0; h < H; ++h) {
-                    const size_t at = (l * H + h) * M;
-                    const size_t r = mark_recent(marks_.data() + (l * H + h) * N, F + at, P + at, p, recent_min_frame, l, h);
-                    recent_[l * H + h] = r;
-                    if (size_t(keep) < r * p) throw std::invalid_argument("|C| is smaller than the recent frames");
-                    if (use_tar && use_van && long(std::floor(alpha * double(keep))) < long(r * p))
-                        throw std::invalid_argument("alpha * |C| must cover the recent frames");
-                }
-            });
-            for_layers(L, scratch_, [&](size_t l, Scratch &S) {
-                int32_t *kept = o + l * H * size_t(keep);
-                select_layer(S, l, F + l * H * M, P + l * H * M, R + l * H * M, M, nx, p, size_t(keep), alpha,
-                             pool ? pool_kernel(l, L) : 1, use_tar, use_van, kept);
-                if (move) move_layer(l, S, kept, size_t(keep), R + l * H * M, M);
-            });
-        }
-        if (move) {
-            moved_ = true;
-            moved_keep_ = size_t(keep);
-            moved_kept_.assign(o, o + L * H * size_t(keep));
-        }
-        return out;
-    }
-
-    // Write back: the prefix cells as they were, then for slot j of head h the token kept[l, h, j], at cell
-    // position new_pos[j]. With rerotate, keys turn from rot_pos to new_pos. Direct path: in place, then
-    // the cells after the kept ones are freed. Portable path: through B; on failure the state read last
-    // goes back and an exception says so. Every check runs before the first byte moves.
-    void apply(const I32Array &kept, const I32Array &new_pos, const I32Array &rot_pos, bool rerotate) {
-        const size_t L = n_layer_, H = size_t(n_head_), N = slot_cells_.size();
-        if (kept.ndim() != 3 || size_t(kept.shape(0)) != L || size_t(kept.shape(1)) != H)
-            throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
-        const size_t C = size_t(kept.shape(2));
-        if (new_pos.ndim() != 1 || size_t(new_pos.shape(0)) != C) throw std::invalid_argument("new_pos must be [C]");
-        const size_t M = check_bookkeeping(rot_pos, L, H, N);
-        const int32_t *K = kept.data(), *NPOS = new_pos.data(), *RP = rot_pos.data();
-        // select() already moved every layer (plan_in_place) by a selection it made itself, in range and
-        // ascending: the same bytes need no second look.
-        const bool as_moved =
-            direct_ && moved_ && C == moved_keep_ && std::memcmp(K, moved_kept_.data(), L * H * C * 4) == 0;
-        if (!as_moved)
-            for (size_t i = 0; i < L * H * C; ++i)
-                if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
-        if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX &&
-            !(multi_rope() && sections_known_))
-            throw std::runtime_error("re-rotation supports normal, NeoX and (with its sections) M-RoPE only");
-        if (direct_) {
-            // In place, kept[j] >= j makes every move a forward copy (the source is never overwritten
-            // first); that needs each head's list strictly ascending. Cell P + j keeps position P + j.
-            if (!rerotate) throw std::invalid_argument("the direct path runs in reindex mode only");
-            if (!as_moved)
-                for (size_t lh = 0; lh < L * H; ++lh)
-                    for (size_t j = 1; j < C; ++j)
-                        if (K[lh * C + j] <= K[lh * C + j - 1])
-                            throw std::invalid_argument("kept slots must be strictly ascending per head");
-            for (size_t j = 0; j < C; ++j)
-                if (NPOS[j] != n_prefix_ + int32_t(j))
-                    throw std::invalid_argument("the direct path gives slot j position n_prefix + j");
-            if (moved_) {
-                // The cells hold select()'s choice already: this must be that very selection.
-                moved_ = false;
-                if (!as_moved)
-                    throw std::runtime_error("the selection applied in place differs from the one written back: "
-                                             "the memory no longer matches its bookkeeping");
-                finish_direct(C);
-                return;
-            }
-            py::gil_scoped_release nogil;
-            apply_direct(K, C, RP, M);
-            return;
-        }
-        apply_portable(K, C, NPOS, RP, M, rerotate);
-    }
-
-    // Hand back exactly the state read last (a pass that failed half-way, or a test of the restore path).
-    bool restore() { return llama_state_seq_set_data(ctx_, a_.data(), size_a_, seq_) != 0; }
-
-    // Test hook: write back a corrupted (truncated) copy of B to exercise the restore path of apply().
-    void apply_truncated_for_test() {
-        std::memcpy(b_.data(), a_.data(), size_a_);
-        if (llama_state_seq_set_data(ctx_, b_.data(), size_a_ / 2, seq_) == 0) {
-            if (!restore()) throw std::runtime_error("restore failed: memory lost");
-            throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
-        }
-    }
-
-    // Test hook: rewrite the sequence with its video cells in reverse cell order (reverse) and/or their
-    // positions moved by `shift`, K and V untouched: layouts the direct path must refuse. The model sees
-    // the same memory when shift is 0 (cell order does not matter to attention).
-    void relayout_for_test(bool reverse, int shift) {
-        read();
-        const size_t NP = prefix_cells_.size(), cc = view_.cell_count;
-        std::vector<int32_t> order(prefix_cells_);
-        if (reverse)
-            order.insert(order.end(), slot_cells_.rbegin(), slot_cells_.rend());
-        else
-            order.insert(order.end(), slot_cells_.begin(), slot_cells_.end());
-        const uint8_t *a = a_.data();
-        uint8_t *b = b_.data();
-        std::memcpy(b, a, view_.cell_offset[0]);
-        size_t w = view_.cell_offset[0];
-        const size_t rec = (view_.cells_end - view_.cell_offset[0]) / cc;
-        for (size_t i = 0; i < cc; ++i, w += rec) {
-            std::memcpy(b + w, a + view_.cell_offset[size_t(order[i])], rec);
-            if (i >= NP) {
-                int32_t pos = view_.pos[size_t(order[i])] + shift;
-                std::memcpy(b + w, &pos, 4);
-            }
-        }
-        std::memcpy(b + w, a + view_.cells_end, 8);
-        w += 8;
-        for (const auto &LV : view_.layers) {
-            std::memcpy(b + w, a + LV.k_offset - 12, 12);
-            w += 12;
-            for (size_t i = 0; i < cc; ++i, w += LV.k_row_bytes)
-                std::memcpy(b + w, a + LV.k_offset + size_t(order[i]) * LV.k_row_bytes, LV.k_row_bytes);
-        }
-        for (const auto &LV : view_.layers) {
-            std::memcpy(b + w, a + LV.v_offset - 12, 12);
-            w += 12;
-            if (!view_.v_trans) {
-                for (size_t i = 0; i < cc; ++i, w += LV.v_row_bytes)
-                    std::memcpy(b + w, a + LV.v_offset + size_t(order[i]) * LV.v_row_bytes, LV.v_row_bytes);
-                continue;
-            }
-            const size_t e = LV.v_elem_bytes;
-            for (size_t d = 0; d < LV.n_embd_v; ++d)
-                for (size_t i = 0; i < cc; ++i, w += e)
-                    std::memcpy(b + w, a + LV.v_offset + (d * cc + size_t(order[i])) * e, e);
-        }
-        std::memcpy(b + w, a + view_.carried_begin, view_.carried_bytes());  // the other caches, the recurrent state
-        w += view_.carried_bytes();
-        if (w != size_a_) throw std::logic_error("relayout size mismatch");
-        if (llama_state_seq_set_data(ctx_, b, w, seq_) == 0) throw std::runtime_error("relayout: set_data failed");
-    }
-
-  private:
-    // InfiniPot-V "shared": the per-head choices vote; the `keep` slots chosen most often (ties to the older
-    // slot) become every (layer, head)'s set, ascending. Every pass being shared, slot n holds the same token
-    // in every head, so the votes count one token each. The recent frames are in every choice.
-    I32Array shared_choice(const I32Array &per_head, size_t keep) const {
-        const size_t N = slot_cells_.size(), LH = n_layer_ * size_t(n_head_);
-        std::vector<int64_t> votes(N, 0);
-        const int32_t *k = per_head.data();
-        for (size_t i = 0; i < LH * keep; ++i) ++votes[size_t(k[i])];
-        std::vector<int32_t> order(N);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return votes[a] > votes[b]; });
-        order.resize(keep);
-        std::sort(order.begin(), order.end());
-        I32Array out({py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(keep)});
-        int32_t *o = out.mutable_data();
-        for (size_t lh = 0; lh < LH; ++lh) std::copy(order.begin(), order.end(), o + lh * keep);
-        return out;
-    }
-
-    bool multi_rope() const { return rope_.type == LLAMA_ROPE_TYPE_MROPE || rope_.type == LLAMA_ROPE_TYPE_IMROPE; }
-
-    // M-RoPE: which rotary pairs turn with the position. ggml gives pair i the section of sector
-    // i % (s0 + s1 + s2 + s3): t, h (y), w (x) or e (ggml-cpu/ops.cpp ggml_mrope_cache_init; IMROPE
-    // interleaves t, h, w). mtmd puts the frame's start position in t, y and x alike and 0 in e, text
-    // tokens get 0 in e too (llama-graph.cpp llm_graph_input_pos::set_input). So moving a token by delta
-    // positions turns its t, h and w pairs by delta and leaves the e pairs alone: one NeoX rotation with
-    // the e pairs held still (their tables hold cos 1, sin 0).
-    void set_pair_turns(const std::vector<int> &sections) {
-        pair_turns_.assign(size_t(rl_.n_rot / 2), 1);
-        sections_known_ = false;
-        if (!multi_rope()) return;
-        if (sections.size() != 4) return;  // unknown: no re-rotation, and apply() refuses to re-index
-        const int s0 = sections[0], s1 = sections[1], s2 = sections[2], s3 = sections[3];
-        const int sect_dims = s0 + s1 + s2 + s3;
-        if (sect_dims <= 0) return;
-        for (size_t i = 0; i < pair_turns_.size(); ++i) {
-            const int sector = int(i) % sect_dims;
-            bool e;
-            if (rope_.type == LLAMA_ROPE_TYPE_IMROPE)
-                e = !((sector % 3 == 0 && sector < 3 * s0) || (sector % 3 == 1 && sector < 3 * s1) ||
-                      (sector % 3 == 2 && sector < 3 * s2));
-            else
-                e = sector >= s0 + s1 + s2;
-            pair_turns_[i] = !e;
-        }
-        sections_known_ = true;
-    }
-
-    static double angle(const Rope &rope, double pos, int i) {
-        return pos * rope.freq_scale * std::pow(rope.freq_base, -2.0 * i / rope.n_rot);
-    }
-
-    // Rows C and S (RopeLayout) for one position, with the model's RoPE or another one (sliding layers).
-    void fill_tables(int pos, float *C, float *S) const { fill_tables(rope_, pos, C, S); }
-    void fill_tables(const Rope &rope, int pos, float *C, float *S) const {
-        const int half = rl_.n_rot / 2;
-        for (int d = 0; d < rl_.n_rot; ++d) {
-            const int i = rl_.neox ? d % half : d / 2;
-            const bool first = rl_.neox ? d < half : d % 2 == 0;
-            const double th = pair_turns_[size_t(i)] ? angle(rope, pos, i) : 0.0;
-            C[d] = float(std::cos(th));
-            S[d] = float(first ? std::sin(th) : -std::sin(th));
-        }
-    }
-
-    // The tables of |pos| positions: from the table, or computed into tmp (2 n_rot floats).
-    void tables(int pos, const float *&C, const float *&S, float *tmp) const {
-        const int ad = pos < 0 ? -pos : pos;
-        if (ad < table_n_) {
-            C = &rc_[size_t(ad) * size_t(rl_.n_rot)];
-            S = &rs_[size_t(ad) * size_t(rl_.n_rot)];
-            return;
-        }
-        fill_tables(ad, tmp, tmp + rl_.n_rot);
-        C = tmp;
-        S = tmp + rl_.n_rot;
-    }
-
-    void prefetch_tables(int pos) const {
-        const size_t ad = size_t(pos < 0 ? -pos : pos), nr = size_t(rl_.n_rot) * sizeof(float);
-        if (ad >= size_t(table_n_)) return;
-        prefetch_row(reinterpret_cast<const uint8_t *>(&rc_[ad * size_t(rl_.n_rot)]), nr);
-        prefetch_row(reinterpret_cast<const uint8_t *>(&rs_[ad * size_t(rl_.n_rot)]), nr);
-    }
-
-    // One head's key (stored layout and type) turned by delta positions from src to dst (dst may be
-    // src). Both paths call this, so a re-rotated key has the same bits whichever path moved it (the
-    // build turns off floating-point contraction: no context-dependent fused multiply-adds either).
-    // tmp: 2 n_rot + 2 D floats.
-    template <typename E> void turn_key(const uint8_t *src, uint8_t *dst, int delta, float *tmp) const {
-        const float *C, *S;
-        tables(delta, C, S, tmp);
-        move_key(reinterpret_cast<const E *>(src), reinterpret_cast<E *>(dst), C, S, delta > 0, rl_,
-                 tmp + 2 * rl_.n_rot);
-    }
-
-    void turn_key(const uint8_t *src, uint8_t *dst, int type, int delta, float *tmp) const {
-        if (type == GGML_TYPE_F16)
-            turn_key<uint16_t>(src, dst, delta, tmp);
-        else
-            turn_key<float>(src, dst, delta, tmp);
-    }
-
-    void size_scratch(bool v_trans) {
-        const size_t cells = size_t(max_cells_), H = size_t(n_head_);
-        const size_t hk = H * dk_, hv = H * dv_;
-        for (auto &S : scratch_) {
-            if (S.raw.size() >= std::max(hk, hv) && (!v_trans || S.vacc.size() >= H * cells)) continue;
-            S.raw.resize(std::max(hk, hv));
-            S.unit.resize(size_t(dk_) * 4 + size_t(rl_.n_rot) * 2);
-            for (auto *v : {&S.tar, &S.van}) v->resize(H * cells);
-            S.pooled.resize(cells);
-            S.cand.resize(cells);
-            S.radix.resize(cells);
-            S.keys.resize(cells);
-            S.slots.resize(cells);
-            S.mark.resize(H * cells);
-            S.any_recent.resize(cells);
-            S.any_past.resize(cells);
-            if (v_trans) {
-                S.run.resize(cells);
-                S.vacc.resize(H * cells);
-            }
-        }
-        prefix_cells_.reserve(cells);
-        slot_cells_.reserve(cells);
-    }
-
-    // The direct path's check against the parsed state: the sequence is exactly cells [0, total) holding
-    // positions 0..total-1 in cell order (state_write walks cells in index order), and the blob's rows are
-    // the captured tensors' rows [0, total). A shifted or permuted layout differs in some row.
-    std::string verify_layout(int total) {
-        std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, seq_));
-        blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), seq_));
-        try {
-            edge::parse_state(blob.data(), blob.size(), layout_, dview_);
-        } catch (const std::exception &e) {
-            return e.what();
-        }
-        state_bytes_ = blob.size();
-        if (dview_.cell_count != uint32_t(total))
-            return "the state has " + std::to_string(dview_.cell_count) + " cells, not " + std::to_string(total);
-        for (uint32_t c = 0; c < dview_.cell_count; ++c)
-            if (dview_.pos[c] != int32_t(c))
-                return "the state's cell " + std::to_string(c) + " holds position " + std::to_string(dview_.pos[c]);
-        if (dview_.n_layer != cap_->n_layer()) return "the state and the captured tensors disagree on the layers";
-        const size_t cc = dview_.cell_count;
-        for (size_t l = 0; l < dview_.n_layer; ++l) {
-            const auto &LV = dview_.layers[l];
-            ggml_tensor *k = cap_->k(l), *v = cap_->v(l);
-            if (LV.k_type != k->type || LV.v_type != v->type || LV.k_row_bytes != k->nb[1])
-                return "layer " + std::to_string(l) + ": the state's K/V types or rows differ from the tensors'";
-            if (std::memcmp(blob.data() + LV.k_offset, k->data, cc * LV.k_row_bytes) != 0)
-                return "layer " + std::to_string(l) + ": the state's keys are not the tensor's cells [0, " +
-                       std::to_string(cc) + ")";
-            const uint8_t *vd = static_cast<const uint8_t *>(v->data);
-            if (!dview_.v_trans) {
-                if (LV.v_row_bytes != v->nb[1] ||
-                    std::memcmp(blob.data() + LV.v_offset, vd, cc * LV.v_row_bytes) != 0)
-                    return "layer " + std::to_string(l) + ": the state's values are not the tensor's first cells";
-                continue;
-            }
-            const size_t e = LV.v_elem_bytes, kv_size = size_t(v->ne[1]);
-            if (e != ggml_type_size(v->type) || LV.n_embd_v != uint32_t(n_head_ * dv_))
-                return "layer " + std::to_string(l) + ": the state's transposed V does not match the tensor";
-            for (size_t d = 0; d < LV.n_embd_v; ++d)
-                if (std::memcmp(blob.data() + LV.v_offset + d * cc * e, vd + d * kv_size * e, cc * e) != 0)
-                    return "layer " + std::to_string(l) + ": the state's values are not the tensor's first cells";
-        }
-        return "";
-    }
-
-    void check_layout() const {
-        for (const auto &L : view_.layers) {
-            for (int t : {L.k_type, L.v_type})
-                if (t != GGML_TYPE_F16 && t != GGML_TYPE_F32)
-                    throw std::runtime_error(std::string("the KV cache is ") + ggml_type_name(ggml_type(t)) +
-                                             "; compression supports f16 and f32 caches (use --cache-type f16)");
-            if (L.k_row_bytes != size_t(n_head_) * dk_ * ggml_type_size(ggml_type(L.k_type)))
-                throw std::runtime_error("K rows do not match n_head_kv x head_dim");
-        }
-    }
-
-    // A bookkeeping table [L, H, M]: slot n of (l, h) at (l * H + h) * M + n, for n < N <= M. Returns M.
-    static size_t check_bookkeeping(const I32Array &x, size_t L, size_t H, size_t N) {
-        if (x.ndim() != 3 || size_t(x.shape(0)) != L || size_t(x.shape(1)) != H || size_t(x.shape(2)) < N)
-            throw std::invalid_argument("bookkeeping arrays must be [n_layer, n_head_kv, >= n_slots] = [" +
-                                        std::to_string(L) + ", " + std::to_string(H) + ", " + std::to_string(N) + "]");
-        return size_t(x.shape(2));
-    }
-
-    static int pool_kernel(size_t l, size_t L) {
-        if (4 * l < L) return 7;
-        if (2 * l < L) return 5;
-        if (4 * l < 3 * L) return 3;
-        return 1;
-    }
-
-    // One layer: scores for all heads (each K and V row read once for every head), then per head the
-    // InfiniPot-V choice. F, P, R: this layer's bookkeeping, head h's slots at h * M.
-    void select_layer(Scratch &S, size_t l, const int32_t *F, const int32_t *P, const int32_t *R, size_t M, int nx,
-                      size_t p, size_t keep, double alpha, int kernel, bool use_tar, bool use_van, int32_t *out) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size();
-        const size_t *r = recent_.data() + l * H;
-        std::memcpy(S.mark.data(), marks_.data() + l * H * N, H * N);  // select() marked the recent slots
-        // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
-        const bool van_rows = use_tar && use_van && !v_trans_;
-        if (use_tar) tar_layer(S, l, P, R, M, p, van_rows);
-        if (use_van) {
-            if (!van_rows) van_layer(S, l);
-            if (kernel > 1)
-                for (size_t h = 0; h < H; ++h)
-                    pool_van(S, S.van.data() + h * N, F + h * M, P + h * M, nx, p, kernel);
-        }
-        if (record_) record_layer(S, l, use_tar, use_van);
-        for (size_t h = 0; h < H; ++h)
-            choose(S, h, r[h] * p, keep, alpha, use_tar, use_van, out + h * keep);
-    }
-
-    // Diagnostics (scripts/retention.py): this layer's scores as the choice will read them, NaN where none
-    // was computed (TaR of the recent slots, a half the policy leaves out). Layers write disjoint rows.
-    void record_layer(const Scratch &S, size_t l, bool use_tar, bool use_van) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size();
-        const double nan = std::numeric_limits<double>::quiet_NaN();
-        for (size_t i = 0; i < H * N; ++i) {  // TaR as the paper writes it: the mean over the r recent frames
-            rec_tar_[l * H * N + i] = use_tar && !S.mark[i] ? S.tar[i] / double(recent_[l * H + i / N]) : nan;
-            rec_van_[l * H * N + i] = use_van ? S.van[i] : nan;
-        }
-    }
-
-    // Mark head h's slots of the recent frames (frame >= recent_min_frame); every patch of each must be
-    // there, once. Returns the number of recent frames.
-    size_t mark_recent(uint8_t *mark, const int32_t *frame, const int32_t *patch, size_t p, int recent_min_frame,
-                       size_t l, size_t h) const {
-        const size_t N = slot_cells_.size();
-        size_t n_recent_tokens = 0, n_recent_frames = 0;
-        int last_frame = INT32_MIN;
-        for (size_t n = 0; n < N; ++n) {
-            if (n > 0 && frame[n] < frame[n - 1]) throw std::logic_error("slots are not in time order");
-            if (patch[n] < 0 || size_t(patch[n]) >= p) throw std::invalid_argument("patch index outside the grid");
-            mark[n] = frame[n] >= recent_min_frame;
-            if (!mark[n]) continue;
-            if (frame[n] != last_frame) {
-                last_frame = frame[n];
-                ++n_recent_frames;
-            }
-            ++n_recent_tokens;
-        }
-        if (n_recent_tokens != n_recent_frames * p)
-            throw std::invalid_argument("a recent frame is incomplete in layer " + std::to_string(l) + ", head " +
-                                        std::to_string(h));
-        return n_recent_frames;
-    }
-
-    // TaR of every past slot of every head: -(1/r) sum over recent frames of cos(k_n, k_{t', patch(n)})
-    // = -(1/r) k̂_n . S_patch(n), with S_q the sum of the recent frames' unit keys (un-rotated to position
-    // 0) at patch q. Two sweeps over the layer's rows: recent slots fill S, past slots take one fused
-    // un-rotate-and-dot each.
-    void tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t M, size_t p,
-                   bool van_rows) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_);
-        const LayerSrc &L = src_[l];
-        std::fill(S.sum.begin(), S.sum.begin() + long(H * p * D), 0.0f);
-        for (size_t n = 0; n < N; ++n) {
-            uint8_t rec = 0, past = 0;
-            for (size_t h = 0; h < H; ++h) (S.mark[h * N + n] ? rec : past) = 1;
-            S.any_recent[n] = rec;
-            S.any_past[n] = past;
-        }
-        float *u = S.unit.data(), *tmp = S.unit.data() + D, *row = S.raw.data();
-        const float *c = nullptr, *s = nullptr;
-        for (size_t n = 0; n < N; ++n) {
-            prefetch_book(rpos, H, M, n, N);
-            prefetch_book(patch, H, M, n, N);
-            if (!S.any_recent[n]) continue;
-            if (n + kAhead < N) {
-                prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
-                if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
-            }
-            if (van_rows && !S.any_past[n]) van_row(S, L, n);  // rows with past slots: in the sweep below
-            to_float(L.k_type, L.k + size_t(slot_cells_[n]) * L.k_row, row, H * D);
-            for (size_t h = 0; h < H; ++h) {
-                if (!S.mark[h * N + n]) continue;
-                tables(rpos[h * M + n], c, s, tmp);
-                const float norm = std::sqrt(unrotate(row + h * D, c, s, rl_, u));
-                const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;  // cos = a.b / max(|a||b|, eps)
-                float *sum = S.sum.data() + (h * p + size_t(patch[h * M + n])) * D;
-                for (size_t d = 0; d < D; ++d) sum[d] += u[d] * inv;
-            }
-        }
-        if (L.k_type == GGML_TYPE_F16)
-            tar_past(S, L, reinterpret_cast<const uint16_t *>(L.k), patch, rpos, M, p, van_rows);
-        else
-            tar_past(S, L, reinterpret_cast<const float *>(L.k), patch, rpos, M, p, van_rows);
-    }
-
-    // TaR of the past slots, one fused un-rotate-and-dot each, straight from the cache's f16 or f32.
-    template <typename E>
-    void tar_past(Scratch &S, const LayerSrc &L, const E *k, const int32_t *patch, const int32_t *rpos, size_t M,
-                  size_t p, bool van_rows) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_), row = L.k_row / sizeof(E);
-        float *tmp = S.unit.data() + D;
-        const float *c = nullptr, *s = nullptr;
-        for (size_t n = 0; n < N; ++n) {
-            prefetch_book(rpos, H, M, n, N);
-            prefetch_book(patch, H, M, n, N);
-            if (!S.any_past[n]) continue;
-            if (n + kAhead < N) {
-                prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
-                if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
-                prefetch_tables(rpos[n + kAhead]);  // the RoPE rows are as big as a head's key
-            }
-            if (van_rows) van_row(S, L, n);
-            const E *x = k + size_t(slot_cells_[n]) * row;
-            for (size_t h = 0; h < H; ++h) {
-                if (S.mark[h * N + n]) continue;
-                tables(rpos[h * M + n], c, s, tmp);
-                float n2;
-                const float dot =
-                    unrotate_dot(x + h * D, c, s, S.sum.data() + (h * p + size_t(patch[h * M + n])) * D, rl_, n2);
-                const float norm = std::sqrt(n2);
-                const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;
-                // -(1/r) of this is the TaR score; only its rank within the head counts, so the constant
-                // factor is left out.
-                S.tar[h * N + n] = -double(dot) * inv;
-            }
-        }
-    }
-
-    // VaN of slot n of every head, from its V row (not transposed), read as stored.
-    void van_row(Scratch &S, const LayerSrc &L, size_t n) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
-        const uint8_t *v = L.v + size_t(slot_cells_[n]) * L.v_row;
-        for (size_t h = 0; h < H; ++h)
-            S.van[h * N + n] = std::sqrt(double(L.v_type == GGML_TYPE_F16
-                                                    ? sum_squares(reinterpret_cast<const uint16_t *>(v) + h * D, int(D))
-                                                    : sum_squares(reinterpret_cast<const float *>(v) + h * D, int(D))));
-    }
-
-    // VaN of every slot of every head: one sweep over V rows, or over transposed V's dimension runs.
-    void van_layer(Scratch &S, size_t l) const {
-        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
-        const LayerSrc &L = src_[l];
-        if (!v_trans_) {
-            for (size_t n = 0; n < N; ++n) van_row(S, L, n);
-            return;
-        }
-        std::fill(S.vacc.begin(), S.vacc.begin() + long(H * N), 0.0f);
-        const bool contiguous = N > 0 && size_t(slot_cells_[N - 1] - slot_cells_[0]) == N - 1;
-        float *x = S.run.data();
-        for (size_t d = 0; d < H * D; ++d) {
-            const uint8_t *run = L.v + d * L.v_row;
-            if (contiguous) {
-                to_float(L.v_type, run + size_t(slot_cells_[0]) * L.v_elem, x, N);
-            } else {
-                for (size_t n = 0; n < N; ++n) to_float(L.v_type, run + size_t(slot_cells_[n]) * L.v_elem, x + n, 1);
-            }
-            float *acc = S.vacc.data() + (d / D) * N;
-            for (size_t n = 0; n < N; ++n) acc[n] += x[n] * x[n];
-        }
-        for (size_t i = 0; i < H * N; ++i) S.van[i] = std::sqrt(double(S.vacc[i]));
-    }
-
-    // Mean of VaN over the k x k window of the same frame, over the slots this head still holds.
-    void pool_van(Scratch &S, double *van, const int32_t *frame, const int32_t *patch, int nx, size_t p,
-                  int kernel) const {
-        const size_t N = slot_cells_.size();
-        const int half = kernel / 2, ny = int(p) / nx;
-        size_t start = 0;
-        while (start < N) {
-            size_t end = start;
-            while (end < N && frame[end] == frame[start]) ++end;
-            for (size_t n = start; n < end; ++n) {
-                S.grid[size_t(patch[n])] = van[n];
-                S.present[size_t(patch[n])] = 1;
-            }
-            for (size_t n = start; n < end; ++n) {
-                const int x = patch[n] % nx, y = patch[n] / nx;
-                double s = 0;
-                int cnt = 0;
-                for (int yy = std::max(0, y - half); yy <= std::min(ny - 1, y + half); ++yy)
-                    for (int xx = std::max(0, x - half); xx <= std::min(nx - 1, x + half); ++xx)
-                        if (S.present[size_t(yy * nx + xx)]) {
-                            s += S.grid[size_t(yy * nx + xx)];
-                            ++cnt;
-                        }
-                S.pooled[n] = s / cnt;
-            }
-            for (size_t n = start; n < end; ++n) S.present[size_t(patch[n])] = 0;
-            start = end;
-        }
-        std::copy(S.pooled.begin(), S.pooled.begin() + long(N), van);
-    }
-
-    // Head h's choice from its scores: the recent slots (marked), alpha |C| by TaR, the rest by VaN.
-    void choose(Scratch &S, size_t h, size_t rp, size_t keep, double alpha, bool use_tar, bool use_van,
-                int32_t *out) const {
-        const size_t N = slot_cells_.size();
-        uint8_t *mark = S.mark.data() + h * N;
-        const double *tar = S.tar.data() + h * N, *van = S.van.data() + h * N;
-        uint64_t *key = S.keys.data();
-        int32_t *slot = S.cand.data();
-        const double *first = use_tar ? tar : van;
-        // The candidates, the unmarked slots in slot order. Branch-free passes: which slots are in or out
-        // is data, not a pattern a predictor learns.
-        size_t nc = 0;
-        for (size_t n = 0; n < N; ++n) {
-            key[nc] = order_key(first[n]);
-            slot[nc] = int32_t(n);
-            nc += !mark[n];
-        }
-        size_t n_kept_past = keep - rp;
-        if (use_tar && use_van) {
-            long n_tar = long(std::floor(alpha * double(keep))) - long(rp);
-            if (n_tar < 0) throw std::invalid_argument("alpha * |C| must cover the recent frames");
-            const size_t nt = std::min(size_t(n_tar), nc);
-            // Protected by TaR; the rest of the room goes to the highest VaN among the others.
-            nc = take_best(S, mark, nc, nt, van);
-            n_kept_past -= nt;
-        }
-        take_best(S, mark, nc, std::min(n_kept_past, nc), nullptr);
-        int32_t *all = S.slots.data();
-        size_t k = 0;
-        for (size_t n = 0; n < N; ++n) {
-            all[k] = int32_t(n);
-            k += mark[n] != 0;
-        }
-        if (k == keep) std::copy(all, all + k, out);
-        if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
-    }
-
-    // Mark the k best of the nc candidates in S (keys, slots; slot order): all above the k-th key and, of
-    // those equal to it, the first met. With `next`, the others stay candidates, in slot order, keyed by
-    // next[slot]; returns how many.
-    static size_t take_best(Scratch &S, uint8_t *mark, size_t nc, size_t k, const double *next) {
-        uint64_t *key = S.keys.data();
-        int32_t *slot = S.cand.data();
-        Kth t{~uint64_t(0), 0};  // k = 0: none taken
-        if (k >= nc && nc > 0)
-            t = {0, 0}, k = nc;  // all taken
-        else if (k > 0)
-            t = kth_key(key, nc, k, S.radix.data());
-        size_t ties = k - t.above, m = 0;
-        for (size_t i = 0; i < nc; ++i) {
-            const size_t tie = key[i] == t.key && ties > 0;
-            const size_t take = (key[i] > t.key) | tie;
-            ties -= tie;
-            mark[size_t(slot[i])] |= uint8_t(take);
-            if (next) {
-                key[m] = order_key(next[slot[i]]);  // m <= i: never overwrites one not yet seen
-                slot[m] = slot[i];
-                m += 1 - take;
-            }
-        }
-        return m;
-    }
-
-    // In place: for every layer and head, slot j <- kept[j] (a forward move, kept[j] >= j), keys turned
-    // from their stored rotation to position P + j on the way; then the cells after P + C are freed.
-    // Nothing here can fail: apply() checked every input before.
-    void apply_direct(const int32_t *K, size_t C, const int32_t *RP, size_t M) {
-        for_layers(n_layer_, scratch_, [&](size_t l, Scratch &S) {
-            move_layer(l, S, K + l * size_t(n_head_) * C, C, RP + l * size_t(n_head_) * M, M);
-        }, true);
-        finish_direct(C);
-    }
-
-    // Layer l in place: kept = [H][C] slots of this layer, rp = their stored rotations, head h's at h * M.
-    // One sweep over the cells for K and V rows alike, the rows of a few cells ahead asked for early (the
-    // sources to read, the destinations to write, the RoPE rows).
-    void move_layer(size_t l, Scratch &S, const int32_t *kept, size_t C, const int32_t *rp, size_t M) const {
-        const size_t H = size_t(n_head_), P0 = size_t(n_prefix_);
-        const LayerSrc &Ls = src_[l];
-        const size_t kb = Ls.k_row / H, vb = Ls.v_row / H;
-        const bool v_rows = !v_trans_;
-        float *tmp = S.unit.data();
-        auto sweep = [&](auto elem) {
-            using E = decltype(elem);
-            for (size_t j = 0; j < C; ++j) {
-                if (j + kAhead < C) {
-                    const size_t ja = P0 + j + kAhead;
-                    prefetch_row_for_write(Ls.k + ja * Ls.k_row, Ls.k_row);
-                    if (v_rows) prefetch_row_for_write(Ls.v + ja * Ls.v_row, Ls.v_row);
-                    for (size_t h = 0; h < H; ++h) {
-                        const size_t a = size_t(kept[h * C + j + kAhead]);
-                        prefetch_row(Ls.k + (P0 + a) * Ls.k_row + h * kb, kb);
-                        if (v_rows) prefetch_row(Ls.v + (P0 + a) * Ls.v_row + h * vb, vb);
-                        prefetch_tables(int(ja) - rp[h * M + a]);
-                    }
-                }
-                if (j + kBook < C)
-                    for (size_t h = 0; h < H; ++h)
-                        prefetch_row(reinterpret_cast<const uint8_t *>(rp + h * M + kept[h * C + j + kBook]), 1);
-                uint8_t *dst = Ls.k + (P0 + j) * Ls.k_row;
-                for (size_t h = 0; h < H; ++h) {
-                    const size_t s = size_t(kept[h * C + j]);
-                    const int delta = int(P0 + j) - rp[h * M + s];
-                    if (v_rows && s != j)
-                        copy_bytes(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
-                    if (s == j && delta == 0) continue;
-                    const uint8_t *from = Ls.k + (P0 + s) * Ls.k_row + h * kb;
-                    if (delta == 0)
-                        copy_bytes(dst + h * kb, from, kb);
-                    else
-                        turn_key<E>(from, dst + h * kb, delta, tmp);
-                }
-            }
-        };
-        if (Ls.k_type == GGML_TYPE_F16)
-            sweep(uint16_t{});
-        else
-            sweep(float{});
-        if (v_rows) return;
-        const size_t Dv = size_t(dv_);
-        auto runs = [&](auto elem) {
-            using T = decltype(elem);
-            for (size_t d = 0; d < H * Dv; ++d) {
-                T *run = reinterpret_cast<T *>(Ls.v + d * Ls.v_row) + P0;
-                const int32_t *kh = kept + (d / Dv) * C;
-                for (size_t j = 0; j < C; ++j) run[j] = run[kh[j]];
-            }
-        };
-        if (Ls.v_elem == 2)
-            runs(uint16_t{});
-        else
-            runs(uint32_t{});
-    }
-
-    // The kept cells are in place: free the rest of the sequence's cells (positions P + C on).
-    void finish_direct(size_t C) {
-        llama_memory_seq_rm(llama_get_memory(ctx_), seq_, n_prefix_ + llama_pos(C), -1);
-        take_fingerprint(size_t(n_prefix_) + C);
-    }
-
-    // Layer 0's K rows of a few cells the pass just wrote (first, middle, last): compared at the next
-    // read_direct, a cheap witness that nothing re-packed the sequence in between.
-    void take_fingerprint(size_t cells) {
-        const LayerSrc &L = src_[0];
-        fp_cells_ = {0, cells / 2, cells - 1};
-        fp_.resize(fp_cells_.size() * L.k_row);
-        for (size_t i = 0; i < fp_cells_.size(); ++i)
-            std::memcpy(fp_.data() + i * L.k_row, L.k + fp_cells_[i] * L.k_row, L.k_row);
-    }
-
-    bool fingerprint_matches() const {
-        if (fp_cells_.empty()) return false;
-        ggml_tensor *k = cap_->k(0);
-        const size_t row = k->nb[1];
-        if (fp_.size() != fp_cells_.size() * row) return false;
-        for (size_t i = 0; i < fp_cells_.size(); ++i)
-            if (std::memcmp(fp_.data() + i * row, static_cast<const uint8_t *>(k->data) + fp_cells_[i] * row, row) != 0)
-                return false;
-        return true;
-    }
-
-    void apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t M, bool rerotate) {
-        const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
-        fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
-        // Reindex mode moves a sliding-window cache along with the sequence (plan_sliding); every other part
-        // after the compressed cache goes back as it was.
-        const bool move_sliding = rerotate && !view_.other_caches.empty() && C > 0;
-        const int sliding_delta = move_sliding ? NPOS[C - 1] - view_.pos[size_t(slot_cells_.back())] : 0;
-        const size_t sliding_out = move_sliding ? plan_sliding(sliding_delta) : 0;
-        const size_t rest_begin = move_sliding ? view_.other_caches[0].end : view_.carried_begin;
-        const size_t out_size =
-            8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
-        if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
-
+    const bool move = direct_ && plan_;
+    plan_ = false;
+    marks_.resize(L * H * N);
+    recent_.resize(L * H);
+    if (record_) rec_tar_.assign(L * H * N, 0.0), rec_van_.assign(L * H * N, 0.0), rec_n_ = N;
+    {
         py::gil_scoped_release nogil;
-        uint8_t *b = b_.data();
-        const uint8_t *a = a_.data();
-        size_t w = 0;
-        auto put = [&](const void *src, size_t n) { std::memcpy(b + w, src, n); w += n; };
-        auto put32 = [&](uint32_t v) { put(&v, 4); };
-        put32(edge::kStateMagic);
-        put(&view_.seq_id, 4);
-        put32(1);
-        put32(uint32_t(cells));
-        const size_t rec = (view_.cells_end - view_.cell_offset[0]) / view_.cell_count;
-        for (size_t i = 0; i < NP; ++i) put(a + view_.cell_offset[prefix_cells_[i]], rec);
-        for (size_t j = 0; j < C; ++j) {
-            const size_t src = size_t(slot_cells_[K[j]]);
-            std::memcpy(b + w, a + view_.cell_offset[src], rec);  // head (0, 0)'s token: seq ids
-            std::memcpy(b + w, &NPOS[j], 4);
-            if (mrope_) {
-                // x and y move with the position, as the keys turn: (pos, y, x) stays in slot order.
-                const int32_t delta = NPOS[j] - view_.pos[src];
-                const int32_t xy[2] = {view_.ext_x[src] + delta, view_.ext_y[src] + delta};
-                std::memcpy(b + w + edge::kCellExtOffset, xy, 8);
-            }
-            w += rec;
-        }
-        put32(view_.v_trans);
-        put32(view_.n_layer);
-        // Where each layer's K and V go in B, so that workers can write their layers independently.
-        std::vector<size_t> &k_at = k_at_, &v_at = v_at_;
-        k_at.resize(L);
-        v_at.resize(L);
-        for (size_t l = 0; l < L; ++l) {
-            k_at[l] = w;
-            w += 12 + view_.layers[l].k_row_bytes * cells;
-        }
-        for (size_t l = 0; l < L; ++l) {
-            const auto &LV = view_.layers[l];
-            v_at[l] = w;
-            w += view_.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
-        }
-        if (move_sliding && write_sliding(b + w, sliding_delta) != sliding_out)
-            throw std::logic_error("re-indexed sliding-window cache size mismatch");
-        const size_t rest_at = w + sliding_out;
-        w = rest_at + (view_.size - rest_begin);
-        if (w != out_size) throw std::logic_error("compressed state size mismatch");
-        // The parts after the compressed cache (the sliding-window cache in keep mode, the recurrent state)
-        // go back as they were.
-        std::memcpy(b + rest_at, a + rest_begin, view_.size - rest_begin);
-        // A recurrent state sits at the sequence's last position (the hybrid memory's seq_pos_min/max take
-        // it into account): give it the last kept slot's, which reindex mode lowers. Its data stay as they were.
-        if (view_.has_recurrent && C > 0)
-            for (size_t off : view_.recurrent.pos_offset)
-                std::memcpy(b + rest_at + (off - rest_begin), &NPOS[C - 1], 4);
-        for_layers(L, scratch_, [&](size_t l, Scratch &S) {
-            write_keys(l, b + k_at[l], K, C, NPOS, RP, M, rerotate, S);
-            write_values(l, b + v_at[l], K, C);
-        });
-        if (llama_state_seq_set_data(ctx_, b, w, seq_) == 0) {
-            // llama.cpp removed the sequence before failing: put the untouched original back.
-            if (llama_state_seq_set_data(ctx_, a, size_a_, seq_) == 0)
-                throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
-            throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
-        }
-    }
-
-    // Reindex mode on a sliding-window model (Gemma 3): the sliding layers' cache holds the sequence's last
-    // n_swa positions, llama.cpp's own window, and is not compressed. It moves with the end of the sequence:
-    // every video cell by the same delta (the compressed cache's new end minus its old one), keys re-rotated
-    // by delta with the sliding layers' RoPE, so each token keeps its distance to the next frame and the
-    // window shows what it showed. Video cells that would land in the system prompt's positions (a window
-    // longer than |C|) are dropped; the prompt's own cells, if still in the window, stay. Returns the
-    // section's bytes; plan_sliding checks everything write_sliding relies on.
-    size_t plan_sliding(int delta) {
-        const edge::CacheView &c = view_.other_caches[0];
-        if (!sliding_rope_set_)
-            throw std::runtime_error("the sliding-window layers' RoPE is not known (set_sliding_rope): cannot re-index");
-        const size_t H = size_t(n_head_);
-        for (const auto &L : c.layers) {
-            if (L.k_type != GGML_TYPE_F16 && L.k_type != GGML_TYPE_F32)
-                throw std::runtime_error(std::string("the sliding-window KV cache is ") + ggml_type_name(ggml_type(L.k_type)));
-            if (L.k_row_bytes != H * size_t(dk_) * ggml_type_size(ggml_type(L.k_type)))
-                throw std::runtime_error("the sliding-window cache's K rows do not match n_head_kv x head_dim");
-        }
-        sliding_keep_.clear();
-        for (uint32_t i = 0; i < c.cell_count; ++i)
-            if (c.pos[i] < n_prefix_ || c.pos[i] + delta >= n_prefix_) sliding_keep_.push_back(int32_t(i));
-        sliding_c_.resize(size_t(rl_.n_rot));
-        sliding_s_.resize(size_t(rl_.n_rot));
-        fill_tables(sliding_rope_, delta < 0 ? -delta : delta, sliding_c_.data(), sliding_s_.data());
-        return edge::cache_size_for(c, view_.mrope, sliding_keep_.size());
-    }
-
-    size_t write_sliding(uint8_t *out, int delta) {
-        const edge::CacheView &c = view_.other_caches[0];
-        const uint8_t *a = a_.data();
-        const size_t H = size_t(n_head_), n = sliding_keep_.size();
-        size_t w = 0;
-        auto put = [&](const void *src, size_t k) { std::memcpy(out + w, src, k); w += k; };
-        const uint32_t one = 1, cells = uint32_t(n);
-        put(&one, 4);
-        put(&cells, 4);
-        const size_t rec = (c.cells_end - c.cell_offset[0]) / c.cell_count;
-        auto moves = [&](int32_t i) { return c.pos[size_t(i)] >= n_prefix_; };  // video cells move, the prompt stays
-        for (int32_t i : sliding_keep_) {
-            std::memcpy(out + w, a + c.cell_offset[size_t(i)], rec);
-            if (moves(i)) {
-                const int32_t pos = c.pos[size_t(i)] + delta;
-                std::memcpy(out + w, &pos, 4);
-            }
-            w += rec;
-        }
-        put(&c.v_trans, 4);
-        put(&c.n_layer, 4);
-        float *tmp = scratch_[0].unit.data();
-        for (const auto &L : c.layers) {
-            put(a + L.k_offset - 12, 12);  // type, row bytes
-            const size_t row = L.k_row_bytes, hb = row / H;
-            for (int32_t i : sliding_keep_) {
-                const uint8_t *src = a + L.k_offset + size_t(i) * row;
-                if (!moves(i) || delta == 0) {
-                    put(src, row);
-                    continue;
-                }
-                for (size_t h = 0; h < H; ++h) {
-                    if (L.k_type == GGML_TYPE_F16)
-                        move_key(reinterpret_cast<const uint16_t *>(src + h * hb), reinterpret_cast<uint16_t *>(out + w + h * hb),
-                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
-                    else
-                        move_key(reinterpret_cast<const float *>(src + h * hb), reinterpret_cast<float *>(out + w + h * hb),
-                                 sliding_c_.data(), sliding_s_.data(), delta > 0, rl_, tmp);
-                }
-                w += row;
-            }
-        }
-        for (const auto &L : c.layers) {
-            put(a + L.v_offset - 12, 12);  // type, row bytes (or element bytes, n_embd_v)
-            if (!c.v_trans) {
-                for (int32_t i : sliding_keep_) put(a + L.v_offset + size_t(i) * L.v_row_bytes, L.v_row_bytes);
-                continue;
-            }
-            const size_t e = L.v_elem_bytes;
-            for (size_t d = 0; d < L.n_embd_v; ++d)
-                for (int32_t i : sliding_keep_) put(a + L.v_offset + (d * c.cell_count + size_t(i)) * e, e);
-        }
-        return w;
-    }
-
-    // Layer l's K section of B: header, the prefix rows, then row j = head h's kept token, re-rotated if asked.
-    void write_keys(size_t l, uint8_t *out, const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP,
-                    size_t M, bool rerotate, Scratch &S) const {
-        const auto &LV = view_.layers[l];
-        const size_t H = size_t(n_head_), row = LV.k_row_bytes, hb = row / H;
-        const uint8_t *src = a_.data() + LV.k_offset;
-        std::memcpy(out, &LV.k_type, 4);
-        std::memcpy(out + 4, &LV.k_row_bytes, 8);
-        out += 12;
-        for (int32_t c : prefix_cells_) {
-            std::memcpy(out, src + size_t(c) * row, row);
-            out += row;
-        }
-        float *tmp = S.unit.data();
-        for (size_t j = 0; j < C; ++j, out += row)
+        // Every input of every layer is checked (and the recent frames marked) before any layer is
+        // scored: with `move`, each layer moves right after its selection, while its K and V are still
+        // in the CPU's cache, and nothing may fail once a byte moved.
+        for_layers(L, scratch_, [&](size_t l, Scratch &) {
             for (size_t h = 0; h < H; ++h) {
-                const int32_t slot = K[(l * H + h) * C + j];
-                const uint8_t *from = src + size_t(slot_cells_[slot]) * row + h * hb;
-                const int delta = NPOS[j] - RP[(l * H + h) * M + slot];
-                if (!rerotate || delta == 0) {  // bit-exact when nothing turns
-                    std::memcpy(out + h * hb, from, hb);
-                    continue;
-                }
-                turn_key(from, out + h * hb, LV.k_type, delta, tmp);
+                const size_t at = (l * H + h) * M;
+                const size_t r = mark_recent(marks_.data() + (l * H + h) * N, F + at, P + at, p, recent_min_frame, l, h);
+                recent_[l * H + h] = r;
+                if (size_t(keep) < r * p) throw std::invalid_argument("|C| is smaller than the recent frames");
+                if (use_tar && use_van && long(std::floor(alpha * double(keep))) < long(r * p))
+                    throw std::invalid_argument("alpha * |C| must cover the recent frames");
             }
+        });
+        for_layers(L, scratch_, [&](size_t l, Scratch &S) {
+            int32_t *kept = o + l * H * size_t(keep);
+            select_layer(S, l, F + l * H * M, P + l * H * M, R + l * H * M, M, nx, p, size_t(keep), alpha,
+                         pool ? pool_kernel(l, L) : 1, use_tar, use_van, kept);
+            if (move) move_layer(l, S, kept, size_t(keep), R + l * H * M, M);
+        });
     }
+    if (move) {
+        moved_ = true;
+        moved_keep_ = size_t(keep);
+        moved_kept_.assign(o, o + L * H * size_t(keep));
+    }
+    return out;
+}
 
-    // Layer l's V section of B: rows per head like K, or (transposed V) each dimension's run of kept cells.
-    void write_values(size_t l, uint8_t *out, const int32_t *K, size_t C) const {
-        const auto &LV = view_.layers[l];
-        const size_t H = size_t(n_head_);
-        const uint8_t *src = a_.data() + LV.v_offset;
-        std::memcpy(out, &LV.v_type, 4);
-        if (!view_.v_trans) {
-            const size_t row = LV.v_row_bytes, hb = row / H;
-            std::memcpy(out + 4, &LV.v_row_bytes, 8);
-            out += 12;
-            for (int32_t c : prefix_cells_) {
-                std::memcpy(out, src + size_t(c) * row, row);
-                out += row;
-            }
-            for (size_t j = 0; j < C; ++j, out += row)
-                for (size_t h = 0; h < H; ++h)
-                    std::memcpy(out + h * hb, src + size_t(slot_cells_[K[(l * H + h) * C + j]]) * row + h * hb, hb);
+void KVPass::apply(const I32Array &kept, const I32Array &new_pos, const I32Array &rot_pos, bool rerotate) {
+    const size_t L = n_layer_, H = size_t(n_head_), N = slot_cells_.size();
+    if (kept.ndim() != 3 || size_t(kept.shape(0)) != L || size_t(kept.shape(1)) != H)
+        throw std::invalid_argument("kept must be [n_layer, n_head_kv, C]");
+    const size_t C = size_t(kept.shape(2));
+    if (new_pos.ndim() != 1 || size_t(new_pos.shape(0)) != C) throw std::invalid_argument("new_pos must be [C]");
+    const size_t M = check_bookkeeping(rot_pos, L, H, N);
+    const int32_t *K = kept.data(), *NPOS = new_pos.data(), *RP = rot_pos.data();
+    // select() already moved every layer (plan_in_place) by a selection it made itself, in range and
+    // ascending: the same bytes need no second look.
+    const bool as_moved =
+        direct_ && moved_ && C == moved_keep_ && std::memcmp(K, moved_kept_.data(), L * H * C * 4) == 0;
+    if (!as_moved)
+        for (size_t i = 0; i < L * H * C; ++i)
+            if (K[i] < 0 || size_t(K[i]) >= N) throw std::invalid_argument("kept holds a slot out of range");
+    if (rerotate && rope_.type != LLAMA_ROPE_TYPE_NORM && rope_.type != LLAMA_ROPE_TYPE_NEOX &&
+        !(multi_rope() && sections_known_))
+        throw std::runtime_error("re-rotation supports normal, NeoX and (with its sections) M-RoPE only");
+    if (direct_) {
+        // In place, kept[j] >= j makes every move a forward copy (the source is never overwritten
+        // first); that needs each head's list strictly ascending. Cell P + j keeps position P + j.
+        if (!rerotate) throw std::invalid_argument("the direct path runs in reindex mode only");
+        if (!as_moved)
+            for (size_t lh = 0; lh < L * H; ++lh)
+                for (size_t j = 1; j < C; ++j)
+                    if (K[lh * C + j] <= K[lh * C + j - 1])
+                        throw std::invalid_argument("kept slots must be strictly ascending per head");
+        for (size_t j = 0; j < C; ++j)
+            if (NPOS[j] != n_prefix_ + int32_t(j))
+                throw std::invalid_argument("the direct path gives slot j position n_prefix + j");
+        if (moved_) {
+            // The cells hold select()'s choice already: this must be that very selection.
+            moved_ = false;
+            if (!as_moved)
+                throw std::runtime_error("the selection applied in place differs from the one written back: "
+                                         "the memory no longer matches its bookkeeping");
+            finish_direct(C);
             return;
         }
-        std::memcpy(out + 4, &LV.v_elem_bytes, 4);
-        std::memcpy(out + 8, &LV.n_embd_v, 4);
-        out += 12;
-        const size_t cc = view_.cell_count, dv = LV.n_embd_v / H;
-        auto runs = [&](auto elem) {
-            using T = decltype(elem);
-            T *o = reinterpret_cast<T *>(out);
-            for (size_t d = 0; d < LV.n_embd_v; ++d) {
-                const T *run = reinterpret_cast<const T *>(src) + d * cc;
-                for (int32_t c : prefix_cells_) *o++ = run[c];
-                const int32_t *kh = K + (l * H + d / dv) * C;
-                for (size_t j = 0; j < C; ++j) *o++ = run[slot_cells_[size_t(kh[j])]];
-            }
-        };
-        if (LV.v_elem_bytes == 2)
-            runs(uint16_t{});
+        py::gil_scoped_release nogil;
+        apply_direct(K, C, RP, M);
+        return;
+    }
+    apply_portable(K, C, NPOS, RP, M, rerotate);
+}
+
+// InfiniPot-V "shared": the per-head choices vote; the `keep` slots chosen most often (ties to the older
+// slot) become every (layer, head)'s set, ascending. Every pass being shared, slot n holds the same token
+// in every head, so the votes count one token each. The recent frames are in every choice.
+I32Array KVPass::shared_choice(const I32Array &per_head, size_t keep) const {
+    const size_t N = slot_cells_.size(), LH = n_layer_ * size_t(n_head_);
+    std::vector<int64_t> votes(N, 0);
+    const int32_t *k = per_head.data();
+    for (size_t i = 0; i < LH * keep; ++i) ++votes[size_t(k[i])];
+    std::vector<int32_t> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return votes[a] > votes[b]; });
+    order.resize(keep);
+    std::sort(order.begin(), order.end());
+    I32Array out({py::ssize_t(n_layer_), py::ssize_t(n_head_), py::ssize_t(keep)});
+    int32_t *o = out.mutable_data();
+    for (size_t lh = 0; lh < LH; ++lh) std::copy(order.begin(), order.end(), o + lh * keep);
+    return out;
+}
+
+// M-RoPE: which rotary pairs turn with the position. ggml gives pair i the section of sector
+// i % (s0 + s1 + s2 + s3): t, h (y), w (x) or e (ggml-cpu/ops.cpp ggml_mrope_cache_init; IMROPE
+// interleaves t, h, w). mtmd puts the frame's start position in t, y and x alike and 0 in e, text
+// tokens get 0 in e too (llama-graph.cpp llm_graph_input_pos::set_input). So moving a token by delta
+// positions turns its t, h and w pairs by delta and leaves the e pairs alone: one NeoX rotation with
+// the e pairs held still (their tables hold cos 1, sin 0).
+void KVPass::set_pair_turns(const std::vector<int> &sections) {
+    pair_turns_.assign(size_t(rl_.n_rot / 2), 1);
+    sections_known_ = false;
+    if (!multi_rope()) return;
+    if (sections.size() != 4) return;  // unknown: no re-rotation, and apply() refuses to re-index
+    const int s0 = sections[0], s1 = sections[1], s2 = sections[2], s3 = sections[3];
+    const int sect_dims = s0 + s1 + s2 + s3;
+    if (sect_dims <= 0) return;
+    for (size_t i = 0; i < pair_turns_.size(); ++i) {
+        const int sector = int(i) % sect_dims;
+        bool e;
+        if (rope_.type == LLAMA_ROPE_TYPE_IMROPE)
+            e = !((sector % 3 == 0 && sector < 3 * s0) || (sector % 3 == 1 && sector < 3 * s1) ||
+                  (sector % 3 == 2 && sector < 3 * s2));
         else
-            runs(uint32_t{});
+            e = sector >= s0 + s1 + s2;
+        pair_turns_[i] = !e;
     }
+    sections_known_ = true;
+}
 
-    py::array_t<float> rows(int layer, bool keys) {
-        if (layer < 0 || size_t(layer) >= n_layer_) throw std::out_of_range("layer");
-        const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(keys ? dk_ : dv_);
-        const LayerSrc &L = src_[size_t(layer)];
-        py::array_t<float> out({py::ssize_t(H), py::ssize_t(N), py::ssize_t(D)});
-        float *o = out.mutable_data();
-        std::vector<float> row(H * D);
-        for (size_t n = 0; n < N; ++n) {
-            const size_t c = size_t(slot_cells_[n]);
-            if (keys || !v_trans_) {
-                to_float(keys ? L.k_type : L.v_type, (keys ? L.k + c * L.k_row : L.v + c * L.v_row), row.data(), H * D);
-            } else {
-                for (size_t d = 0; d < H * D; ++d) to_float(L.v_type, L.v + d * L.v_row + c * L.v_elem, &row[d], 1);
-            }
-            for (size_t h = 0; h < H; ++h) std::memcpy(o + (h * N + n) * D, row.data() + h * D, D * sizeof(float));
+double KVPass::angle(const Rope &rope, double pos, int i) {
+    return pos * rope.freq_scale * std::pow(rope.freq_base, -2.0 * i / rope.n_rot);
+}
+
+void KVPass::fill_tables(const Rope &rope, int pos, float *C, float *S) const {
+    const int half = rl_.n_rot / 2;
+    for (int d = 0; d < rl_.n_rot; ++d) {
+        const int i = rl_.neox ? d % half : d / 2;
+        const bool first = rl_.neox ? d < half : d % 2 == 0;
+        const double th = pair_turns_[size_t(i)] ? angle(rope, pos, i) : 0.0;
+        C[d] = float(std::cos(th));
+        S[d] = float(first ? std::sin(th) : -std::sin(th));
+    }
+}
+
+// The tables of |pos| positions: from the table, or computed into tmp (2 n_rot floats).
+void KVPass::tables(int pos, const float *&C, const float *&S, float *tmp) const {
+    const int ad = pos < 0 ? -pos : pos;
+    if (ad < table_n_) {
+        C = &rc_[size_t(ad) * size_t(rl_.n_rot)];
+        S = &rs_[size_t(ad) * size_t(rl_.n_rot)];
+        return;
+    }
+    fill_tables(ad, tmp, tmp + rl_.n_rot);
+    C = tmp;
+    S = tmp + rl_.n_rot;
+}
+
+void KVPass::prefetch_tables(int pos) const {
+    const size_t ad = size_t(pos < 0 ? -pos : pos), nr = size_t(rl_.n_rot) * sizeof(float);
+    if (ad >= size_t(table_n_)) return;
+    prefetch_row(reinterpret_cast<const uint8_t *>(&rc_[ad * size_t(rl_.n_rot)]), nr);
+    prefetch_row(reinterpret_cast<const uint8_t *>(&rs_[ad * size_t(rl_.n_rot)]), nr);
+}
+
+// One head's key (stored layout and type) turned by delta positions from src to dst (dst may be
+// src). Both paths call this, so a re-rotated key has the same bits whichever path moved it (the
+// build turns off floating-point contraction: no context-dependent fused multiply-adds either).
+// tmp: 2 n_rot + 2 D floats.
+template <typename E>
+void KVPass::turn_key(const uint8_t *src, uint8_t *dst, int delta, float *tmp) const {
+    const float *C, *S;
+    tables(delta, C, S, tmp);
+    move_key(reinterpret_cast<const E *>(src), reinterpret_cast<E *>(dst), C, S, delta > 0, rl_,
+             tmp + 2 * rl_.n_rot);
+}
+
+void KVPass::turn_key(const uint8_t *src, uint8_t *dst, int type, int delta, float *tmp) const {
+    if (type == GGML_TYPE_F16)
+        turn_key<uint16_t>(src, dst, delta, tmp);
+    else
+        turn_key<float>(src, dst, delta, tmp);
+}
+
+void KVPass::size_scratch(bool v_trans) {
+    const size_t cells = size_t(max_cells_), H = size_t(n_head_);
+    const size_t hk = H * dk_, hv = H * dv_;
+    for (auto &S : scratch_) {
+        if (S.raw.size() >= std::max(hk, hv) && (!v_trans || S.vacc.size() >= H * cells)) continue;
+        S.raw.resize(std::max(hk, hv));
+        S.unit.resize(size_t(dk_) * 4 + size_t(rl_.n_rot) * 2);
+        for (auto *v : {&S.tar, &S.van}) v->resize(H * cells);
+        S.pooled.resize(cells);
+        S.cand.resize(cells);
+        S.radix.resize(cells);
+        S.keys.resize(cells);
+        S.slots.resize(cells);
+        S.mark.resize(H * cells);
+        S.any_recent.resize(cells);
+        S.any_past.resize(cells);
+        if (v_trans) {
+            S.run.resize(cells);
+            S.vacc.resize(H * cells);
         }
-        return out;
     }
+    prefix_cells_.reserve(cells);
+    slot_cells_.reserve(cells);
+}
 
-    llama_context *ctx_;
-    llama_seq_id seq_;
-    int n_prefix_, n_head_, dk_, dv_;
-    bool mrope_;
-    int max_cells_;
-    bool in_place_;
-    KVCapture *capture_;
-    bool direct_checked_ = false;
-    std::string direct_why_;
-    edge::StateLayout layout_;  // which parts the model's sequence state has
-    Rope rope_;
-    Rope sliding_rope_;  // the sliding-window layers' RoPE (Gemma 3: their own base, no scaling)
-    bool sliding_rope_set_ = false;
-    std::vector<int32_t> sliding_keep_;  // the sliding cache's cells a re-index keeps
-    std::vector<float> sliding_c_, sliding_s_;  // its one rotation (every moved key turns by the same delta)
-    RopeLayout rl_;
-    std::vector<uint8_t> pair_turns_;  // per rotary pair: whether it turns with the position (M-RoPE e pairs do not)
-    bool sections_known_ = false;      // M-RoPE: sections given, so keys can be re-rotated
-    int table_n_ = 1;
-    std::vector<float> rc_, rs_;
-    // portable path
-    std::vector<uint8_t> a_, b_;
-    size_t size_a_ = 0;
-    StateView view_;
-    std::vector<size_t> k_at_, v_at_;
-    // direct path
-    KVCapture *cap_ = nullptr;
-    StateView dview_;  // the layout of the last verified state (metadata only; its bytes are gone)
-    bool verified_ = false;
-    std::vector<size_t> fp_cells_;
-    std::vector<uint8_t> fp_;
-    bool plan_ = false, moved_ = false;  // plan_in_place() armed; select() moved the cells already
-    size_t moved_keep_ = 0;
-    std::vector<int32_t> moved_kept_;
-    // this pass, either path
-    bool direct_ = false, v_trans_ = false;
-    size_t n_layer_ = 0, state_bytes_ = 0;  // state_bytes_: the sequence's state when the pass read it
-    std::vector<LayerSrc> src_;
-    std::vector<int32_t> prefix_cells_, slot_cells_;
-    std::vector<uint8_t> marks_;  // [L][H][N] recent slots, marked by select() before scoring
-    std::vector<size_t> recent_;  // [L][H] recent frames
-    bool record_ = false;  // diagnostics: keep the scores of each select() (record_layer)
-    mutable std::vector<double> rec_tar_, rec_van_;  // [L][H][N], written by the layers' threads, disjoint rows
-    size_t rec_n_ = 0;
-    std::vector<Scratch> scratch_;
-};
+// The direct path's check against the parsed state: the sequence is exactly cells [0, total) holding
+// positions 0..total-1 in cell order (state_write walks cells in index order), and the blob's rows are
+// the captured tensors' rows [0, total). A shifted or permuted layout differs in some row.
+std::string KVPass::verify_layout(int total) {
+    std::vector<uint8_t> blob(llama_state_seq_get_size(ctx_, seq_));
+    blob.resize(llama_state_seq_get_data(ctx_, blob.data(), blob.size(), seq_));
+    try {
+        edge::parse_state(blob.data(), blob.size(), layout_, dview_);
+    } catch (const std::exception &e) {
+        return e.what();
+    }
+    state_bytes_ = blob.size();
+    if (dview_.cell_count != uint32_t(total))
+        return "the state has " + std::to_string(dview_.cell_count) + " cells, not " + std::to_string(total);
+    for (uint32_t c = 0; c < dview_.cell_count; ++c)
+        if (dview_.pos[c] != int32_t(c))
+            return "the state's cell " + std::to_string(c) + " holds position " + std::to_string(dview_.pos[c]);
+    if (dview_.n_layer != cap_->n_layer()) return "the state and the captured tensors disagree on the layers";
+    const size_t cc = dview_.cell_count;
+    for (size_t l = 0; l < dview_.n_layer; ++l) {
+        const auto &LV = dview_.layers[l];
+        ggml_tensor *k = cap_->k(l), *v = cap_->v(l);
+        if (LV.k_type != k->type || LV.v_type != v->type || LV.k_row_bytes != k->nb[1])
+            return "layer " + std::to_string(l) + ": the state's K/V types or rows differ from the tensors'";
+        if (std::memcmp(blob.data() + LV.k_offset, k->data, cc * LV.k_row_bytes) != 0)
+            return "layer " + std::to_string(l) + ": the state's keys are not the tensor's cells [0, " +
+                   std::to_string(cc) + ")";
+        const uint8_t *vd = static_cast<const uint8_t *>(v->data);
+        if (!dview_.v_trans) {
+            if (LV.v_row_bytes != v->nb[1] ||
+                std::memcmp(blob.data() + LV.v_offset, vd, cc * LV.v_row_bytes) != 0)
+                return "layer " + std::to_string(l) + ": the state's values are not the tensor's first cells";
+            continue;
+        }
+        const size_t e = LV.v_elem_bytes, kv_size = size_t(v->ne[1]);
+        if (e != ggml_type_size(v->type) || LV.n_embd_v != uint32_t(n_head_ * dv_))
+            return "layer " + std::to_string(l) + ": the state's transposed V does not match the tensor";
+        for (size_t d = 0; d < LV.n_embd_v; ++d)
+            if (std::memcmp(blob.data() + LV.v_offset + d * cc * e, vd + d * kv_size * e, cc * e) != 0)
+                return "layer " + std::to_string(l) + ": the state's values are not the tensor's first cells";
+    }
+    return "";
+}
+
+void KVPass::check_layout() const {
+    for (const auto &L : view_.layers) {
+        for (int t : {L.k_type, L.v_type})
+            if (t != GGML_TYPE_F16 && t != GGML_TYPE_F32)
+                throw std::runtime_error(std::string("the KV cache is ") + ggml_type_name(ggml_type(t)) +
+                                         "; compression supports f16 and f32 caches (use --cache-type f16)");
+        if (L.k_row_bytes != size_t(n_head_) * dk_ * ggml_type_size(ggml_type(L.k_type)))
+            throw std::runtime_error("K rows do not match n_head_kv x head_dim");
+    }
+}
+
+// A bookkeeping table [L, H, M]: slot n of (l, h) at (l * H + h) * M + n, for n < N <= M. Returns M.
+size_t KVPass::check_bookkeeping(const I32Array &x, size_t L, size_t H, size_t N) {
+    if (x.ndim() != 3 || size_t(x.shape(0)) != L || size_t(x.shape(1)) != H || size_t(x.shape(2)) < N)
+        throw std::invalid_argument("bookkeeping arrays must be [n_layer, n_head_kv, >= n_slots] = [" +
+                                    std::to_string(L) + ", " + std::to_string(H) + ", " + std::to_string(N) + "]");
+    return size_t(x.shape(2));
+}
+
+int KVPass::pool_kernel(size_t l, size_t L) {
+    if (4 * l < L) return 7;
+    if (2 * l < L) return 5;
+    if (4 * l < 3 * L) return 3;
+    return 1;
+}
+
+// One layer: scores for all heads (each K and V row read once for every head), then per head the
+// InfiniPot-V choice. F, P, R: this layer's bookkeeping, head h's slots at h * M.
+void KVPass::select_layer(Scratch &S, size_t l, const int32_t *F, const int32_t *P, const int32_t *R, size_t M, int nx,
+                          size_t p, size_t keep, double alpha, int kernel, bool use_tar, bool use_van, int32_t *out) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size();
+    const size_t *r = recent_.data() + l * H;
+    std::memcpy(S.mark.data(), marks_.data() + l * H * N, H * N);  // select() marked the recent slots
+    // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
+    const bool van_rows = use_tar && use_van && !v_trans_;
+    if (use_tar) tar_layer(S, l, P, R, M, p, van_rows);
+    if (use_van) {
+        if (!van_rows) van_layer(S, l);
+        if (kernel > 1)
+            for (size_t h = 0; h < H; ++h)
+                pool_van(S, S.van.data() + h * N, F + h * M, P + h * M, nx, p, kernel);
+    }
+    if (record_) record_layer(S, l, use_tar, use_van);
+    for (size_t h = 0; h < H; ++h)
+        choose(S, h, r[h] * p, keep, alpha, use_tar, use_van, out + h * keep);
+}
+
+// Diagnostics (scripts/retention.py): this layer's scores as the choice will read them, NaN where none
+// was computed (TaR of the recent slots, a half the policy leaves out). Layers write disjoint rows.
+void KVPass::record_layer(const Scratch &S, size_t l, bool use_tar, bool use_van) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (size_t i = 0; i < H * N; ++i) {  // TaR as the paper writes it: the mean over the r recent frames
+        rec_tar_[l * H * N + i] = use_tar && !S.mark[i] ? S.tar[i] / double(recent_[l * H + i / N]) : nan;
+        rec_van_[l * H * N + i] = use_van ? S.van[i] : nan;
+    }
+}
+
+// Mark head h's slots of the recent frames (frame >= recent_min_frame); every patch of each must be
+// there, once. Returns the number of recent frames.
+size_t KVPass::mark_recent(uint8_t *mark, const int32_t *frame, const int32_t *patch, size_t p, int recent_min_frame,
+                           size_t l, size_t h) const {
+    const size_t N = slot_cells_.size();
+    size_t n_recent_tokens = 0, n_recent_frames = 0;
+    int last_frame = INT32_MIN;
+    for (size_t n = 0; n < N; ++n) {
+        if (n > 0 && frame[n] < frame[n - 1]) throw std::logic_error("slots are not in time order");
+        if (patch[n] < 0 || size_t(patch[n]) >= p) throw std::invalid_argument("patch index outside the grid");
+        mark[n] = frame[n] >= recent_min_frame;
+        if (!mark[n]) continue;
+        if (frame[n] != last_frame) {
+            last_frame = frame[n];
+            ++n_recent_frames;
+        }
+        ++n_recent_tokens;
+    }
+    if (n_recent_tokens != n_recent_frames * p)
+        throw std::invalid_argument("a recent frame is incomplete in layer " + std::to_string(l) + ", head " +
+                                    std::to_string(h));
+    return n_recent_frames;
+}
+
+// TaR of every past slot of every head: -(1/r) sum over recent frames of cos(k_n, k_{t', patch(n)})
+// = -(1/r) k̂_n . S_patch(n), with S_q the sum of the recent frames' unit keys (un-rotated to position
+// 0) at patch q. Two sweeps over the layer's rows: recent slots fill S, past slots take one fused
+// un-rotate-and-dot each.
+void KVPass::tar_layer(Scratch &S, size_t l, const int32_t *patch, const int32_t *rpos, size_t M, size_t p,
+                       bool van_rows) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_);
+    const LayerSrc &L = src_[l];
+    std::fill(S.sum.begin(), S.sum.begin() + long(H * p * D), 0.0f);
+    for (size_t n = 0; n < N; ++n) {
+        uint8_t rec = 0, past = 0;
+        for (size_t h = 0; h < H; ++h) (S.mark[h * N + n] ? rec : past) = 1;
+        S.any_recent[n] = rec;
+        S.any_past[n] = past;
+    }
+    float *u = S.unit.data(), *tmp = S.unit.data() + D, *row = S.raw.data();
+    const float *c = nullptr, *s = nullptr;
+    for (size_t n = 0; n < N; ++n) {
+        prefetch_book(rpos, H, M, n, N);
+        prefetch_book(patch, H, M, n, N);
+        if (!S.any_recent[n]) continue;
+        if (n + kAhead < N) {
+            prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
+            if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
+        }
+        if (van_rows && !S.any_past[n]) van_row(S, L, n);  // rows with past slots: in the sweep below
+        to_float(L.k_type, L.k + size_t(slot_cells_[n]) * L.k_row, row, H * D);
+        for (size_t h = 0; h < H; ++h) {
+            if (!S.mark[h * N + n]) continue;
+            tables(rpos[h * M + n], c, s, tmp);
+            const float norm = std::sqrt(unrotate(row + h * D, c, s, rl_, u));
+            const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;  // cos = a.b / max(|a||b|, eps)
+            float *sum = S.sum.data() + (h * p + size_t(patch[h * M + n])) * D;
+            for (size_t d = 0; d < D; ++d) sum[d] += u[d] * inv;
+        }
+    }
+    if (L.k_type == GGML_TYPE_F16)
+        tar_past(S, L, reinterpret_cast<const uint16_t *>(L.k), patch, rpos, M, p, van_rows);
+    else
+        tar_past(S, L, reinterpret_cast<const float *>(L.k), patch, rpos, M, p, van_rows);
+}
+
+// TaR of the past slots, one fused un-rotate-and-dot each, straight from the cache's f16 or f32.
+template <typename E>
+void KVPass::tar_past(Scratch &S, const LayerSrc &L, const E *k, const int32_t *patch, const int32_t *rpos, size_t M,
+                      size_t p, bool van_rows) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dk_), row = L.k_row / sizeof(E);
+    float *tmp = S.unit.data() + D;
+    const float *c = nullptr, *s = nullptr;
+    for (size_t n = 0; n < N; ++n) {
+        prefetch_book(rpos, H, M, n, N);
+        prefetch_book(patch, H, M, n, N);
+        if (!S.any_past[n]) continue;
+        if (n + kAhead < N) {
+            prefetch_row(L.k + size_t(slot_cells_[n + kAhead]) * L.k_row, L.k_row);
+            if (van_rows) prefetch_row(L.v + size_t(slot_cells_[n + kAhead]) * L.v_row, L.v_row);
+            prefetch_tables(rpos[n + kAhead]);  // the RoPE rows are as big as a head's key
+        }
+        if (van_rows) van_row(S, L, n);
+        const E *x = k + size_t(slot_cells_[n]) * row;
+        for (size_t h = 0; h < H; ++h) {
+            if (S.mark[h * N + n]) continue;
+            tables(rpos[h * M + n], c, s, tmp);
+            float n2;
+            const float dot =
+                unrotate_dot(x + h * D, c, s, S.sum.data() + (h * p + size_t(patch[h * M + n])) * D, rl_, n2);
+            const float norm = std::sqrt(n2);
+            const float inv = norm > 1e-12f ? 1.0f / norm : 0.0f;
+            // -(1/r) of this is the TaR score; only its rank within the head counts, so the constant
+            // factor is left out.
+            S.tar[h * N + n] = -double(dot) * inv;
+        }
+    }
+}
+
+// VaN of slot n of every head, from its V row (not transposed), read as stored.
+void KVPass::van_row(Scratch &S, const LayerSrc &L, size_t n) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
+    const uint8_t *v = L.v + size_t(slot_cells_[n]) * L.v_row;
+    for (size_t h = 0; h < H; ++h)
+        S.van[h * N + n] = std::sqrt(double(L.v_type == GGML_TYPE_F16
+                                                ? sum_squares(reinterpret_cast<const uint16_t *>(v) + h * D, int(D))
+                                                : sum_squares(reinterpret_cast<const float *>(v) + h * D, int(D))));
+}
+
+// VaN of every slot of every head: one sweep over V rows, or over transposed V's dimension runs.
+void KVPass::van_layer(Scratch &S, size_t l) const {
+    const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(dv_);
+    const LayerSrc &L = src_[l];
+    if (!v_trans_) {
+        for (size_t n = 0; n < N; ++n) van_row(S, L, n);
+        return;
+    }
+    std::fill(S.vacc.begin(), S.vacc.begin() + long(H * N), 0.0f);
+    const bool contiguous = N > 0 && size_t(slot_cells_[N - 1] - slot_cells_[0]) == N - 1;
+    float *x = S.run.data();
+    for (size_t d = 0; d < H * D; ++d) {
+        const uint8_t *run = L.v + d * L.v_row;
+        if (contiguous) {
+            to_float(L.v_type, run + size_t(slot_cells_[0]) * L.v_elem, x, N);
+        } else {
+            for (size_t n = 0; n < N; ++n) to_float(L.v_type, run + size_t(slot_cells_[n]) * L.v_elem, x + n, 1);
+        }
+        float *acc = S.vacc.data() + (d / D) * N;
+        for (size_t n = 0; n < N; ++n) acc[n] += x[n] * x[n];
+    }
+    for (size_t i = 0; i < H * N; ++i) S.van[i] = std::sqrt(double(S.vacc[i]));
+}
+
+// Mean of VaN over the k x k window of the same frame, over the slots this head still holds.
+void KVPass::pool_van(Scratch &S, double *van, const int32_t *frame, const int32_t *patch, int nx, size_t p,
+                      int kernel) const {
+    const size_t N = slot_cells_.size();
+    const int half = kernel / 2, ny = int(p) / nx;
+    size_t start = 0;
+    while (start < N) {
+        size_t end = start;
+        while (end < N && frame[end] == frame[start]) ++end;
+        for (size_t n = start; n < end; ++n) {
+            S.grid[size_t(patch[n])] = van[n];
+            S.present[size_t(patch[n])] = 1;
+        }
+        for (size_t n = start; n < end; ++n) {
+            const int x = patch[n] % nx, y = patch[n] / nx;
+            double s = 0;
+            int cnt = 0;
+            for (int yy = std::max(0, y - half); yy <= std::min(ny - 1, y + half); ++yy)
+                for (int xx = std::max(0, x - half); xx <= std::min(nx - 1, x + half); ++xx)
+                    if (S.present[size_t(yy * nx + xx)]) {
+                        s += S.grid[size_t(yy * nx + xx)];
+                        ++cnt;
+                    }
+            S.pooled[n] = s / cnt;
+        }
+        for (size_t n = start; n < end; ++n) S.present[size_t(patch[n])] = 0;
+        start = end;
+    }
+    std::copy(S.pooled.begin(), S.pooled.begin() + long(N), van);
+}
+
+// Head h's choice from its scores: the recent slots (marked), alpha |C| by TaR, the rest by VaN.
+void KVPass::choose(Scratch &S, size_t h, size_t rp, size_t keep, double alpha, bool use_tar, bool use_van,
+                    int32_t *out) const {
+    const size_t N = slot_cells_.size();
+    uint8_t *mark = S.mark.data() + h * N;
+    const double *tar = S.tar.data() + h * N, *van = S.van.data() + h * N;
+    uint64_t *key = S.keys.data();
+    int32_t *slot = S.cand.data();
+    const double *first = use_tar ? tar : van;
+    // The candidates, the unmarked slots in slot order. Branch-free passes: which slots are in or out
+    // is data, not a pattern a predictor learns.
+    size_t nc = 0;
+    for (size_t n = 0; n < N; ++n) {
+        key[nc] = order_key(first[n]);
+        slot[nc] = int32_t(n);
+        nc += !mark[n];
+    }
+    size_t n_kept_past = keep - rp;
+    if (use_tar && use_van) {
+        long n_tar = long(std::floor(alpha * double(keep))) - long(rp);
+        if (n_tar < 0) throw std::invalid_argument("alpha * |C| must cover the recent frames");
+        const size_t nt = std::min(size_t(n_tar), nc);
+        // Protected by TaR; the rest of the room goes to the highest VaN among the others.
+        nc = take_best(key, slot, S.radix.data(), mark, nc, nt, van);
+        n_kept_past -= nt;
+    }
+    take_best(key, slot, S.radix.data(), mark, nc, std::min(n_kept_past, nc), nullptr);
+    int32_t *all = S.slots.data();
+    size_t k = 0;
+    for (size_t n = 0; n < N; ++n) {
+        all[k] = int32_t(n);
+        k += mark[n] != 0;
+    }
+    if (k == keep) std::copy(all, all + k, out);
+    if (k != keep) throw std::logic_error("selection kept " + std::to_string(k) + " slots, not " + std::to_string(keep));
+}
+
+// In place: for every layer and head, slot j <- kept[j] (a forward move, kept[j] >= j), keys turned
+// from their stored rotation to position P + j on the way; then the cells after P + C are freed.
+// Nothing here can fail: apply() checked every input before.
+void KVPass::apply_direct(const int32_t *K, size_t C, const int32_t *RP, size_t M) {
+    for_layers(n_layer_, scratch_, [&](size_t l, Scratch &S) {
+        move_layer(l, S, K + l * size_t(n_head_) * C, C, RP + l * size_t(n_head_) * M, M);
+    }, true);
+    finish_direct(C);
+}
+
+// Layer l in place: kept = [H][C] slots of this layer, rp = their stored rotations, head h's at h * M.
+// One sweep over the cells for K and V rows alike, the rows of a few cells ahead asked for early (the
+// sources to read, the destinations to write, the RoPE rows).
+void KVPass::move_layer(size_t l, Scratch &S, const int32_t *kept, size_t C, const int32_t *rp, size_t M) const {
+    const size_t H = size_t(n_head_), P0 = size_t(n_prefix_);
+    const LayerSrc &Ls = src_[l];
+    const size_t kb = Ls.k_row / H, vb = Ls.v_row / H;
+    const bool v_rows = !v_trans_;
+    float *tmp = S.unit.data();
+    auto sweep = [&](auto elem) {
+        using E = decltype(elem);
+        for (size_t j = 0; j < C; ++j) {
+            if (j + kAhead < C) {
+                const size_t ja = P0 + j + kAhead;
+                prefetch_row_for_write(Ls.k + ja * Ls.k_row, Ls.k_row);
+                if (v_rows) prefetch_row_for_write(Ls.v + ja * Ls.v_row, Ls.v_row);
+                for (size_t h = 0; h < H; ++h) {
+                    const size_t a = size_t(kept[h * C + j + kAhead]);
+                    prefetch_row(Ls.k + (P0 + a) * Ls.k_row + h * kb, kb);
+                    if (v_rows) prefetch_row(Ls.v + (P0 + a) * Ls.v_row + h * vb, vb);
+                    prefetch_tables(int(ja) - rp[h * M + a]);
+                }
+            }
+            if (j + kBook < C)
+                for (size_t h = 0; h < H; ++h)
+                    prefetch_row(reinterpret_cast<const uint8_t *>(rp + h * M + kept[h * C + j + kBook]), 1);
+            uint8_t *dst = Ls.k + (P0 + j) * Ls.k_row;
+            for (size_t h = 0; h < H; ++h) {
+                const size_t s = size_t(kept[h * C + j]);
+                const int delta = int(P0 + j) - rp[h * M + s];
+                if (v_rows && s != j)
+                    copy_bytes(Ls.v + (P0 + j) * Ls.v_row + h * vb, Ls.v + (P0 + s) * Ls.v_row + h * vb, vb);
+                if (s == j && delta == 0) continue;
+                const uint8_t *from = Ls.k + (P0 + s) * Ls.k_row + h * kb;
+                if (delta == 0)
+                    copy_bytes(dst + h * kb, from, kb);
+                else
+                    turn_key<E>(from, dst + h * kb, delta, tmp);
+            }
+        }
+    };
+    if (Ls.k_type == GGML_TYPE_F16)
+        sweep(uint16_t{});
+    else
+        sweep(float{});
+    if (v_rows) return;
+    const size_t Dv = size_t(dv_);
+    auto runs = [&](auto elem) {
+        using T = decltype(elem);
+        for (size_t d = 0; d < H * Dv; ++d) {
+            T *run = reinterpret_cast<T *>(Ls.v + d * Ls.v_row) + P0;
+            const int32_t *kh = kept + (d / Dv) * C;
+            for (size_t j = 0; j < C; ++j) run[j] = run[kh[j]];
+        }
+    };
+    if (Ls.v_elem == 2)
+        runs(uint16_t{});
+    else
+        runs(uint32_t{});
+}
+
+// The kept cells are in place: free the rest of the sequence's cells (positions P + C on).
+void KVPass::finish_direct(size_t C) {
+    llama_memory_seq_rm(llama_get_memory(ctx_), seq_, n_prefix_ + llama_pos(C), -1);
+    take_fingerprint(size_t(n_prefix_) + C);
+}
+
+// Layer 0's K rows of a few cells the pass just wrote (first, middle, last): compared at the next
+// read_direct, a cheap witness that nothing re-packed the sequence in between.
+void KVPass::take_fingerprint(size_t cells) {
+    const LayerSrc &L = src_[0];
+    fp_cells_ = {0, cells / 2, cells - 1};
+    fp_.resize(fp_cells_.size() * L.k_row);
+    for (size_t i = 0; i < fp_cells_.size(); ++i)
+        std::memcpy(fp_.data() + i * L.k_row, L.k + fp_cells_[i] * L.k_row, L.k_row);
+}
+
+bool KVPass::fingerprint_matches() const {
+    if (fp_cells_.empty()) return false;
+    ggml_tensor *k = cap_->k(0);
+    const size_t row = k->nb[1];
+    if (fp_.size() != fp_cells_.size() * row) return false;
+    for (size_t i = 0; i < fp_cells_.size(); ++i)
+        if (std::memcmp(fp_.data() + i * row, static_cast<const uint8_t *>(k->data) + fp_cells_[i] * row, row) != 0)
+            return false;
+    return true;
+}
+
+void KVPass::apply_portable(const int32_t *K, size_t C, const int32_t *NPOS, const int32_t *RP, size_t M, bool rerotate) {
+    const size_t L = n_layer_, NP = prefix_cells_.size(), cells = NP + C;
+    fp_cells_.clear();  // set_data re-packs the sequence: the next direct read checks it in full
+    // Reindex mode moves a sliding-window cache along with the sequence (plan_sliding); every other part
+    // after the compressed cache goes back as it was.
+    const bool move_sliding = rerotate && !view_.other_caches.empty() && C > 0;
+    const int sliding_delta = move_sliding ? NPOS[C - 1] - view_.pos[size_t(slot_cells_.back())] : 0;
+    const size_t sliding_out = move_sliding ? plan_sliding(sliding_delta) : 0;
+    const size_t rest_begin = move_sliding ? view_.other_caches[0].end : view_.carried_begin;
+    const size_t out_size =
+        8 + edge::cache_size_for(view_, view_.mrope, cells) + sliding_out + (view_.size - rest_begin);
+    if (out_size > b_.size()) throw std::runtime_error("compressed state exceeds the pass buffer");
+
+    py::gil_scoped_release nogil;
+    uint8_t *b = b_.data();
+    const uint8_t *a = a_.data();
+    const size_t H = size_t(n_head_);
+    size_t w = edge::write_cells(b, view_, a, prefix_cells_, slot_cells_, K, C, NPOS);
+    w = edge::layer_offsets(view_, cells, w, k_at_, v_at_);
+    if (move_sliding) {
+        // Every moved key of the sliding cache turns by the same delta: one table (plan_sliding).
+        float *tmp = scratch_[0].unit.data();
+        auto turn = [&](int k_type, const uint8_t *from, uint8_t *to) {
+            if (k_type == GGML_TYPE_F16)
+                move_key(reinterpret_cast<const uint16_t *>(from), reinterpret_cast<uint16_t *>(to), sliding_c_.data(),
+                         sliding_s_.data(), sliding_delta > 0, rl_, tmp);
+            else
+                move_key(reinterpret_cast<const float *>(from), reinterpret_cast<float *>(to), sliding_c_.data(),
+                         sliding_s_.data(), sliding_delta > 0, rl_, tmp);
+        };
+        if (edge::write_sliding(b + w, view_.other_caches[0], a, sliding_keep_, n_prefix_, sliding_delta, H, turn) !=
+            sliding_out)
+            throw std::logic_error("re-indexed sliding-window cache size mismatch");
+    }
+    const size_t rest_at = w + sliding_out;
+    w = rest_at + (view_.size - rest_begin);
+    if (w != out_size) throw std::logic_error("compressed state size mismatch");
+    // The parts after the compressed cache (the sliding-window cache in keep mode, the recurrent state)
+    // go back as they were.
+    std::memcpy(b + rest_at, a + rest_begin, view_.size - rest_begin);
+    // The recurrent state takes the last kept slot's position, which reindex mode lowers. Its data stay as
+    // they were.
+    if (view_.has_recurrent && C > 0) edge::set_recurrent_pos(b + rest_at, view_, rest_begin, NPOS[C - 1]);
+    for_layers(L, scratch_, [&](size_t l, Scratch &S) {
+        // Layer l's keys: row j = head h's kept token, re-rotated from its stored rotation to NPOS[j] if asked.
+        float *tmp = S.unit.data();
+        edge::write_keys(b + k_at_[l], view_, l, a, prefix_cells_, slot_cells_, K, C, H,
+                         [&](const uint8_t *from, uint8_t *to, size_t hb, size_t h, int32_t slot, size_t j) {
+                             const int delta = NPOS[j] - RP[(l * H + h) * M + size_t(slot)];
+                             if (!rerotate || delta == 0) {  // bit-exact when nothing turns
+                                 std::memcpy(to, from, hb);
+                                 return;
+                             }
+                             turn_key(from, to, view_.layers[l].k_type, delta, tmp);
+                         });
+        edge::write_values(b + v_at_[l], view_, l, a, prefix_cells_, slot_cells_, K, C, H);
+    });
+    if (llama_state_seq_set_data(ctx_, b, w, seq_) == 0) {
+        // llama.cpp removed the sequence before failing: put the untouched original back.
+        if (llama_state_seq_set_data(ctx_, a, size_a_, seq_) == 0)
+            throw std::runtime_error("writing the compressed KV state failed and so did restoring it: memory lost");
+        throw std::runtime_error("writing the compressed KV state failed; the memory was restored as it was");
+    }
+}
+
+// Reindex mode on a sliding-window model (Gemma 3): the sliding layers' cache holds the sequence's last
+// n_swa positions, llama.cpp's own window, and is not compressed. It moves with the end of the sequence:
+// every video cell by the same delta (the compressed cache's new end minus its old one), keys re-rotated
+// by delta with the sliding layers' RoPE, so each token keeps its distance to the next frame and the
+// window shows what it showed. Video cells that would land in the system prompt's positions (a window
+// longer than |C|) are dropped; the prompt's own cells, if still in the window, stay. Returns the
+// section's bytes; plan_sliding checks everything write_sliding relies on.
+size_t KVPass::plan_sliding(int delta) {
+    const edge::CacheView &c = view_.other_caches[0];
+    if (!sliding_rope_set_)
+        throw std::runtime_error("the sliding-window layers' RoPE is not known (set_sliding_rope): cannot re-index");
+    const size_t H = size_t(n_head_);
+    for (const auto &L : c.layers) {
+        if (L.k_type != GGML_TYPE_F16 && L.k_type != GGML_TYPE_F32)
+            throw std::runtime_error(std::string("the sliding-window KV cache is ") + ggml_type_name(ggml_type(L.k_type)));
+        if (L.k_row_bytes != H * size_t(dk_) * ggml_type_size(ggml_type(L.k_type)))
+            throw std::runtime_error("the sliding-window cache's K rows do not match n_head_kv x head_dim");
+    }
+    sliding_keep_.clear();
+    for (uint32_t i = 0; i < c.cell_count; ++i)
+        if (c.pos[i] < n_prefix_ || c.pos[i] + delta >= n_prefix_) sliding_keep_.push_back(int32_t(i));
+    sliding_c_.resize(size_t(rl_.n_rot));
+    sliding_s_.resize(size_t(rl_.n_rot));
+    fill_tables(sliding_rope_, delta < 0 ? -delta : delta, sliding_c_.data(), sliding_s_.data());
+    return edge::cache_size_for(c, view_.mrope, sliding_keep_.size());
+}
+
+py::array_t<float> KVPass::rows(int layer, bool keys) {
+    if (layer < 0 || size_t(layer) >= n_layer_) throw std::out_of_range("layer");
+    const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(keys ? dk_ : dv_);
+    const LayerSrc &L = src_[size_t(layer)];
+    py::array_t<float> out({py::ssize_t(H), py::ssize_t(N), py::ssize_t(D)});
+    float *o = out.mutable_data();
+    std::vector<float> row(H * D);
+    for (size_t n = 0; n < N; ++n) {
+        const size_t c = size_t(slot_cells_[n]);
+        if (keys || !v_trans_) {
+            to_float(keys ? L.k_type : L.v_type, (keys ? L.k + c * L.k_row : L.v + c * L.v_row), row.data(), H * D);
+        } else {
+            for (size_t d = 0; d < H * D; ++d) to_float(L.v_type, L.v + d * L.v_row + c * L.v_elem, &row[d], 1);
+        }
+        for (size_t h = 0; h < H; ++h) std::memcpy(o + (h * N + n) * D, row.data() + h * D, D * sizeof(float));
+    }
+    return out;
+}
 
 // The video memory's bookkeeping (edge_runtime/memory.py SlotTable), kept in [L, H, M] int32 tables of which
 // the first n slots of every (layer, head) are live. Native because a pass rewrites ~10^5 entries a table.
-using I32Table = py::array_t<int32_t, py::array::c_style>;  // no forcecast: written in place, never a copy
+namespace {
 
 size_t check_table(const I32Table &t, size_t L, size_t H, size_t M) {
     if (t.ndim() != 3 || (L && (size_t(t.shape(0)) != L || size_t(t.shape(1)) != H || size_t(t.shape(2)) != M)))
         throw std::invalid_argument("the slot tables must be [n_layer, n_head_kv, capacity], all alike");
     return size_t(t.shape(2));
 }
+
+}  // namespace
 
 // SlotTable.keep: slot j of (l, h) becomes the old slot kept[l, h, j] in each table; rot_pos takes
 // new_rot_pos[j] instead when given. Ascending lists (every policy's) compact forward in place (kept[j] >= j:
@@ -2154,79 +1280,4 @@ py::dict state_parts(uintptr_t ctx_address, bool mrope, bool rows, int seq_id) {
     return out;
 }
 
-PYBIND11_MODULE(_native, m) {
-    m.doc() = "edge-runtime's KV compression pass over llama.cpp's KV cache (InfiniPot-V).";
-    m.def("state_layout", [](uintptr_t ctx, bool mrope) {
-        const edge::StateLayout s = edge::layout_of(llama_get_model(reinterpret_cast<llama_context *>(ctx)), mrope);
-        py::dict d;
-        d["n_caches"] = s.n_caches;
-        d["recurrent"] = s.recurrent;
-        return d;
-    }, py::arg("ctx"), py::arg("mrope"), "Which parts a context's sequence state has: KV caches, a recurrent state.");
-    m.def("state_parts", &state_parts, py::arg("ctx"), py::arg("mrope"), py::arg("rows") = false,
-          py::arg("seq_id") = 0,
-          "A sequence's KV state of a context, part by part (caches in blob order, then any recurrent state).");
-    m.def("keep_slots", &keep_slots, py::arg("frame"), py::arg("patch"), py::arg("rot_pos"), py::arg("n"),
-          py::arg("kept"), py::arg("new_rot_pos") = py::none(),
-          "Slot j of each (layer, head) becomes its old slot kept[l, h, j], in the [L, H, M] tables, in place; "
-          "returns the frame ids still held, ascending.");
-    py::class_<KVCapture>(m, "KVCapture")
-        .def(py::init<int>(), py::arg("n_layer"))
-        .def_property_readonly("callback", &KVCapture::callback)
-        .def_property_readonly("user_data", &KVCapture::user_data)
-        .def_property_readonly("complete", &KVCapture::complete)
-        .def("describe", &KVCapture::describe);
-    py::class_<PassParams>(m, "PassParams", "What a pass needs to know of the model and the memory (fixed for its life).")
-        .def(py::init<>())
-        .def_readwrite("seq_id", &PassParams::seq_id)
-        .def_readwrite("n_prefix", &PassParams::n_prefix)
-        .def_readwrite("n_head_kv", &PassParams::n_head_kv)
-        .def_readwrite("head_dim_k", &PassParams::head_dim_k)
-        .def_readwrite("head_dim_v", &PassParams::head_dim_v)
-        .def_readwrite("rope_type", &PassParams::rope_type)
-        .def_readwrite("n_rot", &PassParams::n_rot)
-        .def_readwrite("freq_base", &PassParams::freq_base)
-        .def_readwrite("freq_scale", &PassParams::freq_scale)
-        .def_readwrite("rope_sections", &PassParams::rope_sections)
-        .def_readwrite("mrope", &PassParams::mrope)
-        .def_readwrite("sliding_freq_base", &PassParams::sliding_freq_base)
-        .def_readwrite("max_cells", &PassParams::max_cells)
-        .def_readwrite("max_position", &PassParams::max_position)
-        .def_readwrite("n_threads", &PassParams::n_threads)
-        .def_readwrite("in_place", &PassParams::in_place);
-    py::class_<ScoreParams>(m, "ScoreParams", "InfiniPot-V's selection settings for one pass.")
-        .def(py::init<>())
-        .def_readwrite("nx", &ScoreParams::nx)
-        .def_readwrite("ny", &ScoreParams::ny)
-        .def_readwrite("recent_min_frame", &ScoreParams::recent_min_frame)
-        .def_readwrite("keep", &ScoreParams::keep)
-        .def_readwrite("alpha", &ScoreParams::alpha)
-        .def_readwrite("pool", &ScoreParams::pool)
-        .def_readwrite("use_tar", &ScoreParams::use_tar)
-        .def_readwrite("use_van", &ScoreParams::use_van)
-        .def_readwrite("shared", &ScoreParams::shared);
-    py::class_<KVPass>(m, "KVPass")
-        // The pass keeps a pointer to the capture: keep the capture alive while the pass lives.
-        .def(py::init<uintptr_t, const PassParams &, KVCapture *>(), py::arg("ctx"), py::arg("params"),
-             py::arg("capture") = nullptr, py::keep_alive<1, 4>())
-        .def("compress", &KVPass::compress, py::arg("frame"), py::arg("patch"), py::arg("rot_pos"), py::arg("n_video"),
-             py::arg("choice"), py::arg("reindex"), py::arg("next_pos"), py::arg("new_pos") = py::none(),
-             py::arg("on_read") = py::none())
-        .def("in_place_refusal", &KVPass::in_place_refusal)
-        // Diagnostics: a copy of the state, in slot order (tests, scripts/retention.py).
-        .def("read", &KVPass::read, py::call_guard<py::gil_scoped_release>())
-        .def("record_scores", &KVPass::record_scores, py::arg("on"))
-        .def("scores", &KVPass::scores)
-        .def_property_readonly("path", &KVPass::path)
-        .def_property_readonly("n_slots", &KVPass::n_slots)
-        .def_property_readonly("n_layer", &KVPass::n_layer)
-        .def_property_readonly("v_trans", &KVPass::v_trans)
-        .def_property_readonly("state_bytes", &KVPass::state_bytes)
-        .def_property_readonly("buffer_bytes", &KVPass::buffer_bytes)
-        .def("slot_positions", &KVPass::slot_positions)
-        .def("slot_ext", &KVPass::slot_ext)
-        .def("keys", &KVPass::keys)
-        .def("values", &KVPass::values)
-        .def("apply_truncated_for_test", &KVPass::apply_truncated_for_test)
-        .def("relayout_for_test", &KVPass::relayout_for_test, py::arg("reverse"), py::arg("shift"));
-}
+}  // namespace edge

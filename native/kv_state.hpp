@@ -1,5 +1,6 @@
 // The one place that knows the byte layout of llama.cpp's sequence state
-// (llama_state_seq_get_data / set_data) for the pinned llama-cpp-python 0.3.36.
+// (llama_state_seq_get_data / set_data) for the pinned llama-cpp-python 0.3.36: parsing it (parse_state)
+// and writing it (the write_* functions the pass's portable write-back and the test hooks call).
 //
 //   u32 magic 0xaf143cd8, i32 seq_id, then one part per memory, in the order llama.cpp writes them:
 //     plain models:          one KV cache                     (llama_kv_cache::state_write)
@@ -24,7 +25,8 @@
 // The pass compresses the first KV cache (the one every model has, holding every token: the global
 // layers of a sliding-window model, the attention layers of a hybrid one) and carries the parts after it
 // byte for byte. parse_state() rejects anything it does not consume exactly, so a layout change fails
-// loudly instead of corrupting memory.
+// loudly instead of corrupting memory. The writers take what to keep from the caller (cells, the kept
+// slot of each head) and how to turn a key (a callback): layout here, choice and rotation in the pass.
 #pragma once
 
 #include <cstdint>
@@ -257,6 +259,223 @@ inline size_t state_capacity_for(const StateView &s, size_t cells) {
     for (const auto &c : s.other_caches) n += cache_size_for(c, s.mrope, cells);
     if (s.has_recurrent) n += s.recurrent.end - s.recurrent.begin;
     return n;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Writing. `a` is the blob `s` was parsed from; the writers fill `out` and return the bytes they wrote.
+// Cell lists are cell indices of s's first cache; K is the kept slots [L][H][C] (head h of layer l at
+// (l * H + h) * C), slot n meaning cell slot_cells[n].
+
+// The blob's start up to its first cache's layers: magic, seq_id, one stream of prefix.size() + C cells
+// (the prefix cells as they were, then slot j = head (0, 0)'s kept token at position new_pos[j]), v_trans,
+// n_layer. On M-RoPE models x and y move with the position, as the keys turn: (pos, y, x) stays in slot
+// order.
+inline size_t write_cells(uint8_t *out, const StateView &s, const uint8_t *a, const std::vector<int32_t> &prefix_cells,
+                          const std::vector<int32_t> &slot_cells, const int32_t *K, size_t C, const int32_t *new_pos) {
+    const size_t cells = prefix_cells.size() + C;
+    size_t w = 0;
+    auto put = [&](const void *src, size_t n) { std::memcpy(out + w, src, n); w += n; };
+    auto put32 = [&](uint32_t v) { put(&v, 4); };
+    put32(kStateMagic);
+    put(&s.seq_id, 4);
+    put32(1);
+    put32(uint32_t(cells));
+    const size_t rec = (s.cells_end - s.cell_offset[0]) / s.cell_count;
+    for (int32_t c : prefix_cells) put(a + s.cell_offset[size_t(c)], rec);
+    for (size_t j = 0; j < C; ++j) {
+        const size_t src = size_t(slot_cells[size_t(K[j])]);
+        std::memcpy(out + w, a + s.cell_offset[src], rec);  // head (0, 0)'s token: seq ids
+        std::memcpy(out + w, &new_pos[j], 4);
+        if (s.mrope) {
+            const int32_t delta = new_pos[j] - s.pos[src];
+            const int32_t xy[2] = {s.ext_x[src] + delta, s.ext_y[src] + delta};
+            std::memcpy(out + w + kCellExtOffset, xy, 8);
+        }
+        w += rec;
+    }
+    put32(s.v_trans);
+    put32(s.n_layer);
+    return w;
+}
+
+// Where each layer's K and V sections go when the layers of `c` start at byte w with `cells` cells, so that
+// workers can write their layers independently; returns the first byte after them.
+inline size_t layer_offsets(const CacheView &c, size_t cells, size_t w, std::vector<size_t> &k_at,
+                            std::vector<size_t> &v_at) {
+    const size_t L = c.layers.size();
+    k_at.resize(L);
+    v_at.resize(L);
+    for (size_t l = 0; l < L; ++l) {
+        k_at[l] = w;
+        w += 12 + c.layers[l].k_row_bytes * cells;
+    }
+    for (size_t l = 0; l < L; ++l) {
+        const auto &LV = c.layers[l];
+        v_at[l] = w;
+        w += c.v_trans ? 12 + size_t(LV.v_elem_bytes) * LV.n_embd_v * cells : 12 + LV.v_row_bytes * cells;
+    }
+    return w;
+}
+
+// Layer l's K section: header, the prefix rows, then row j = head h's kept token. Each kept head's key goes
+// through head(from, to, hb, h, slot, j) (hb = row bytes / H): copied or re-rotated by the caller.
+template <typename F>
+inline void write_keys(uint8_t *out, const StateView &s, size_t l, const uint8_t *a,
+                       const std::vector<int32_t> &prefix_cells, const std::vector<int32_t> &slot_cells,
+                       const int32_t *K, size_t C, size_t H, F &&head) {
+    const auto &LV = s.layers[l];
+    const size_t row = LV.k_row_bytes, hb = row / H;
+    const uint8_t *src = a + LV.k_offset;
+    std::memcpy(out, &LV.k_type, 4);
+    std::memcpy(out + 4, &LV.k_row_bytes, 8);
+    out += 12;
+    for (int32_t c : prefix_cells) {
+        std::memcpy(out, src + size_t(c) * row, row);
+        out += row;
+    }
+    for (size_t j = 0; j < C; ++j, out += row)
+        for (size_t h = 0; h < H; ++h) {
+            const int32_t slot = K[(l * H + h) * C + j];
+            head(src + size_t(slot_cells[size_t(slot)]) * row + h * hb, out + h * hb, hb, h, slot, j);
+        }
+}
+
+// Layer l's V section: rows per head like K, or (transposed V) each dimension's run of kept cells.
+inline void write_values(uint8_t *out, const StateView &s, size_t l, const uint8_t *a,
+                         const std::vector<int32_t> &prefix_cells, const std::vector<int32_t> &slot_cells,
+                         const int32_t *K, size_t C, size_t H) {
+    const auto &LV = s.layers[l];
+    const uint8_t *src = a + LV.v_offset;
+    std::memcpy(out, &LV.v_type, 4);
+    if (!s.v_trans) {
+        const size_t row = LV.v_row_bytes, hb = row / H;
+        std::memcpy(out + 4, &LV.v_row_bytes, 8);
+        out += 12;
+        for (int32_t c : prefix_cells) {
+            std::memcpy(out, src + size_t(c) * row, row);
+            out += row;
+        }
+        for (size_t j = 0; j < C; ++j, out += row)
+            for (size_t h = 0; h < H; ++h)
+                std::memcpy(out + h * hb, src + size_t(slot_cells[size_t(K[(l * H + h) * C + j])]) * row + h * hb, hb);
+        return;
+    }
+    std::memcpy(out + 4, &LV.v_elem_bytes, 4);
+    std::memcpy(out + 8, &LV.n_embd_v, 4);
+    out += 12;
+    const size_t cc = s.cell_count, dv = LV.n_embd_v / H;
+    auto runs = [&](auto elem) {
+        using T = decltype(elem);
+        T *o = reinterpret_cast<T *>(out);
+        for (size_t d = 0; d < LV.n_embd_v; ++d) {
+            const T *run = reinterpret_cast<const T *>(src) + d * cc;
+            for (int32_t c : prefix_cells) *o++ = run[c];
+            const int32_t *kh = K + (l * H + d / dv) * C;
+            for (size_t j = 0; j < C; ++j) *o++ = run[slot_cells[size_t(kh[j])]];
+        }
+    };
+    if (LV.v_elem_bytes == 2)
+        runs(uint16_t{});
+    else
+        runs(uint32_t{});
+}
+
+// A sliding-window cache `c` (a part of the blob `a`) keeping the cells `keep` (in blob order), the cells at
+// or after position n_prefix moved by delta positions, their keys turned through
+// turn(k_type, from, to) per head (H heads a row); the prompt's cells stay as they were.
+template <typename F>
+inline size_t write_sliding(uint8_t *out, const CacheView &c, const uint8_t *a, const std::vector<int32_t> &keep,
+                            int32_t n_prefix, int delta, size_t H, F &&turn) {
+    const size_t n = keep.size();
+    size_t w = 0;
+    auto put = [&](const void *src, size_t k) { std::memcpy(out + w, src, k); w += k; };
+    const uint32_t one = 1, cells = uint32_t(n);
+    put(&one, 4);
+    put(&cells, 4);
+    const size_t rec = (c.cells_end - c.cell_offset[0]) / c.cell_count;
+    auto moves = [&](int32_t i) { return c.pos[size_t(i)] >= n_prefix; };  // video cells move, the prompt stays
+    for (int32_t i : keep) {
+        std::memcpy(out + w, a + c.cell_offset[size_t(i)], rec);
+        if (moves(i)) {
+            const int32_t pos = c.pos[size_t(i)] + delta;
+            std::memcpy(out + w, &pos, 4);
+        }
+        w += rec;
+    }
+    put(&c.v_trans, 4);
+    put(&c.n_layer, 4);
+    for (const auto &L : c.layers) {
+        put(a + L.k_offset - 12, 12);  // type, row bytes
+        const size_t row = L.k_row_bytes, hb = row / H;
+        for (int32_t i : keep) {
+            const uint8_t *src = a + L.k_offset + size_t(i) * row;
+            if (!moves(i) || delta == 0) {
+                put(src, row);
+                continue;
+            }
+            for (size_t h = 0; h < H; ++h) turn(L.k_type, src + h * hb, out + w + h * hb);
+            w += row;
+        }
+    }
+    for (const auto &L : c.layers) {
+        put(a + L.v_offset - 12, 12);  // type, row bytes (or element bytes, n_embd_v)
+        if (!c.v_trans) {
+            for (int32_t i : keep) put(a + L.v_offset + size_t(i) * L.v_row_bytes, L.v_row_bytes);
+            continue;
+        }
+        const size_t e = L.v_elem_bytes;
+        for (size_t d = 0; d < L.n_embd_v; ++d)
+            for (int32_t i : keep) put(a + L.v_offset + (d * c.cell_count + size_t(i)) * e, e);
+    }
+    return w;
+}
+
+// A recurrent state sits at the sequence's last position (the hybrid memory's seq_pos_min/max take it into
+// account): give every cell of s's recurrent part, written at `rest` (= byte rest_begin of a), position pos.
+inline void set_recurrent_pos(uint8_t *rest, const StateView &s, size_t rest_begin, int32_t pos) {
+    for (size_t off : s.recurrent.pos_offset) std::memcpy(rest + (off - rest_begin), &pos, 4);
+}
+
+// The blob `a` (parsed into s) with its first cache's cells in the order `order` (cell indices, all of
+// them), K and V rows alike, the cells from order[n_keep] on moved by `shift` positions; the other parts as
+// they were. Returns the bytes written (= s.size).
+inline size_t write_reordered(uint8_t *b, const StateView &s, const uint8_t *a, const std::vector<int32_t> &order,
+                              size_t n_keep, int shift) {
+    const size_t cc = s.cell_count;
+    std::memcpy(b, a, s.cell_offset[0]);
+    size_t w = s.cell_offset[0];
+    const size_t rec = (s.cells_end - s.cell_offset[0]) / cc;
+    for (size_t i = 0; i < cc; ++i, w += rec) {
+        std::memcpy(b + w, a + s.cell_offset[size_t(order[i])], rec);
+        if (i >= n_keep) {
+            int32_t pos = s.pos[size_t(order[i])] + shift;
+            std::memcpy(b + w, &pos, 4);
+        }
+    }
+    std::memcpy(b + w, a + s.cells_end, 8);
+    w += 8;
+    for (const auto &LV : s.layers) {
+        std::memcpy(b + w, a + LV.k_offset - 12, 12);
+        w += 12;
+        for (size_t i = 0; i < cc; ++i, w += LV.k_row_bytes)
+            std::memcpy(b + w, a + LV.k_offset + size_t(order[i]) * LV.k_row_bytes, LV.k_row_bytes);
+    }
+    for (const auto &LV : s.layers) {
+        std::memcpy(b + w, a + LV.v_offset - 12, 12);
+        w += 12;
+        if (!s.v_trans) {
+            for (size_t i = 0; i < cc; ++i, w += LV.v_row_bytes)
+                std::memcpy(b + w, a + LV.v_offset + size_t(order[i]) * LV.v_row_bytes, LV.v_row_bytes);
+            continue;
+        }
+        const size_t e = LV.v_elem_bytes;
+        for (size_t d = 0; d < LV.n_embd_v; ++d)
+            for (size_t i = 0; i < cc; ++i, w += e)
+                std::memcpy(b + w, a + LV.v_offset + (d * cc + size_t(order[i])) * e, e);
+    }
+    std::memcpy(b + w, a + s.carried_begin, s.carried_bytes());  // the other caches, the recurrent state
+    w += s.carried_bytes();
+    return w;
 }
 
 }  // namespace edge

@@ -13,6 +13,7 @@ import pytest
 import reference_infinipot_v as ref
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 
+from edge_runtime import _native_testing
 from edge_runtime.context import Context
 from edge_runtime.memory import SlotTable, VideoMemory
 from edge_runtime.model import ModelConfig, ModelError, VisionLanguageModel
@@ -185,7 +186,7 @@ def test_a_failed_write_back_restores_the_memory(variants: dict[str, Path]) -> N
         kv = session.compressor.native
         kv.read()
         with pytest.raises(RuntimeError, match="restored as it was"):
-            kv.apply_truncated_for_test()
+            _native_testing.truncated_write_back(kv)
         assert session.context.state_bytes() == state
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_compression import N_CTX, open_model, variants  # noqa: F401 - variants is a fixture
 
+from edge_runtime import _native_testing
 from edge_runtime.context import Context
 from edge_runtime.model import ModelError, VisionLanguageModel
 from edge_runtime.policies import make_policy
@@ -114,7 +115,7 @@ def test_a_layout_the_direct_pass_cannot_trust_falls_back_to_the_copy(variants: 
         for s, f in ((direct, frames_d), (copy, frames_c)):
             stream_until_pass(s, f)
         reverse, shift = broken.startswith("reverse"), 7 if broken == "shift" else 0
-        direct.compressor.native.relayout_for_test(reverse, shift)
+        _native_testing.relayout(direct.compressor.native, reverse, shift)
         with caplog.at_level(logging.WARNING, logger="edge_runtime.compressor"):
             direct.insert_frame(next(frames_d))
         copy.insert_frame(next(frames_c))
