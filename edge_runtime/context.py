@@ -3,7 +3,7 @@
 A `Context` is made from a loaded `VisionLanguageModel` (edge_runtime/model.py) and belongs to one memory:
 several contexts can share one model, each with its own cache. The memory lives in the context's sequence
 `seq_id`; every call here names it. An evaluation callback (public API) lets the native pass find
-llama.cpp's own K and V tensors during the first decode (native/kv_pass.cpp KVCapture); it must live as long
+llama.cpp's own K and V tensors during the first decode (native/capture.hpp KVCapture); it must live as long
 as the context.
 """
 

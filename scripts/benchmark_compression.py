@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,6 @@ def memcpy_ms(n_bytes: int, repeats: int = 5) -> float:
         np.copyto(dst, src)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def last_pass(session: Session) -> dict[str, object]:
-    """The last pass's timings, the bytes of the state it read and which path ran."""
-    last = session.compressor.last
-    return {"read_ms": last.read_ms, "select_ms": last.select_ms, "apply_ms": last.apply_ms,
-            "state_bytes": last.state_bytes, "path": last.path}
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
                 # The frames that fill the room a pass frees: |M| - |C| tokens, the frames between passes.
                 freed = since_pass[-(session.memory.budget - session.memory.video_tokens + record.n_tokens)
                                    // record.n_tokens:]
-                passes.append({"frame": record.index, "pass_ms": timing.compress_ms, **last_pass(session),
+                passes.append({"frame": record.index, "pass_ms": timing.compress_ms, **asdict(session.compressor.last),
                                "memcpy_ms": memcpy_ms(session.compressor.last.state_bytes),
                                "ingest_ms_since_last_pass": sum(freed), "frames_since_last_pass": len(freed)})
                 since_pass = []
