@@ -10,6 +10,7 @@ The directory holds (one writer per directory):
     memory.ckpt        the newest complete checkpoint
     memory.prev.ckpt   the one before: used when the newest is damaged, or missing after a crash mid-save
     memory.ckpt.tmp    a checkpoint being written; never read, overwritten by the next save
+    lock               held (flock) by the process that writes here: a second one is refused (DirectoryLock)
 
 A .ckpt file, little-endian:
     offset  0   8 bytes   magic b"EDGEMEM\\0"
@@ -67,7 +68,7 @@ MAGIC = b"EDGEMEM\0"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQ32s")  # magic, version, flags, meta / state / table lengths, SHA-256
 _DIGEST_AT = 40  # the SHA-256 covers [0, 40) and [72, end)
-NEWEST, PREVIOUS, TEMPORARY = "memory.ckpt", "memory.prev.ckpt", "memory.ckpt.tmp"
+NEWEST, PREVIOUS, TEMPORARY, LOCK = "memory.ckpt", "memory.prev.ckpt", "memory.ckpt.tmp", "lock"
 _STATE_MAGIC = 0xAF143CD8  # llama.cpp's sequence state starts so (native/kv_state.hpp)
 # Answer-time settings a restart may change: they never touch what the memory holds. direct_pass too: the
 # in-place and the copying pass leave byte-identical states (tests/test_direct_pass.py).
@@ -105,6 +106,36 @@ class CheckpointPolicy:
         report = save(session, self.directory)
         self.last_save = now
         return report
+
+
+class DirectoryLock:
+    """The one writer of a checkpoint directory: two processes saving into one directory would each restore the
+    other's memory. An flock, so that it dies with its process (a SIGKILL leaves no stale lock behind)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        import fcntl  # POSIX only, as the fsync of a directory is
+
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SettingsError(f"cannot use {self.directory} for the memory: {e.strerror}; give a directory "
+                                "this user can write (--memory-dir)") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise SettingsError(f"{self.directory} is in use by another edge-runtime (pid {holder}): give each "
+                                "stream its own --memory-dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """`edge-runtime`: watch a video stream and answer questions about everything seen so far.
 
-Three threads, one owner: the source thread reads frames, the stdin thread reads questions, and the main
-thread alone calls the session (llama.cpp contexts are not thread-safe). Questions go before frames, so
-an answer never waits for a backlog of frames.
+Three threads, one owner: the feed's thread reads frames (edge_runtime.feed: a camera that drops is
+reopened), the stdin thread reads questions, and the main thread alone calls the stream and its session
+(llama.cpp contexts are not thread-safe). Questions go before frames, so an answer never waits for a
+backlog of frames. With --memory-dir the memory is checkpointed and restored (edge_runtime.stream).
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
 from edge_runtime.builtin import EDGE_VLM, edge_vlm_files
+from edge_runtime.checkpoint import CheckpointPolicy
 from edge_runtime.demo import run_demo
 from edge_runtime.errors import ModelError
+from edge_runtime.feed import FeedParams, FrameFeed
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.native_log import NATIVE_LOG
 from edge_runtime.output import Output, human_bytes
 from edge_runtime.policies import POLICIES, InfiniPotV, MemoryFull, SettingsError, make_policy
 from edge_runtime.session import FULL_CACHE_CTX, Session, SessionConfig
-from edge_runtime.sources import Frame, FrameSource, SourceError, open_source
+from edge_runtime.sources import FrameSource, SourceError, open_source
+from edge_runtime.stream import Stream, StreamParams
 
 log = logging.getLogger("edge_runtime")
 
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "about everything it has seen. Questions typed on stdin are answered while frames "
                     "keep coming.",
     )
-    src = p.add_argument_group("source (one of)").add_mutually_exclusive_group(required=True)
+    src = p.add_argument_group("source (one of)").add_mutually_exclusive_group()
     src.add_argument("--camera", type=int, metavar="N", help="OpenCV/V4L2 camera index")
     src.add_argument("--video", metavar="PATH", help="a video file")
     src.add_argument("--url", metavar="URL", help="an RTSP or HTTP stream (OpenCV's FFmpeg backend)")
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--synthetic", type=int, nargs="?", const=0, metavar="SEED",
                      help="the synthetic scenes edge-vlm knows: a fixed camera, objects coming and going; "
                           "deterministic from SEED (demos, tests)")
-    src.add_argument("--demo", action="store_true",
+    p.add_argument("--demo", action="store_true",
                      help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
                           "along the way, truth beside each answer (--synthetic SEED picks the scene)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of stream (default 1)")
@@ -59,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as the model goes)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a URL (default 10)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
+    p.add_argument("--no-reconnect", action="store_true",
+                   help="end the stream when a camera or URL drops (default: reopen it with backoff, "
+                        f"{FeedParams.first_retry_s:g} s doubling up to {FeedParams.max_retry_s:g} s, memory kept)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default=EDGE_VLM,
@@ -99,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--positions", choices=["reindex", "keep"], default=SessionConfig.positions,
                    help="reindex: compact positions, keys re-rotated, positions stay bounded (default); "
                         "keep: kept keys keep their rotation and positions grow with the stream")
+
+    k = p.add_argument_group("a memory that survives restarts")
+    k.add_argument("--memory-dir", type=Path, metavar="DIR",
+                   help="checkpoint the memory into DIR (atomically; the previous checkpoint is kept) and restore "
+                        "it from there at the next start with the same model and settings")
+    k.add_argument("--checkpoint-every", type=float, default=CheckpointPolicy.checkpoint_every, metavar="SECONDS",
+                   help=f"seconds of wall time between checkpoints (default {CheckpointPolicy.checkpoint_every:g}: "
+                        "under 1 %% of the stream's time on a 2-core CPU; a crash loses at most that much video); "
+                        "also at the end, on Ctrl-C and on SIGTERM")
 
     q = p.add_argument_group("questions")
     q.add_argument("--ask", action="append", default=[], metavar="QUESTION",
@@ -144,7 +160,7 @@ def open_model(args: argparse.Namespace) -> VisionLanguageModel:
         **({"n_threads": args.threads} if args.threads else {})))
 
 
-def source_spec(args: argparse.Namespace) -> str:
+def source_spec(args: argparse.Namespace) -> str | None:
     if args.camera is not None:
         return str(args.camera)
     if args.synthetic is not None:
@@ -152,158 +168,156 @@ def source_spec(args: argparse.Namespace) -> str:
     return args.video or args.url or args.images
 
 
-_END = object()  # a queue sentinel: the producer is done
+class Terminated(BaseException):
+    """SIGTERM before the stream loop holds anything: stop at once, exit 0 (a service asked to stop)."""
 
 
-def read_frames(source: FrameSource, frames: queue.Queue, stop: threading.Event, ended: list[str]) -> None:
-    """Source thread: push frames until the source ends, fails or we are told to stop."""
-    reason = "the source ended"
-    try:
-        for frame in source:
-            while not stop.is_set():
-                try:
-                    frames.put(frame, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                reason = "stopped"
-                break
-    except SourceError as e:
-        reason = f"the source failed: {e}"
-    except Exception as e:  # a dying camera driver must not take the memory with it
-        reason = f"the source failed: {type(e).__name__}: {e}"
-    finally:
-        ended.append(reason)
-        frames.put(_END)
+class StopSignals:
+    """Ctrl-C and SIGTERM for the CLI, whose handlers belong to the main thread.
+
+    Outside `graceful()` (loading the model) they stop at once: KeyboardInterrupt, Terminated. Inside it (the
+    stream loop) the first of them is only remembered and the loop stops at its next safe point, between two
+    frames or after an answer, so that the last checkpoint holds a whole memory; a second Ctrl-C interrupts
+    at once. Inside llama.cpp's log callback a signal is always only remembered: ctypes would swallow what the
+    callback raises (printing a traceback), and check() raises it after.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None  # "interrupted (Ctrl-C)" or "stopped by SIGTERM"
+        self._graceful = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                # An ignored signal (nohup, background jobs) stays ignored.
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @contextmanager
+    def graceful(self) -> Iterator[None]:
+        self._graceful = True
+        try:
+            yield
+        finally:
+            self._graceful = False
+
+    @property
+    def terminated(self) -> bool:
+        return self.requested == "stopped by SIGTERM"
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        again = self.requested is not None
+        if not again:
+            self.requested = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        if NATIVE_LOG.running_in(frame):
+            return
+        if not self._graceful or (again and signum == signal.SIGINT):
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def check(self) -> None:
+        """Outside graceful(): raise what a signal remembered inside the log callback asked for."""
+        if self.requested and not self._graceful:
+            raise Terminated if self.terminated else KeyboardInterrupt
 
 
 def read_questions(questions: queue.Queue) -> None:
-    """Stdin thread: every non-empty line is a question; end of input ends the session's questions."""
+    """Stdin thread: every non-empty line is a question; None at the end of input."""
     for line in sys.stdin:
         if line.strip():
             questions.put(line.strip())
-    questions.put(_END)
+    questions.put(None)
 
 
-@contextmanager
-def ctrl_c_remembered() -> Iterator[threading.Event]:
-    """Ctrl-C raises KeyboardInterrupt as usual, except inside llama.cpp's log callback, where ctypes would
-    swallow it (printing a traceback); it is remembered either way, and the loop stops on it."""
-    pressed = threading.Event()
-    # Handlers belong to the main thread; an ignored SIGINT (nohup, background jobs) stays ignored.
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield pressed
-        return
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        pressed.set()
-        if not NATIVE_LOG.running_in(frame):
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield pressed
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def reopener(args: argparse.Namespace) -> Callable[[], FrameSource]:
+    """How a live source that dropped is opened again: as it was opened the first time."""
+    spec = source_spec(args)
+    return lambda: open_source(spec, fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
 
 
 def run(args: argparse.Namespace, out: Output, source: FrameSource | None = None) -> int:
-    with ctrl_c_remembered() as ctrl_c:
-        return _run(args, out, source, ctrl_c)
+    with StopSignals() as stops:
+        return _run(args, out, source, stops)
 
 
-def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, ctrl_c: threading.Event) -> int:
+def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, stops: StopSignals) -> int:
     if source is None:
         source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
-    policy_name = args.policy or ("infinipot-v" if args.budget else "full")
-    if policy_name != "full" and not args.budget:
-        raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
-    policy = make_policy(policy_name, **policy_settings(args))
-    model = open_model(args)
-    session = Session(model, SessionConfig(
-        system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
-        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
-        budget=args.budget, keep_fraction=args.keep, positions=args.positions), policy=policy)
-    log.info("model %s, context %d tokens, %d for video", model.description, session.context.n_ctx,
-             session.memory.capacity)
+    feed = FrameFeed(source, reopener(args), FeedParams(reconnect=not args.no_reconnect))
+    try:
+        policy_name = args.policy or ("infinipot-v" if args.budget else "full")
+        if policy_name != "full" and not args.budget:
+            raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
+        policy = make_policy(policy_name, **policy_settings(args))
+        model = open_model(args)
+    except BaseException:
+        feed.close()
+        raise
+    try:
+        stops.check()
+        session = Session(model, SessionConfig(
+            system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
+            max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
+            budget=args.budget, keep_fraction=args.keep, positions=args.positions), policy=policy)
+        log.info("model %s, context %d tokens, %d for video", model.description, session.context.n_ctx,
+                 session.memory.capacity)
+        stream = Stream(session, feed, out, StreamParams(
+            memory_dir=args.memory_dir, checkpoint_every=args.checkpoint_every, watch=tuple(args.ask),
+            watch_every=args.ask_every, max_frames=args.max_frames))
+        with stops.graceful():
+            return _watch(args, out, stream, stops)
+    finally:
+        feed.close()
+        model.close()
 
-    def ask(question: str) -> None:
-        out.answer_start(question)
-        out.answer_end(session.ask(question, on_token=out.token))
 
-    frames: queue.Queue = queue.Queue(maxsize=2)
-    questions: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    ended: list[str] = []
-    threading.Thread(target=read_frames, args=(source, frames, stop, ended), daemon=True).start()
-    interactive = not args.ask
-    if interactive:
+def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSignals) -> int:
+    """The stream loop: questions first (they do not wait for frames), then one frame; the end questions and
+    stdin's after the stream ends; a signal stops it at the next safe point, with a last checkpoint."""
+    stream.start()
+    questions: queue.Queue[str | None] = queue.Queue()
+    stdin_open = not args.ask
+    if stdin_open:
         threading.Thread(target=read_questions, args=(questions,), daemon=True).start()
         if sys.stdin.isatty() and not args.json:
             out.notice("watching: type a question and press Enter (Ctrl-D: no more questions, Ctrl-C: stop)")
-    next_watch = args.ask_every
-    stdin_open = interactive
-    try:
-        while True:
-            if ctrl_c.is_set():  # pressed while a callback swallowed the KeyboardInterrupt
-                raise KeyboardInterrupt
-            while stdin_open and not questions.empty():  # questions first: they do not wait for frames
-                item = questions.get()
-                if item is _END:
-                    stdin_open = False
-                else:
-                    ask(item)
-            try:
-                frame = frames.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if frame is _END:
-                break
-            assert isinstance(frame, Frame)
-            try:
-                session.insert_frame(frame)
-            except MemoryFull as e:
-                ended.append(str(e))
-                break
-            out.status(session.status())
-            if next_watch is not None and frame.timestamp >= next_watch:
-                for question in args.ask:
-                    ask(question)
-                while next_watch <= frame.timestamp:
-                    next_watch += args.ask_every
-            if args.max_frames and session.frames_seen >= args.max_frames:
-                ended.append(f"reached --max-frames {args.max_frames}")
-                break
-        stop.set()
-        source.close()
-        reason = ended[0] if ended else "the source ended"  # the first reason; the source thread may add "stopped"
-        out.notice(f"stream stopped ({reason}); {session.frames_seen} frames seen, "
-                   f"{session.memory.video_tokens} video tokens kept in memory")
+
+    def answer_waiting(wait: float) -> bool:
+        """Answer the questions waiting on stdin (waiting up to `wait` s for the first); False once it closed."""
+        try:
+            item = questions.get(timeout=wait) if wait else questions.get_nowait()
+            while item is not None:
+                try:
+                    stream.ask(item)
+                except ModelError as e:  # a question too long for the room: this one is refused, not the stream
+                    out.notice(f"question not answered: {e}")
+                if stops.requested:
+                    return True
+                item = questions.get_nowait()
+        except queue.Empty:
+            return True
+        return False
+
+    while stops.requested is None:
+        if stdin_open:
+            stdin_open = answer_waiting(0)
+        if stops.requested is None and not stream.poll(timeout=0.05):
+            break
+    if stops.requested is None:
         for question in args.ask:
-            ask(question)
-        while stdin_open:  # the memory stays queryable until the user closes stdin
-            if ctrl_c.is_set():
-                raise KeyboardInterrupt
-            try:
-                item = questions.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _END:
-                break
-            ask(item)
-        summarise(session, out, args.json)
-        return 0
-    except KeyboardInterrupt:
-        stop.set()
-        source.close()
-        out.notice(f"interrupted; {session.frames_seen} frames seen")
-        summarise(session, out, args.json)
-        return EXIT_INTERRUPTED
-    finally:
-        stop.set()
-        source.close()
-        model.close()
+            stream.ask(question)
+    while stdin_open and stops.requested is None:  # the memory stays queryable until the user closes stdin
+        stdin_open = answer_waiting(0.1)
+    if stops.requested:
+        out.notice(f"{stops.requested}; {stream.session.frames_seen} frames seen")
+    stream.close()  # the last checkpoint
+    summarise(stream.session, out, args.json)
+    return EXIT_INTERRUPTED if stops.requested and not stops.terminated else 0
 
 
 def summarise(session: Session, out: Output, as_json: bool) -> None:
@@ -322,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ask_every is not None and not args.ask:
         parser.error('--ask-every needs a question: add --ask "..."')
+    if args.demo and source_spec(args) is not None and args.synthetic is None:
+        parser.error("--demo watches a synthetic scene: leave out the source, or pick the scene with --synthetic SEED")
+    if not args.demo and source_spec(args) is None:
+        parser.error("a source is needed: one of --camera, --video, --url, --images, --synthetic (or --demo)")
+    if not args.checkpoint_every > 0:
+        parser.error("--checkpoint-every must be a positive number of seconds")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="edge-runtime: %(levelname)s: %(message)s")
     if args.verbose:  # undo the quiet default of edge_runtime/__init__.py for captures opened from now on
@@ -343,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edge-runtime: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:  # SIGTERM before anything was held: a clean stop
+        print("edge-runtime: stopped by SIGTERM", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ object a line for programs. The CLI's run and the demo both speak through `Outpu
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import asdict
 
+from edge_runtime.checkpoint import SaveReport
 from edge_runtime.scenes import Question
 from edge_runtime.session import Answer, Status
+
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: int) -> str:
@@ -59,6 +63,14 @@ class Output:
             self.emit("answer", **data)
         else:
             print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
+
+    def checkpoint(self, report: SaveReport) -> None:
+        """A checkpoint written: an event for programs (the soak reads its time and size), a debug line else."""
+        if self.as_json:
+            self.emit("checkpoint", path=str(report.path), bytes=report.bytes, seconds=round(report.seconds, 4),
+                      frames=report.frames_seen)
+        else:
+            log.debug("checkpoint %s: %s in %.2f s", report.path, human_bytes(report.bytes), report.seconds)
 
     def notice(self, message: str) -> None:
         if self.as_json:

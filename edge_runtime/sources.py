@@ -67,6 +67,9 @@ class FrameSource(ABC):
 
     description: str  # e.g. "camera 0", "video clip.mp4", "synthetic scene (seed 3, endless)"
     realtime: bool = False  # recorded sources: _paced waits for each frame's media time
+    live: bool = False  # a camera or a network stream: it can drop and come back (edge_runtime.feed reopens it)
+    end_reason: str | None = None  # why the last iteration ended, when the source knows (live sources)
+    resumed_at: float | None = None  # resume_at's t
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -91,6 +94,12 @@ class FrameSource(ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
 
+    def resume_at(self, t: float) -> None:
+        """Go on from stream time t, as after a restart: a recorded source skips its media up to t (without
+        pacing it) and yields the frames after; a live one stamps its frames from t on. Applies to the
+        iterations that follow."""
+        self.resumed_at = t
+
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise SourceError(f"{self.description} is closed: open the source again to read from it")
@@ -107,9 +116,12 @@ class FrameSource(ABC):
         frame but is paced all the same, so the stream keeps the media's timing. Frame indices count the
         frames yielded.
         """
-        wall_start = time.monotonic()
+        skip_to = self.resumed_at
+        wall_start = time.monotonic() - (skip_to or 0.0)  # resumed: pacing starts at the first frame after t
         index = 0
         for t, produce in items:
+            if skip_to is not None and t <= skip_to + _EPS_S:
+                continue  # seen before the restart: neither produced nor paced
             if self.realtime and not self._pace(wall_start + t):
                 return
             if self._closed.is_set():
@@ -153,6 +165,8 @@ class _LiveSource(FrameSource):
     for one: fresh frames, and no CPU spent converting the ones that are thrown away.
     """
 
+    live = True
+
     def __init__(self, cap: cv2.VideoCapture, description: str, fps: float, stop_timeout_s: float) -> None:
         super().__init__(description)
         self.fps = fps
@@ -192,7 +206,8 @@ class _LiveSource(FrameSource):
             reason = f"capture error: {str(exc).strip()}"
         finally:
             if not self._closed.is_set():
-                logger.warning("%s ended: %s", self.description, reason)
+                self.end_reason = reason
+                logger.info("%s ended: %s", self.description, reason)
             self._cap.release()
             with self._cond:
                 self._ended = True
@@ -205,6 +220,10 @@ class _LiveSource(FrameSource):
             self._cond.wait_for(lambda: self._delivered is not None or self._ended or self._closed.is_set())
             delivered, self._delivered = self._delivered, None
             return delivered
+
+    def resume_at(self, t: float) -> None:
+        super().resume_at(t)
+        self._t0 = time.monotonic() - t  # the drain thread stamps frames against this clock
 
     def __iter__(self) -> Iterator[Frame]:
         self._check_open()

@@ -81,41 +81,52 @@ def test_a_restored_memory_is_the_saved_one_bit_for_bit_and_goes_on_compressing(
     name, positions, direct, policy = case
     model = open_model(variants, name, "mmproj-4x4")
     try:
-        cfg = config(positions=positions, direct_pass=direct)
-        frames = list(scene(seed=2, n_frames=16))
-        before = Session(model, cfg, make_policy(policy))
-        stream(before, frames[:9])
-        before.ask("What is on the left?")
-        assert before.memory.passes >= 2
-        saved = checkpoint.save(before, tmp_path, last_timestamp=42.5)
-        assert saved.path == tmp_path / "memory.ckpt" and saved.bytes == saved.path.stat().st_size
-        logits = probe_logits(before.context, before.memory.next_pos)
-
-        after = Session(model, cfg, make_policy(policy))
-        report = checkpoint.restore(after, tmp_path)
-        assert report is not None and report.path == saved.path and report.skipped == ()
-        assert (report.frames_seen, report.passes, report.last_timestamp) == (9, before.memory.passes, 42.5)
-        np.testing.assert_array_equal(bits(probe_logits(after.context, after.memory.next_pos)), bits(logits))
-        assert after.context.state_bytes() == before.context.state_bytes()
-        a, b = before.memory, after.memory
-        assert (a.next_pos, a.passes, a.frames_since_pass, a.records) == (b.next_pos, b.passes, b.frames_since_pass,
-                                                                          b.records)
-        for x, y in zip(a.slots.arrays(), b.slots.arrays(), strict=True):
-            np.testing.assert_array_equal(x, y)
-        assert after.history == before.history and after.frames_seen == before.frames_seen
-
-        # Both go on alike: more passes, the same logits and the same answer (the history included).
-        stream(before, frames[9:])
-        stream(after, frames[9:])
-        assert after.memory.passes == before.memory.passes > report.passes
-        assert after.compressor.last.path == ("direct" if direct and positions == "reindex" else "portable")
-        np.testing.assert_array_equal(bits(probe_logits(after.context, after.memory.next_pos)),
-                                      bits(probe_logits(before.context, before.memory.next_pos)))
-        assert after.ask("And now?").text == before.ask("And now?").text
-        before.close()
-        after.close()
+        report, path = assert_round_trip(model, config(positions=positions, direct_pass=direct), policy,
+                                         list(scene(seed=2, n_frames=16)), 9, tmp_path)
+        assert report.passes >= 2
+        assert path == ("direct" if direct and positions == "reindex" else "portable")
     finally:
         model.close()
+
+
+def assert_round_trip(model: VisionLanguageModel, cfg: SessionConfig, policy: str, frames: list, split: int,
+                      directory: Path) -> tuple[checkpoint.RestoreReport, str]:
+    """Stream frames[:split], ask, save; restore into a fresh session: the same state, tables, records, logits
+    bit for bit; then both stream the rest alike (more passes, the same logits, the same answer). Returns the
+    restore's report and the path the restored session's last pass took."""
+    before = Session(model, cfg, make_policy(policy))
+    stream(before, frames[:split])
+    before.ask("What is on the left?")
+    assert before.memory.passes >= 1
+    saved = checkpoint.save(before, directory, last_timestamp=42.5)
+    assert saved.path == directory / "memory.ckpt" and saved.bytes == saved.path.stat().st_size
+    logits = probe_logits(before.context, before.memory.next_pos)
+
+    after = Session(model, cfg, make_policy(policy))
+    report = checkpoint.restore(after, directory)
+    assert report is not None and report.path == saved.path and report.skipped == ()
+    assert (report.frames_seen, report.passes, report.last_timestamp) == (split, before.memory.passes, 42.5)
+    np.testing.assert_array_equal(bits(probe_logits(after.context, after.memory.next_pos)), bits(logits))
+    assert after.context.state_bytes() == before.context.state_bytes()
+    a, b = before.memory, after.memory
+    assert (a.next_pos, a.passes, a.frames_since_pass, a.records) == (b.next_pos, b.passes, b.frames_since_pass,
+                                                                      b.records)
+    for x, y in zip(a.slots.arrays(), b.slots.arrays(), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert after.history == before.history and after.frames_seen == before.frames_seen
+
+    # Both go on alike: more passes, the same logits and the same answer (the history included).
+    stream(before, frames[split:])
+    stream(after, frames[split:])
+    assert after.memory.passes == before.memory.passes > report.passes
+    assert after.compressor.last.path == before.compressor.last.path
+    np.testing.assert_array_equal(bits(probe_logits(after.context, after.memory.next_pos)),
+                                  bits(probe_logits(before.context, before.memory.next_pos)))
+    assert after.ask("And now?").text == before.ask("And now?").text
+    path = after.compressor.last.path
+    before.close()
+    after.close()
+    return report, path
 
 
 def test_a_checkpoint_keeps_the_previous_one_and_the_empty_directory_starts_fresh(

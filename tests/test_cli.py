@@ -102,7 +102,9 @@ def test_stdin_questions_are_answered_while_frames_keep_coming(fixtures: dict[st
 
 
 def test_ctrl_c_inside_the_llama_log_callback_is_remembered_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ctypes swallows what a callback raises: Ctrl-C there must be kept for the loop, not raised and lost."""
+    """ctypes swallows what a callback raises: Ctrl-C there must be kept for the loop, not raised and lost.
+    Outside the stream loop Ctrl-C interrupts at once; inside it the first one is remembered (the loop stops at
+    its next safe point and saves), a second interrupts at once."""
     from edge_runtime.model import NATIVE_LOG
 
     class CtrlCWhileWriting:  # the verbose log's stderr: Ctrl-C arrives while llama.cpp is logging
@@ -113,16 +115,26 @@ def test_ctrl_c_inside_the_llama_log_callback_is_remembered_not_lost(monkeypatch
     lost: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", lost.append)  # where ctypes reports what a callback raised
     monkeypatch.setattr(NATIVE_LOG, "verbose", True)
-    monkeypatch.setattr(sys, "stderr", CtrlCWhileWriting())
     try:
-        with cli.ctrl_c_remembered() as pressed:
-            NATIVE_LOG.callback(2, b"decode: a line\n", None)  # through ctypes, as llama.cpp calls it
-            assert pressed.is_set() and not lost
-            with pytest.raises(KeyboardInterrupt):  # outside the callback, Ctrl-C is a KeyboardInterrupt as always
+        with cli.StopSignals() as stops:
+            with monkeypatch.context() as m:
+                m.setattr(sys, "stderr", CtrlCWhileWriting())
+                NATIVE_LOG.callback(2, b"decode: a line\n", None)  # through ctypes, as llama.cpp calls it
+            assert stops.requested == "interrupted (Ctrl-C)" and not lost
+            with pytest.raises(KeyboardInterrupt):  # raised by the loop once out of the callback
+                stops.check()
+            stops.requested = None
+            with pytest.raises(KeyboardInterrupt):  # outside the loop, Ctrl-C is a KeyboardInterrupt as always
                 signal.raise_signal(signal.SIGINT)
+            stops.requested = None
+            with stops.graceful():
+                signal.raise_signal(signal.SIGINT)  # the first: remembered, the loop stops at its next safe point
+                assert stops.requested == "interrupted (Ctrl-C)" and not stops.terminated
+                with pytest.raises(KeyboardInterrupt):  # the second: at once
+                    signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with cli.ctrl_c_remembered():  # an ignored Ctrl-C (nohup) stays ignored
+        with cli.StopSignals():  # an ignored Ctrl-C (nohup) stays ignored
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import reference_infinipot_v as ref
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
+from test_checkpoint import assert_round_trip
 from test_compression import CheckedInfiniPotV, decode_embeddings
 from test_direct_pass import stream_until_pass
 
@@ -381,6 +382,18 @@ def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(
             model.free_frame(last)
         assert pos + p == next_pos
         np.testing.assert_allclose(probe_logits(fresh.context, next_pos), compressed, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,positions", [("gemma3", "keep"), ("gemma3", "reindex"), ("lfm2", "keep"),
+                                            ("lfm2", "reindex")])
+def test_a_checkpoint_restores_the_sliding_cache_and_the_recurrent_state_bit_for_bit(
+        family_files: dict[str, Path], name: str, positions: str, tmp_path: Path) -> None:
+    with open_model(family_files, name) as model:
+        p = tokens_per_frame(model)
+        cfg = SessionConfig(n_ctx=N_CTX, budget=4 * p, positions=positions, question_room=256, max_answer_tokens=4)
+        frames = list(SyntheticSource(seed=6, n_frames=12, size=FOUR_BY_THREE))
+        report, _ = assert_round_trip(model, cfg, "infinipot-v", frames, 7, tmp_path)
+        assert report.video_tokens <= 4 * p
 
 
 # -- questions and refusals -----------------------------------------------------------------------------

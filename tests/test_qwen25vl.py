@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import reference_infinipot_v as ref
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
+from test_checkpoint import assert_round_trip
 from test_compression import CheckedInfiniPotV
 
 from edge_runtime import _native
@@ -225,6 +226,17 @@ def test_reindexed_memory_equals_the_kept_tokens_decoded_at_the_compact_position
             t0 = next_pos - (10 - f) * max(NX, NY)
             decode_at(fresh.context, embd[f * p:(f + 1) * p], np.full(p, t0), t0 + i // NX, t0 + i % NX)
         np.testing.assert_allclose(probe_logits(fresh.context, next_pos), compressed, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_a_checkpoint_restores_the_m_rope_memory_bit_for_bit(qwen: dict[str, Path], positions: str,
+                                                              tmp_path: Path) -> None:
+    with open_qwen(qwen) as model:
+        cfg = SessionConfig(n_ctx=1024, budget=4 * NX * NY, positions=positions, question_room=256,
+                            max_answer_tokens=4)
+        frames = list(SyntheticSource(seed=6, n_frames=12, size=FOUR_BY_THREE))
+        report, _ = assert_round_trip(model, cfg, "infinipot-v", frames, 7, tmp_path)
+        assert report.passes >= 1
 
 
 def test_a_long_stream_keeps_its_positions_bounded(qwen: dict[str, Path]) -> None:
