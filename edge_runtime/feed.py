@@ -40,7 +40,9 @@ class FeedEnd:
 class FeedParams:
     reconnect: bool = True  # reopen a live source that drops (recorded sources always end at their end)
     first_retry_s: float = 1.0  # a replugged USB camera is back within a second or two
-    max_retry_s: float = 30.0  # doubling up to this: a rebooting router or camera (minutes) is not hammered
+    # Doubling up to this: a camera that is back waits at most this long to be seen again (Frigate retries every
+    # 10 s too), and one attempt every 10 s costs a dead camera's network nothing.
+    max_retry_s: float = 10.0
     held_frames: int = 2  # frames waiting for the consumer: enough to hide jitter, never a backlog
 
 

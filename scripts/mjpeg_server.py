@@ -49,6 +49,10 @@ class MjpegServer:
             server, self._server = self._server, None
             conns, self._conns = self._conns, set()
         if server is not None:
+            try:
+                server.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not,
+            except OSError:                        # and the port would stay in LISTEN until it returned
+                pass
             server.close()
         for conn in conns:
             try:

@@ -125,6 +125,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--memory-dir", type=Path, help="default: a temporary directory")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "soak_1h.json")
+    p.add_argument("--events", type=Path, help="also write every event of the CLI here (JSON lines)")
     args = p.parse_args()
     total = args.minutes * 60
 
@@ -164,8 +165,7 @@ def main() -> int:
                 next_question += args.ask_every
             if run.proc.poll() is not None:
                 break  # died: recorded below as an exit code
-            bar.n = int(now)
-            bar.refresh()
+            bar.update(int(now) - bar.n)
             time.sleep(0.2)
     if down_until is not None:
         camera.start()
@@ -173,6 +173,8 @@ def main() -> int:
     camera.stop()
 
     events = [e for run, _ in runs for e in run.events]
+    if args.events:
+        args.events.write_text("".join(json.dumps(e) + "\n" for e in events))
     notices = [e for e in events if e["event"] == "notice"]
     checkpoints = [e for e in events if e["event"] == "checkpoint"]
     answers = [e for e in events if e["event"] == "answer"]
