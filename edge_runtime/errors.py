@@ -13,3 +13,7 @@ class SettingsError(ValueError):
 
 class MemoryFull(Exception):
     """The video memory cannot take the next frame (the full cache reached its context)."""
+
+
+class QuestionTooLong(ModelError):
+    """A question (with its history and answer room) that does not fit the cells kept free for it."""

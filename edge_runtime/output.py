@@ -64,6 +64,14 @@ class Output:
         else:
             print(f"\n   ({answer.ttft_ms:.0f} ms to first token, {answer.tokens_per_s:.1f} tokens/s)", flush=True)
 
+    def alert(self, alert_id: str, prompt: str, answer: Answer, timestamp: float) -> None:
+        """A watch prompt whose answer met its condition."""
+        if self.as_json:
+            self.emit("alert", alert=alert_id, prompt=prompt, answer=answer.text, frames=answer.frames,
+                      timestamp=timestamp)
+        else:
+            self.notice(f"ALERT {alert_id} at {timestamp:.1f} s: {prompt} -> {answer.text}")
+
     def checkpoint(self, report: SaveReport) -> None:
         """A checkpoint written: an event for programs (the soak reads its time and size), a debug line else."""
         if self.as_json:

@@ -23,7 +23,7 @@ import cv2
 from edge_runtime import _native
 from edge_runtime.compressor import Compressor, CompressorParams
 from edge_runtime.context import Context
-from edge_runtime.errors import MemoryFull, ModelError, SettingsError
+from edge_runtime.errors import MemoryFull, ModelError, QuestionTooLong, SettingsError
 from edge_runtime.families import KVGeometry, memory_support
 from edge_runtime.memory import FrameRecord, SlotTable, VideoMemory
 from edge_runtime.model import VisionLanguageModel
@@ -215,13 +215,14 @@ class Session:
 
     # -- questions -----------------------------------------------------------------------------------
 
-    def question_prompt(self, question: str) -> str:
-        """The chat after the video: earlier turns (newest first, within the history budget), then this one.
+    def question_prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
+        """The chat after the video: earlier turns (the session's, or `history`; newest first, within the
+        history budget), then this one.
 
         The video sits at the start of the first user turn, so the template is rendered whole and cut
         at the video's mark; the part before the mark is already in the cache.
         """
-        turns = list(self.history)
+        turns = list(self.history if history is None else history)
         n_question = len(self.model.tokenize(question))
         while True:
             messages = [("system", self.config.system_prompt)]
@@ -238,18 +239,21 @@ class Session:
             turns.pop(0)  # oldest turn first
 
     def ask(self, question: str, on_token: Callable[[str], None] | None = None,
-            max_tokens: int | None = None) -> Answer:
+            max_tokens: int | None = None, history: list[tuple[str, str]] | None = None) -> Answer:
         """Answer `question` from the video memory, streaming text pieces to `on_token`.
 
-        The question and answer leave the cache afterwards (Context.generate): the video memory is unchanged.
+        The earlier turns are the session's own conversation, which the answer joins; or, given `history`
+        (an API client's conversation), those, and the session's conversation is left as it was. The question
+        and answer leave the cache afterwards (Context.generate): the video memory is unchanged. An exception
+        raised by on_token (a client that went away) ends the answer there, the cache cleaned up all the same.
         """
         mem, cfg = self.memory, self.config
         max_tokens = cfg.max_answer_tokens if max_tokens is None else max_tokens
         t0 = time.perf_counter()
-        tokens = self.video_close + self.model.tokenize(self.question_prompt(question))
+        tokens = self.video_close + self.model.tokenize(self.question_prompt(question, history))
         room = self.context.n_ctx - mem.prefix_tokens - mem.video_tokens
         if len(tokens) + max_tokens > room:
-            raise ModelError(f"the question needs {len(tokens) + max_tokens} tokens but only {room} are free; "
+            raise QuestionTooLong(f"the question needs {len(tokens) + max_tokens} tokens but only {room} are free; "
                              "ask a shorter question or raise --question-room")
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
@@ -267,7 +271,8 @@ class Session:
         t_end = time.perf_counter()
         t_first = t_first or t_end
         text = "".join(pieces).strip()
-        self.history.append((question, text))
+        if history is None:
+            self.history.append((question, text))
         gen_s = t_end - t_first
         return Answer(question=question, text=text, ttft_ms=(t_first - t0) * 1e3, total_ms=(t_end - t0) * 1e3,
                       n_tokens=n_out, tokens_per_s=(n_out - 1) / gen_s if n_out > 1 and gen_s > 0 else 0.0,

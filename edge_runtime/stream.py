@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime import checkpoint
 from edge_runtime.checkpoint import CheckpointPolicy, DirectoryLock, RestoreReport
-from edge_runtime.errors import MemoryFull, ModelError
+from edge_runtime.errors import MemoryFull, ModelError, SettingsError
 from edge_runtime.feed import FeedEnd, FrameFeed, Notice
 from edge_runtime.session import Answer, Session
+from edge_runtime.sources import Frame
 
 if TYPE_CHECKING:
     from edge_runtime.output import Output
@@ -32,13 +34,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MATCHES = ("starts_with", "contains", "equals")  # how a watch prompt's answer is tested, case-insensitive
+
+
+@dataclass
+class WatchPrompt:
+    """A question asked every `every` seconds of stream time (--ask-every; an alert under serve). With a
+    condition (`match` applied to `text`), an answer that meets it is an alert."""
+
+    prompt: str
+    every: float
+    match: str | None = None  # one of MATCHES, or None: every answer is just an answer
+    text: str = ""
+    id: str = ""
+    next_due: float | None = None  # stream time of the next ask; set when the stream takes it
+
+    def __post_init__(self) -> None:
+        if not self.every > 0:
+            raise SettingsError(f"a watch prompt needs a positive interval in seconds, not {self.every}")
+        if self.match is not None and self.match not in MATCHES:
+            raise SettingsError(f"a watch prompt's condition is one of {', '.join(MATCHES)}, not {self.match!r}")
+
+    def fires(self, answer: str) -> bool:
+        if self.match is None:
+            return False
+        a, t = answer.strip().lower(), self.text.strip().lower()
+        return {"starts_with": a.startswith(t), "contains": t in a, "equals": a == t}[self.match]
+
+
 @dataclass
 class StreamParams:
     name: str = "stream"
     memory_dir: Path | None = None  # None: the memory lives in RAM only
     checkpoint_every: float = CheckpointPolicy.checkpoint_every
-    watch: tuple[str, ...] = ()  # questions asked every watch_every seconds of stream time
-    watch_every: float | None = None
+    watches: tuple[WatchPrompt, ...] = ()  # asked on the stream's clock (more can be added: Stream.watch)
     max_frames: int | None = None  # end the stream after this many frames (counted across restarts)
 
 
@@ -52,7 +81,11 @@ class Stream:
         self._lock = DirectoryLock(p.memory_dir) if p.memory_dir is not None else None
         self.checkpoints = CheckpointPolicy(p.memory_dir, p.checkpoint_every) if p.memory_dir is not None else None
         self._saved_key: tuple[int, int] | None = None  # (frames, answers) the last checkpoint holds
-        self._next_watch = p.watch_every
+        self.watches: list[WatchPrompt] = []
+        self.clock = 0.0  # stream time: the last frame's timestamp, or where a restart resumed
+        self.last_frame: Frame | None = None  # for a page that shows what the camera sees
+        for w in p.watches:
+            self.watch(w)
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -80,8 +113,10 @@ class Stream:
         if self.feed.live:  # the camera kept going while we were down: its clock too
             t += max(0.0, time.time() - report.saved_at)
         self.feed.resume_at(t)
-        if self.params.watch_every:
-            self._next_watch = (math.floor(t / self.params.watch_every) + 1) * self.params.watch_every
+        self.clock = t
+        for w in self.watches:
+            w.next_due = None
+            self.watch(w, replace=True)
         ago = time.time() - report.saved_at
         self.out.notice(f"restored the memory of {report.path} (saved {_ago(ago)} ago): {report.frames_seen} "
                         f"frames seen, {report.frames_in_memory} in memory, {report.video_tokens} video tokens, "
@@ -120,8 +155,9 @@ class Stream:
         except MemoryFull as e:
             self.end(str(e))
             return False
+        self.last_frame, self.clock = item, item.timestamp
         self.out.status(self.session.status())
-        self._watch(item.timestamp)
+        self._ask_due(item.timestamp)
         if self.checkpoints is not None and self.checkpoints.due():
             self.save()
         if self.params.max_frames and self.session.frames_seen >= self.params.max_frames:
@@ -141,20 +177,37 @@ class Stream:
 
     # -- questions -----------------------------------------------------------------------------------
 
-    def ask(self, question: str) -> Answer:
+    def ask(self, question: str, on_token: Callable[[str], None] | None = None,
+            history: list[tuple[str, str]] | None = None, max_tokens: int | None = None) -> Answer:
+        """Answer from the memory. The pieces go to `out` (the CLI's terminal), or to on_token (an API client,
+        with its own history); the answer event goes to `out` either way."""
         self.out.answer_start(question)
-        answer = self.session.ask(question, on_token=self.out.token)
+        answer = self.session.ask(question, on_token=on_token or self.out.token, history=history,
+                                  max_tokens=max_tokens)
         self.out.answer_end(answer)
         return answer
 
-    def _watch(self, timestamp: float) -> None:
-        every = self.params.watch_every
-        if self._next_watch is None or every is None or timestamp < self._next_watch:
-            return
-        for question in self.params.watch:
-            self.ask(question)
-        while self._next_watch <= timestamp:
-            self._next_watch += every
+    def watch(self, prompt: WatchPrompt, replace: bool = False) -> None:
+        """Ask `prompt` from now on, first at the next multiple of its interval on the stream's clock."""
+        if prompt.next_due is None:
+            prompt.next_due = (math.floor(self.clock / prompt.every) + 1) * prompt.every
+        if not replace:
+            self.watches.append(prompt)
+
+    def unwatch(self, prompt_id: str) -> bool:
+        kept = [w for w in self.watches if w.id != prompt_id]
+        found, self.watches = len(kept) < len(self.watches), kept
+        return found
+
+    def _ask_due(self, timestamp: float) -> None:
+        for w in list(self.watches):
+            if w.next_due is None or timestamp < w.next_due:
+                continue
+            answer = self.ask(w.prompt, history=[] if w.match else None)  # an alert's check has no conversation
+            if w.fires(answer.text):
+                self.out.alert(w.id, w.prompt, answer, timestamp)
+            while w.next_due <= timestamp:
+                w.next_due += w.every
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
