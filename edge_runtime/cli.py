@@ -2,8 +2,9 @@
 
 Three threads, one owner: the feed's thread reads frames (edge_runtime.feed: a camera that drops is
 reopened), the stdin thread reads questions, and the main thread alone calls the stream and its session
-(llama.cpp contexts are not thread-safe). Questions go before frames, so an answer never waits for a
-backlog of frames. With --memory-dir the memory is checkpointed and restored (edge_runtime.stream).
+(llama.cpp contexts are not thread-safe). A waiting question goes before the next frame, one question a
+frame: an answer never waits for a backlog of frames, and a flood of questions cannot starve the stream.
+With --memory-dir the memory is checkpointed and restored (edge_runtime.stream).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def _run(args: argparse.Namespace, out: Output, source: FrameSource | None, stop
 
 
 def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSignals) -> int:
-    """The stream loop: questions first (they do not wait for frames), then one frame; the end questions and
+    """The stream loop: a waiting question first, then one frame; the end questions and
     stdin's after the stream ends; a signal stops it at the next safe point, with a last checkpoint."""
     stream.start()
     questions: queue.Queue[str | None] = queue.Queue()
@@ -312,8 +313,10 @@ def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSig
         if sys.stdin.isatty() and not args.json:
             out.notice("watching: type a question and press Enter (Ctrl-D: no more questions, Ctrl-C: stop)")
 
-    def answer_waiting(wait: float) -> bool:
-        """Answer the questions waiting on stdin (waiting up to `wait` s for the first); False once it closed."""
+    def answer_waiting(wait: float, limit: int | None = None) -> bool:
+        """Answer the questions waiting on stdin, at most `limit` (waiting up to `wait` s for the first); False
+        once stdin closed."""
+        answered = 0
         try:
             item = questions.get(timeout=wait) if wait else questions.get_nowait()
             while item is not None:
@@ -321,7 +324,8 @@ def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSig
                     stream.ask(item)
                 except ModelError as e:  # a question too long for the room: this one is refused, not the stream
                     out.notice(f"question not answered: {e}")
-                if stops.requested:
+                answered += 1
+                if stops.requested or (limit is not None and answered >= limit):
                     return True
                 item = questions.get_nowait()
         except queue.Empty:
@@ -329,8 +333,9 @@ def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSig
         return False
 
     while stops.requested is None:
-        if stdin_open:
-            stdin_open = answer_waiting(0)
+        if stdin_open:  # one question, then one frame: a question never waits for more than a frame, and a
+            stdin_open = answer_waiting(0, limit=1)  # flood of questions cannot starve the stream
+
         if stops.requested is None and not stream.poll(timeout=0.05):
             break
     if stops.requested is None:

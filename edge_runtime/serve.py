@@ -5,9 +5,10 @@
 The model is loaded once. Every stream has its own Session (its own llama.cpp context, budget and
 compression: a pass on one never touches another's cells), its own Stream (a feed that reconnects, watch
 prompts, checkpoints under DIR/<name>/) and its events on one bus (edge_runtime.events). One thread, the
-Hub's, calls llama.cpp: before every frame it runs what the API asked for (questions first: they never
-wait for a backlog of frames), then it takes one frame from each stream in turn, so a busy camera cannot
-starve a quiet one.
+Hub's, calls llama.cpp: it takes one frame from each stream in turn, so a busy camera cannot starve a quiet
+one, and before each frame it runs one thing the API asked for (a question, mostly): a question waits for
+the ones before it and one frame each, never for a backlog of frames, and a flood of questions slows the
+streams down but cannot stop them.
 """
 
 from __future__ import annotations
@@ -180,10 +181,12 @@ class Hub:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._run_jobs()
             took = False
             for name in list(self.streams):
-                self._run_jobs()  # between two streams' frames too: a question waits for one frame at most
+                # One job (a question, mostly) before each frame: a question waits for the ones before it and
+                # one frame each, never for a backlog of frames; a flood of questions slows the streams
+                # down but cannot stop them.
+                self._run_jobs(limit=1)
                 served = self.streams.get(name)
                 if served is None or served.stream.ended is not None:
                     continue
@@ -196,20 +199,23 @@ class Hub:
                 if served.stream.session.frames_seen != before:
                     took = True
                     self._keep_thumbnail(served)
-            if not took:
+            if not took:  # no frame anywhere: the jobs may have the thread, waiting for the next one
+                self._run_jobs()
                 try:
                     job, future = self._jobs.get(timeout=0.02)
                 except queue.Empty:
                     continue
                 self._run_job(job, future)
 
-    def _run_jobs(self) -> None:
-        while True:
+    def _run_jobs(self, limit: int | None = None) -> None:
+        done = 0
+        while limit is None or done < limit:
             try:
                 job, future = self._jobs.get_nowait()
             except queue.Empty:
                 return
             self._run_job(job, future)
+            done += 1
 
     @staticmethod
     def _run_job(job: Callable[[], object], future: concurrent.futures.Future) -> None:
