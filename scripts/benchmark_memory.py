@@ -6,7 +6,9 @@ bytes, process RSS, ingest time (projector encode and language-model decode apar
 Every tenth of the stream it asks a fixed question and records time to first token and decode speed.
 
     python -m scripts.benchmark_memory --frames 3600 --out results/memory_1h.json    # the one-hour stream
-    python -m scripts.benchmark_memory --soak 10                                       # 10 minutes, questions every 5 s
+
+The service as a whole (a camera that drops, checkpoints, restarts, a question every 5 s) has its own soak:
+scripts/soak.py.
 
 The JSON holds the settings, the machine, per-run series and summaries; a PNG beside it plots memory
 against stream length and per-frame latency.
@@ -105,30 +107,6 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
     return {"policy": policy, "budget": budget, "summary": summary, "questions": questions, "series": series}
 
 
-def soak(args: argparse.Namespace) -> int:
-    """The same loop for `args.soak` minutes of wall time, a question every 5 s; fails on RSS growth."""
-    session = make_session(args, "infinipot-v", args.soak_budget)
-    deadline = time.monotonic() + args.soak * 60
-    next_question = time.monotonic() + 5
-    rss: list[float] = []
-    with tqdm(total=int(args.soak * 60), desc="soak", unit="s", mininterval=2.0) as bar:
-        for frame in SyntheticSource(seed=args.seed, size=FRAME_SIZE):
-            session.insert_frame(frame)
-            rss.append(rss_mb()[0])
-            if time.monotonic() >= next_question:
-                session.ask(QUESTION)
-                next_question += 5
-            bar.n = int(args.soak * 60 - max(0.0, deadline - time.monotonic()))
-            bar.refresh()
-            if time.monotonic() >= deadline:
-                break
-    warm = rss[len(rss) // 5:]  # after the first fifth: buffers allocated, pages touched
-    growth = max(warm) / warm[0] - 1
-    print(json.dumps({"frames": session.frames_seen, "passes": session.memory.passes, "rss_mb_start": round(warm[0], 1),
-                      "rss_mb_max": round(max(warm), 1), "growth": round(growth, 4)}))
-    return 0 if growth < 0.02 else 1
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -168,14 +146,10 @@ def main() -> int:
                    "(default: every tenth of the stream)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "memory.json")
-    p.add_argument("--soak", type=float, metavar="MINUTES", help="soak test instead: exit 1 if RSS grows")
-    p.add_argument("--soak-budget", type=int, default=2048)
     p.add_argument("--one", metavar="POLICY@BUDGET", help=argparse.SUPPRESS)  # a child process: one run
     p.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     check_model_arguments(args)
-    if args.soak:
-        return soak(args)
     if args.one:
         policy, _, budget = args.one.partition("@")
         args.out.write_text(json.dumps(run_one(args, policy, int(budget) if budget else None, args.position)))
