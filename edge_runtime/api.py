@@ -9,14 +9,16 @@ it. Errors are JSON in OpenAI's shape, {"error": {"message", "type", "code"}}, w
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any, Literal
 
@@ -28,9 +30,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_runtime.errors import ModelError, QuestionTooLong, SettingsError
+from edge_runtime.events import EventBus, MqttSink, WebhookSink
+from edge_runtime.model import VisionLanguageModel
 from edge_runtime.serve import Hub, StreamSpec, UnknownStream
 from edge_runtime.sources import SourceError
 from edge_runtime.stream import MATCHES
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024  # bytes: a chat request with its history is a few KB; anything this big is not one
 QUESTION_CHARS = 8000  # a question longer than this cannot fit any question room
@@ -241,15 +247,20 @@ def create_app(hub: Hub, api_key: str | None = None) -> FastAPI:
         future = hub.ask(body.model, question, history, on_token=lambda p: loop.call_soon_threadsafe(
             pieces.put_nowait, p), gone=gone, max_tokens=max_tokens)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        first = await pieces.get()  # a question that cannot be answered is an HTTP error, not a broken stream
+        if first is None:
+            await run(future)
 
         async def events() -> AsyncIterator[str]:
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                while (piece := await pieces.get()) is not None:
+                piece = first
+                while piece is not None:
                     yield chunk({"content": piece})
+                    piece = await pieces.get()
                 try:
                     answer = future.result()
-                except (QuestionTooLong, ModelError, UnknownStream) as e:
+                except (ModelError, UnknownStream) as e:
                     yield "data: " + json.dumps({"error": {"message": str(e), "type": "server_error"}}) + "\n\n"
                     return
                 yield chunk({}, "length" if max_tokens and answer.n_tokens >= max_tokens else "stop")
@@ -330,3 +341,36 @@ def completion(reply_id: str, created: int, model: str, answer: Any) -> dict:
 def alert_info(stream: str, watch: Any) -> dict:
     return {"id": watch.id, "stream": stream, "prompt": watch.prompt, "every": watch.every,
             "when": {watch.match: watch.text} if watch.match else None, "next_due": watch.next_due}
+
+
+def run_server(args: argparse.Namespace, model: VisionLanguageModel,
+               make_session: Callable[[int | None], object]) -> int:
+    """Run the server until SIGTERM or Ctrl-C: streams from --stream, the API on --host:--port."""
+    import uvicorn
+
+    bus = EventBus()
+    sinks: list = []
+    if args.mqtt:
+        sinks.append(MqttSink(args.mqtt))
+    if args.webhook:
+        sinks.append(WebhookSink(args.webhook))
+    for sink in sinks:
+        bus.add_sink(sink)
+    hub = Hub(model, args, bus, make_session)
+    hub.start()
+    try:
+        for spec in args.streams:
+            hub.add(spec, hub.open_source(spec)).result()
+        app = create_app(hub, api_key=args.api_key)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        log.info("serving on http://%s:%d", args.host, args.port)
+        bus.publish({"event": "notice", "message": f"serving on http://{args.host}:{args.port}/"})
+        server.run()  # returns on SIGTERM or Ctrl-C (uvicorn's handlers)
+    finally:
+        hub.close()
+        for sink in sinks:
+            sink.close()
+    return 0
+

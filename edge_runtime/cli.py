@@ -343,9 +343,9 @@ def _watch(args: argparse.Namespace, out: Output, stream: Stream, stops: StopSig
             stream.ask(question)
     while stdin_open and stops.requested is None:  # the memory stays queryable until the user closes stdin
         stdin_open = answer_waiting(0.1)
-    if stops.requested:
+    if stops.requested and stream.ended is not None:  # the stream had ended: say why we stop anyway
         out.notice(f"{stops.requested}; {stream.session.frames_seen} frames seen")
-    stream.close()  # the last checkpoint
+    stream.close(stops.requested or "closed")  # the last checkpoint
     summarise(stream.session, out, args.json)
     return EXIT_INTERRUPTED if stops.requested and not stops.terminated else 0
 
@@ -396,7 +396,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 def serve_main(argv: list[str]) -> int:
     """`edge-runtime serve`: the model loaded once, every --stream on it, until SIGTERM (exit 0) or Ctrl-C."""
-    from edge_runtime.serve import serve
+    try:
+        from edge_runtime.api import run_server
+    except ImportError as e:  # the serve extra is not installed
+        print(f"edge-runtime: error: edge-runtime serve needs {e.name or 'its web parts'}: "
+              "pip install 'edge-runtime[serve]'", file=sys.stderr)
+        return EXIT_ERROR
 
     parser = build_serve_parser()
     args = parser.parse_args(argv)
@@ -418,7 +423,7 @@ def serve_main(argv: list[str]) -> int:
         for spec in args.streams:
             policy_for(args, spec.budget or args.budget)  # a bad setting fails before the model loads
         with open_model(args) as model:
-            serve(args, model, lambda budget: session_for(model, args, budget))
+            run_server(args, model, lambda budget: session_for(model, args, budget))
     except (ModelError, SourceError, MemoryFull, SettingsError) as e:
         print(f"edge-runtime: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -302,38 +302,3 @@ class Hub:
                          "kept": round(float(counts.sum() / r.n_tokens), 4), "heat": grid,
                          "thumbnail": r.index in served.thumbnails})
         return view
-
-
-def serve(args: argparse.Namespace, model: VisionLanguageModel, make_session: Callable[[int | None], object]) -> int:
-    """Run the server until SIGTERM or Ctrl-C: streams from --stream, the API on --host:--port."""
-    import uvicorn
-
-    from edge_runtime.api import create_app
-    from edge_runtime.events import MqttSink, WebhookSink
-
-    bus = EventBus()
-    sinks: list = []
-    if args.mqtt:
-        sinks.append(MqttSink(args.mqtt))
-    if args.webhook:
-        sinks.append(WebhookSink(args.webhook))
-    for sink in sinks:
-        bus.add_sink(sink)
-    hub = Hub(model, args, bus, make_session)
-    hub.start()
-    try:
-        for spec in args.streams:
-            hub.add(spec, hub.open_source(spec)).result()
-        app = create_app(hub, api_key=args.api_key)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
-        log.info("serving on http://%s:%d", args.host, args.port)
-        bus.publish({"event": "notice", "message": f"serving on http://{args.host}:{args.port}/"})
-        server.run()  # returns on SIGTERM or Ctrl-C (uvicorn's handlers)
-    finally:
-        hub.close()
-        for sink in sinks:
-            sink.close()
-    return 0
-

@@ -122,9 +122,9 @@ class Stream:
                         f"frames seen, {report.frames_in_memory} in memory, {report.video_tokens} video tokens, "
                         f"{report.passes} passes; the stream goes on from {t:.1f} s")
 
-    def close(self) -> None:
-        """End the stream if it is still running, write the last checkpoint, release the directory."""
-        self.end("stopped")
+    def close(self, reason: str = "closed") -> None:
+        """End the stream if it is still running (for `reason`), write the last checkpoint, release the directory."""
+        self.end(reason)
         self.save()
         self._release()
 

@@ -205,6 +205,9 @@ BAD = [  # (method, path, body, headers, status, what the message says)
      {}, 413, "characters"),
     ("POST", "/v1/chat/completions", {"model": "door", "messages": [{"role": "user", "content": "why " * 1500}]},
      {}, 413, "tokens but only"),  # under the character cap, over the question room
+    ("POST", "/v1/chat/completions", {"model": "door", "stream": True,
+                                      "messages": [{"role": "user", "content": "why " * 1500}]},
+     {}, 413, "tokens but only"),  # streamed: still an HTTP error, before any chunk
     ("POST", "/v1/chat/completions", b"x" * 300_000, {"Content-Type": "application/json"}, 413, "bytes"),
     ("POST", "/v1/streams", {"name": "bad name!", "source": "synthetic"}, {}, 400, "stream name"),
     ("POST", "/v1/streams", {"name": "door", "source": "synthetic"}, {}, 409, "exists already"),
