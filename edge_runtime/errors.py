@@ -13,3 +13,7 @@ class SettingsError(ValueError):
 
 class MemoryFull(Exception):
     """The video memory cannot take the next frame (the full cache reached its context)."""
+
+
+class MissingDependency(ImportError):
+    """A package the runtime needs is not installed (OpenCV on a Termux install, say): one line on how to get it."""
