@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any, Literal
 
-import cv2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -32,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_runtime.errors import ModelError, QuestionTooLong, SettingsError
 from edge_runtime.events import EventBus, MqttSink, WebhookSink
 from edge_runtime.model import VisionLanguageModel
+from edge_runtime.opencv import cv2
 from edge_runtime.serve import Hub, StreamSpec, UnknownStream
 from edge_runtime.sources import SourceError
 from edge_runtime.stream import MATCHES

@@ -17,3 +17,7 @@ class MemoryFull(Exception):
 
 class QuestionTooLong(ModelError):
     """A question (with its history and answer room) that does not fit the cells kept free for it."""
+
+
+class MissingDependency(ImportError):
+    """A package the runtime needs is not installed (OpenCV on a Termux install, say): one line on how to get it."""

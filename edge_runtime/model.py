@@ -17,7 +17,6 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
@@ -27,6 +26,7 @@ from edge_runtime.errors import ModelError
 from edge_runtime.families import FAMILIES, GENERIC_FAMILY, KVGeometry, family_of
 from edge_runtime.gguf_meta import check_gguf, gguf_int_array, projector_info
 from edge_runtime.native_log import NATIVE_LOG
+from edge_runtime.opencv import cv2
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import cv2
 import numpy as np
 
 from edge_runtime.errors import ModelError, SettingsError
 from edge_runtime.events import EventBus, StreamEvents
 from edge_runtime.feed import FeedParams, FrameFeed
 from edge_runtime.model import VisionLanguageModel
+from edge_runtime.opencv import cv2
 from edge_runtime.session import Answer
 from edge_runtime.sources import FrameSource, open_source
 from edge_runtime.stream import Stream, StreamParams, WatchPrompt

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
-
 from edge_runtime import _native
 from edge_runtime.compressor import Compressor, CompressorParams
 from edge_runtime.context import Context
@@ -27,6 +25,7 @@ from edge_runtime.errors import MemoryFull, ModelError, QuestionTooLong, Setting
 from edge_runtime.families import KVGeometry, memory_support
 from edge_runtime.memory import FrameRecord, SlotTable, VideoMemory
 from edge_runtime.model import VisionLanguageModel
+from edge_runtime.opencv import cv2
 from edge_runtime.policies import FullCache, Policy
 from edge_runtime.sources import Frame
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-import cv2
 import numpy as np
 
 from edge_runtime import scenes
+from edge_runtime.opencv import cv2
 
 logger = logging.getLogger(__name__)
 
