@@ -19,7 +19,9 @@
 # Logs: results/arm64/{setup,suite}.log (the machine, the emulator, the compilers, the module's ISA, times).
 #
 # Settings (environment): ARM64_ROOT (/work/arm64root), ARM64_WORK (/work/armbuild: sdist, wheel, logs of
-# the build), ARM64_ARCH (armv8-a, for llama.cpp), JOBS (nproc), NICE (19: this is slow and shares the machine).
+# the build), ARM64_ARCH (armv8-a, for llama.cpp), JOBS (nproc), NICE (19: this is slow and shares the machine),
+# ARM64_TESTS (test files or node ids instead of the whole suite), ARM64_LOG (suite.log: its name in results/arm64).
+# Emulation is slow: on the 2 shared cores where it was written, the whole suite takes hours (suite.log).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -204,7 +206,7 @@ record_machine() {  # what ran: the machine, the emulator, the compilers, what t
 }
 
 step_test() {
-    local log="$OUT/suite.log" t0 rc=0
+    local log="$OUT/${ARM64_LOG:-suite.log}" t0 rc=0
     timed build step_build || return 1  # the native module of this very tree (incremental after the first build)
     {
         echo "# edge-runtime test suite on aarch64 (qemu-user), $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -222,6 +224,7 @@ step_test() {
     for f in "$REPO"/tests/test_*.py; do
         case " $files " in *" tests/$(basename "$f") "*) ;; *) files+=" tests/$(basename "$f")" ;; esac
     done
+    [ -z "${ARM64_TESTS:-}" ] || files=" $ARM64_TESTS"  # a part of the suite (to finish a run cut short)
     echo "== the whole suite: pytest -v -rs --durations=25$files" >> "$log"
     t0=$(date +%s)
     in_root "nice -n 19 python -m pytest -v -rs --durations=25 -p no:cacheprovider$files" >> "$log" 2>&1 || rc=$?
