@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
+import sys
 from typing import Any
 
 # OpenCV and FFmpeg write warnings straight to stderr, past `logging`; a failed open would print three
@@ -11,6 +13,25 @@ from typing import Any
 # own settings win, and --verbose turns them back on for captures opened later.
 os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
+
+def _make_libstdcxx_global() -> None:
+    """Put the C++ runtime in the process's global symbol scope before llama.cpp's libraries load.
+
+    llama_cpp dlopens libggml*.so and libllama.so with RTLD_GLOBAL. A CUDA build's libggml-cuda.so exports
+    C++ runtime symbols of its own; when libstdc++ came in earlier as a local dependency (cv2 imported first
+    loads it RTLD_LOCAL), it is not in the global scope, so libllama's references bind to libggml-cuda's
+    copies and the tokenizer's std::regex crashes (the shared notes, "On a CUDA build"). dlopen with
+    RTLD_GLOBAL promotes an object already loaded locally, so this works whether cv2 came first or not.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # musl or a static runtime: nothing to promote
+            pass
+
+
+_make_libstdcxx_global()
 
 # The public names load on first use, so that the pure-NumPy modules (edge_runtime.scenes) import on a
 # training machine that has neither llama.cpp nor OpenCV.

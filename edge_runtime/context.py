@@ -3,8 +3,8 @@
 A `Context` is made from a loaded `VisionLanguageModel` (edge_runtime/model.py) and belongs to one memory:
 several contexts can share one model, each with its own cache. The memory lives in the context's sequence
 `seq_id`; every call here names it. An evaluation callback (public API) lets the native pass find
-llama.cpp's own K and V tensors during the first decode (native/capture.hpp KVCapture); it must live as long
-as the context.
+llama.cpp's own K and V tensors during a probe decode when the context is made (native/capture.hpp KVCapture);
+then it is taken back, so that no frame pays for it, and the probe leaves the cache empty.
 """
 
 from __future__ import annotations
@@ -30,6 +30,28 @@ STATE_PARTIAL_ONLY = 1
 _NO_POST_DECODE = mtmd.mtmd_helper_post_decode_callback()  # a NULL callback: ctypes refuses None
 
 
+def context_params(model: VisionLanguageModel, n_ctx: int, seq_id: int = 0) -> llama_cpp.llama_context_params:
+    """llama.cpp's default context parameters with this runtime's settings (no evaluation callback): what a
+    Context is made with, and what scripts/benchmark_ingest.py makes a plain context with."""
+    config = model.config
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = cparams.n_ubatch = config.n_batch
+    cparams.n_seq_max = seq_id + 1
+    cparams.n_threads = cparams.n_threads_batch = config.n_threads
+    cparams.flash_attn_type = {
+        "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[config.flash_attn]
+    cparams.no_perf = True
+    # Sliding-window layers (Gemma 3) need their window plus one ubatch of cells; llama.cpp's default
+    # (swa_full) gives them as many as the global layers, memory spent on tokens they never show again.
+    cparams.swa_full = False
+    cparams.type_k = cparams.type_v = CACHE_TYPES[config.cache_type]
+    return cparams
+
+
 class Context:
     """A llama context of n_ctx cells, allocated once, for the memory in sequence seq_id."""
 
@@ -40,23 +62,9 @@ class Context:
         self._batch = None
         config = model.config
         NATIVE_LOG.clear()
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = config.n_batch
-        cparams.n_seq_max = seq_id + 1
-        cparams.n_threads = cparams.n_threads_batch = config.n_threads
-        cparams.flash_attn_type = {
-            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[config.flash_attn]
-        cparams.no_perf = True
-        # Sliding-window layers (Gemma 3) need their window plus one ubatch of cells; llama.cpp's default
-        # (swa_full) gives them as many as the global layers, memory spent on tokens they never show again.
-        cparams.swa_full = False
-        cparams.type_k = cparams.type_v = CACHE_TYPES[config.cache_type]
+        cparams = context_params(model, n_ctx, seq_id)
         # The in-place compression pass finds llama.cpp's K and V tensors through the evaluation callback
-        # (public API) during the first decode; the capture must live as long as the context.
+        # (public API) during the probe decode (_find_cache); the capture must live as long as the context.
         self.kv_capture = KVCapture(llama_cpp.llama_model_n_layer(model.model))
         cparams.cb_eval = ctypes.cast(ctypes.c_void_p(self.kv_capture.callback),
                                       llama_cpp.ggml_backend_sched_eval_callback)
@@ -78,6 +86,21 @@ class Context:
         self.layout = state_layout(self.ctx_address, model.uses_mrope)
         self.has_partial_state = self.layout["n_caches"] > 1 or self.layout["recurrent"]
         self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._find_cache()
+
+    def _find_cache(self) -> None:
+        """One decode shows the capture llama.cpp's K and V tensors; then the callback is taken back, since a
+        set callback costs every later decode (+33 % a frame on CUDA, native/capture.hpp), and the cache is
+        emptied again (a recurrent state too)."""
+        token = max(llama_cpp.llama_vocab_bos(self.model.vocab), 0)
+        self.decode_tokens([token, token], 0)
+        if self.kv_capture.detach(self.ctx_address):
+            # llama.cpp hands the scheduler the context's callback when it builds a graph, and it builds one
+            # for a batch of another shape (src/llama-context.cpp:1412-1428): one token after two.
+            self.decode_tokens([token], 2)
+        else:
+            log.debug("the evaluation callback could not be taken back: every decode pays for it")
+        llama_cpp.llama_memory_clear(self.memory, True)
 
     # -- the KV cache --------------------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("callback", &KVCapture::callback)
         .def_property_readonly("user_data", &KVCapture::user_data)
         .def_property_readonly("complete", &KVCapture::complete)
+        .def_property_readonly("detached", &KVCapture::detached)
+        .def_property_readonly("calls", &KVCapture::calls)
+        .def("detach", &KVCapture::detach, py::arg("ctx"))
         .def("describe", &KVCapture::describe);
     py::class_<PassParams>(m, "PassParams", "What a pass needs to know of the model and the memory (fixed for its life).")
         .def(py::init<>())

