@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # it becomes a URL path part, an MQTT topic level, a folder
 THUMBNAIL_SIDE = 160  # px, the longer side of the frames the page shows in its memory strip
+# The newest frames in memory that keep a picture (about 5 KB each): a frame keeps its record while any layer
+# and head holds one of its tokens, so the frames in memory grow for hours (700 of 700 after 700 frames at a
+# budget of 1024, edge-vlm), and pictures of all of them grew the server by 40 MB an hour over 4 streams.
+MAX_THUMBNAILS = 96
 
 
 class UnknownStream(KeyError):
@@ -86,7 +90,7 @@ class Served:
     stream: Stream
     events: StreamEvents
     description: str
-    thumbnails: dict[int, bytes] = field(default_factory=dict)  # frame index -> JPEG, for frames still in memory
+    thumbnails: dict[int, bytes] = field(default_factory=dict)  # frame index -> JPEG, the newest frames in memory
 
 
 class Hub:
@@ -279,7 +283,7 @@ class Hub:
         ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])
         if ok:
             served.thumbnails[mem.records[-1].index] = jpeg.tobytes()
-        live = {r.index for r in mem.records}
+        live = {r.index for r in mem.records[-MAX_THUMBNAILS:]}
         for index in [i for i in served.thumbnails if i not in live]:
             del served.thumbnails[index]
 

@@ -14,7 +14,7 @@ from probes import probe_logits
 from edge_runtime.cli import build_serve_parser, session_for
 from edge_runtime.events import EventBus
 from edge_runtime.model import VisionLanguageModel
-from edge_runtime.serve import Hub, StreamSpec, UnknownStream
+from edge_runtime.serve import MAX_THUMBNAILS, Hub, StreamSpec, UnknownStream
 from edge_runtime.sources import SyntheticSource
 
 
@@ -112,3 +112,19 @@ def test_the_event_bus_hands_events_to_a_subscriber_of_one_stream() -> None:
         bus.unsubscribe(q)
         return [got]
     assert [e["frames"] for e in asyncio.run(listen())] == [1]
+
+
+def test_the_memory_strip_keeps_pictures_of_the_newest_frames_only(tiny_model: VisionLanguageModel,
+                                                                     fixtures: dict[str, Path]) -> None:
+    # frames stay in memory for hours (a token in any head keeps one), their pictures must not
+    hub, _ = make_hub(tiny_model, fixtures, "--budget", "256")
+    n = 2 * MAX_THUMBNAILS
+    try:
+        hub.add(StreamSpec("a", "synthetic:1"), SyntheticSource(seed=1, n_frames=n)).result()
+        wait(lambda: hub.streams["a"].stream.ended)
+        view = hub.memory_view("a").result()
+    finally:
+        hub.close()
+    frames, pictured = [f["frame"] for f in view], [f["frame"] for f in view if f["thumbnail"]]
+    assert len(frames) > MAX_THUMBNAILS  # more frames in memory than pictures
+    assert pictured == frames[-MAX_THUMBNAILS:]
