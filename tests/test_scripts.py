@@ -48,8 +48,12 @@ def test_compression_benchmark_reports_the_pass(fixtures: dict[str, Path], tmp_p
 def test_ingest_benchmark_compares_with_bare_mtmd(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ingest.json"
     run_script("benchmark_ingest", *tiny(fixtures), "--frames", "4", "--rounds", "1", "--out", str(out))
-    summary = json.loads(out.read_text())["summary"]
-    assert summary["runtime_ms_median"] > 0 and summary["bare_ms_median"] > 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["runtime_ms_median"] > 0 and summary["bare_plain_ms_median"] > 0
+    assert summary["bare_runtime_context_ms_median"] > 0
+    assert summary["callback_detached"]  # no decode after the probe pays for the evaluation callback
+    assert [len(result[f"{loop}_ms"][0]) for loop in ("runtime", "bare_plain", "bare_runtime_context")] == [4, 4, 4]
 
 
 def test_recall_benchmark_grades_every_question(fixtures: dict[str, Path], tmp_path: Path) -> None:
