@@ -339,7 +339,11 @@ def gemma3_compressed_and_held(family_files: dict[str, Path], frames: list, use_
         return compressed, probe_logits(full.context, next_pos), whole
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=needs_gpu)])
+# With the model on the CPU, a GPU build still computes large batches on the GPU (llama.cpp's op_offload): the
+# last bits then differ (9e-5 seen on CUDA), so the exact check needs a CPU-only build.
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=pytest.mark.skipif(
+    bool(llama_cpp.llama_supports_gpu_offload()), reason="a GPU build offloads large batches (op_offload)")),
+    pytest.param("gpu", marks=needs_gpu)])
 def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files: dict[str, Path],
                                                                    backend: str) -> None:
     """One KV head, the global layer first (its K and V depend on each token alone), then a sliding layer.
