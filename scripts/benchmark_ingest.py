@@ -17,6 +17,7 @@ import ctypes
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
@@ -28,7 +29,7 @@ from edge_runtime.context import context_params
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.opencv import cv2
 from edge_runtime.session import Session
-from edge_runtime.sources import SyntheticSource
+from edge_runtime.sources import Frame, SyntheticSource
 from scripts.bench import FRAME_SIZE, add_model_arguments, check_model_arguments, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,17 @@ def plain_context(model: VisionLanguageModel, n_ctx: int, prompt_state: bytes) -
     return ctx
 
 
-def timed(step: object, frames: list, bar: tqdm) -> list[float]:
+class BareLoop:
+    """The bare loop in one context: each call writes the next frame at the next position."""
+
+    def __init__(self, model: VisionLanguageModel, ctx: llama_cpp.llama_context_p, pos: int) -> None:
+        self.model, self.ctx, self.pos = model, ctx, pos
+
+    def __call__(self, frame: Frame) -> None:
+        self.pos = bare_ingest(self.model, self.ctx, frame.image, self.pos)
+
+
+def timed(step: Callable[[Frame], object], frames: list[Frame], bar: tqdm) -> list[float]:
     times = []
     for frame in frames:
         t0 = time.perf_counter()
@@ -97,21 +108,13 @@ def main() -> None:
                                                                  + session.memory.video_tokens)
             session.close()
 
-            ctx, pos = plain_context(model, n_ctx, prompt_state), [pos0]
-
-            def plain_step(frame: object, ctx: object = ctx, pos: list[int] = pos) -> None:
-                pos[0] = bare_ingest(model, ctx, frame.image, pos[0])
-
-            loops["bare_plain"].append(timed(plain_step, frames, bar))
+            ctx = plain_context(model, n_ctx, prompt_state)
+            loops["bare_plain"].append(timed(BareLoop(model, ctx, pos0), frames, bar))
             llama_cpp.llama_free(ctx)
 
             with Session(model) as session:  # the runtime's kind of context, the bare loop in it
-                pos = [session.memory.next_pos]
-
-                def own_step(frame: object, ctx: object = session.context.ctx, pos: list[int] = pos) -> None:
-                    pos[0] = bare_ingest(model, ctx, frame.image, pos[0])
-
-                loops["bare_runtime_context"].append(timed(own_step, frames, bar))
+                step = BareLoop(model, session.context.ctx, session.memory.next_pos)
+                loops["bare_runtime_context"].append(timed(step, frames, bar))
 
     # Per frame index, the fastest round of each loop: the noise of a shared machine only ever adds time.
     best = {name: [min(r[i] for r in rounds) for i in range(args.frames)] for name, rounds in loops.items()}

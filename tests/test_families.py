@@ -354,7 +354,7 @@ def test_gemma3_keep_equals_a_cache_that_only_held_the_kept_tokens(family_files:
 
     On a GPU the two caches' kernels sum in other orders (their lengths differ), so the logits agree only to
     the GPU's rounding (1.8e-4 was seen on CUDA): the bound is measured, not chosen, as twice what the same
-    full cache gives on the GPU against the CPU."""
+    full cache gives with the model on the GPU against the model on the CPU."""
     frames = list(SyntheticSource(seed=6, n_frames=9, size=FOUR_BY_THREE))
     compressed, held, whole = gemma3_compressed_and_held(family_files, frames, use_gpu=backend == "gpu")
     if backend == "cpu":
