@@ -38,6 +38,7 @@ class CompressorParams:
     keep_fraction: float = 0.75  # |C| = 0.75 |M| (the paper's default), rounded down to whole frames
     positions: str = "reindex"  # reindex: compact positions, keys re-rotated; keep: original rotations
     in_place: bool = True  # rewrite llama.cpp's KV tensors in place when the cache allows it
+    graph_on_cpu: bool = False  # a CPU cache too takes the ggml-graph route (measurements), not the CPU kernels
     sliding_cache: bool = False  # a sliding-window cache (Gemma 3) that moves with the sequence in reindex mode
 
 
@@ -45,12 +46,14 @@ class CompressorParams:
 class PassReport:
     """What the last pass did, and what it cost."""
 
-    path: str  # "direct" (in place) or "portable" (the state copied out and back)
+    path: str  # "direct" (in place, CPU kernels), "graph" (in place, ggml graphs on the cache's backend: a GPU)
+    #            or "portable" (the state copied out and back)
     read_ms: float
     select_ms: float
     apply_ms: float
     state_bytes: int  # of the sequence's state when the pass read it
     kept: int  # |C|
+    backend: str = ""  # the graph route's ggml backend (CUDA0, Vulkan0, Metal, CPU), "" for the other paths
 
 
 class Compressor:
@@ -69,6 +72,7 @@ class Compressor:
         native.sliding_freq_base = geo.freq_base_swa if params.sliding_cache else 0.0
         native.max_cells, native.max_position = params.n_prefix + params.budget, params.n_ctx
         native.n_threads, native.in_place = params.n_threads, params.in_place
+        native.graph_on_cpu = params.graph_on_cpu
         self._context = context
         self._native_params = native
         self._pass: _native.KVPass | None = None  # made at the first pass; its buffers are sized for the budget
@@ -119,7 +123,8 @@ class Compressor:
                         result["fallback"])
         memory.apply_pass(result["kept"], result["new_pos"], reindex)
         self.last = PassReport(path=result["path"], read_ms=result["read_ms"], select_ms=result["select_ms"],
-                               apply_ms=result["apply_ms"], state_bytes=result["state_bytes"], kept=keep)
+                               apply_ms=result["apply_ms"], state_bytes=result["state_bytes"], kept=keep,
+                               backend=result["backend"])
         for f in self.on_pass:
             f(kv, memory, result)
         return self.last

@@ -54,6 +54,7 @@ class SessionConfig:
     keep_fraction: float = CompressorParams.keep_fraction
     positions: str = CompressorParams.positions
     direct_pass: bool = CompressorParams.in_place  # compress llama.cpp's KV tensors in place when it can
+    graph_on_cpu: bool = CompressorParams.graph_on_cpu  # a CPU cache too by ggml graphs (tests, measurements)
 
     def context_size(self) -> int:
         if self.n_ctx is not None:
@@ -164,7 +165,8 @@ class Session:
         self.compressor = Compressor(self.context, CompressorParams(
             geometry=self.geometry, n_prefix=len(prefix), budget=budget, n_ctx=self.context.n_ctx,
             n_threads=model.config.n_threads, keep_fraction=cfg.keep_fraction, positions=cfg.positions,
-            in_place=cfg.direct_pass, sliding_cache=len(self.state_parts["caches"]) > 1), self.policy)
+            in_place=cfg.direct_pass, graph_on_cpu=cfg.graph_on_cpu,
+            sliding_cache=len(self.state_parts["caches"]) > 1), self.policy)
 
     def _check_settings(self, capacity: int, n_prefix: int) -> int:
         cfg = self.config

@@ -58,7 +58,8 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("max_cells", &PassParams::max_cells)
         .def_readwrite("max_position", &PassParams::max_position)
         .def_readwrite("n_threads", &PassParams::n_threads)
-        .def_readwrite("in_place", &PassParams::in_place);
+        .def_readwrite("in_place", &PassParams::in_place)
+        .def_readwrite("graph_on_cpu", &PassParams::graph_on_cpu);
     py::class_<ScoreParams>(m, "ScoreParams", "InfiniPot-V's selection settings for one pass.")
         .def(py::init<>())
         .def_readwrite("nx", &ScoreParams::nx)
@@ -83,6 +84,9 @@ PYBIND11_MODULE(_native, m) {
         .def("record_scores", &KVPass::record_scores, py::arg("on"))
         .def("scores", &KVPass::scores)
         .def_property_readonly("path", &KVPass::path)
+        .def_property_readonly("backend", &KVPass::backend)
+        .def_property_readonly("device_bytes", &KVPass::device_bytes)
+        .def("copy_ms", &KVPass::copy_ms, py::arg("n_bytes"), py::arg("repeats") = 5)
         .def_property_readonly("n_slots", &KVPass::n_slots)
         .def_property_readonly("n_layer", &KVPass::n_layer)
         .def_property_readonly("v_trans", &KVPass::v_trans)

