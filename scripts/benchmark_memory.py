@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,19 @@ DEFAULT_RUNS = "full,sliding-window@4096,infinipot-v@4096,infinipot-v@2048"
 FULL_CTX = 8192  # the full cache gets what a plain llama.cpp user would allocate for this model
 
 
+def gpu_mb() -> float | None:
+    """This process's GPU memory as nvidia-smi reports it (None without an NVIDIA GPU)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(used)
+    return None
+
+
 def make_session(args: argparse.Namespace, policy: str, budget: int | None) -> Session:
     # same question, same prompt; a capped context is sized for its budget
     config = SessionConfig(n_ctx=None if budget else FULL_CTX, budget=budget, history_tokens=0, max_answer_tokens=16)
@@ -53,6 +68,9 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
     series: dict[str, list[float]] = {k: [] for k in ("video_tokens", "kv_bytes", "rss_mb", "prepare_ms",
                                                       "encode_ms", "decode_ms", "compress_ms")}
     questions = []
+    gpu = []  # [frame, MB] samples of this process's GPU memory, a hundred over the stream
+    gpu_every = max(1, args.frames // 100)
+    pass_paths: set[str] = set()  # direct, graph or portable (see compressor.PassReport)
     stopped_at = None
     t_start = time.perf_counter()
     label = f"{policy}@{budget}" if budget else policy
@@ -69,15 +87,21 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
         series["rss_mb"].append(round(rss_mb()[0], 1))
         for key in ("prepare_ms", "encode_ms", "decode_ms", "compress_ms"):
             series[key].append(round(getattr(timing, key), 2))
+        if timing.compress_ms > 0:
+            pass_paths.add(session.compressor.last.path)
         if session.frames_seen % ask_every == 0:
             answer = session.ask(QUESTION)
             questions.append({"frame": session.frames_seen, "ttft_ms": round(answer.ttft_ms, 1),
-                              "tokens_per_s": round(answer.tokens_per_s, 1), "n_tokens": answer.n_tokens})
+                              "tokens_per_s": round(answer.tokens_per_s, 1), "n_tokens": answer.n_tokens,
+                              "answer": answer.text})
+        if session.frames_seen % gpu_every == 0 and (used := gpu_mb()) is not None:
+            gpu.append([session.frames_seen, used])
     wall_s = time.perf_counter() - t_start
     frames = session.frames_seen
     ingest = [p + e + d for p, e, d in zip(series["prepare_ms"], series["encode_ms"], series["decode_ms"],
                                            strict=True)]
     compress = [c for c in series["compress_ms"] if c > 0]
+    first_pass = next((i for i, c in enumerate(series["compress_ms"]) if c > 0), None)
     kv_end = series["kv_bytes"][-1]
     cells_end = session.memory.prefix_tokens + session.memory.video_tokens
     # what the full cache would hold after this stream: every frame's tokens, at this model's bytes per cell
@@ -89,6 +113,14 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
         "stopped_at_frame": stopped_at,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_growth_after_minute_5": (round(max(rss_after_5) / rss_after_5[0] - 1, 4) if rss_after_5 else None),
+        "rss_mb_after_minute_5": [min(rss_after_5), max(rss_after_5)] if rss_after_5 else None,
+        "gpu_mb_after_minute_5": ([min(m for f, m in gpu if f > minute5), max(m for f, m in gpu if f > minute5)]
+                                  if any(f > minute5 for f, _ in gpu) else None),
+        "video_tokens_after_first_pass": ([min(series["video_tokens"][first_pass:]),
+                                           max(series["video_tokens"][first_pass:])] if first_pass else None),
+        "pass_paths": sorted(pass_paths),
+        "questions_answered": sum(1 for q in questions if q["n_tokens"] > 0),
+        "questions": len(questions),
         "kv_mb_at_end": round(kv_end / 2**20, 2),
         "kv_mb_full_cache_would_need": round(full_need / 2**20, 1),
         "kv_fraction_of_full_cache": round(kv_end / full_need, 4),
@@ -104,7 +136,8 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
         "wall_s": round(wall_s, 1),
     }
     session.model.close()
-    return {"policy": policy, "budget": budget, "summary": summary, "questions": questions, "series": series}
+    return {"policy": policy, "budget": budget, "summary": summary, "questions": questions, "series": series,
+            "gpu_mb": gpu, "use_gpu": session.model.config.use_gpu}
 
 
 def plot(result: dict, path: Path) -> None:

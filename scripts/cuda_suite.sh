@@ -2,7 +2,7 @@
 # The suite and the GPU measurements on a CUDA build of the pinned llama-cpp-python, on a machine with an
 # NVIDIA GPU and no network (the project's lent H200; a Jetson works the same way with its JetPack CUDA).
 #
-#   scripts/cuda_suite.sh [kit|setup|build|test|bench|all]     (default: all)
+#   scripts/cuda_suite.sh [kit|setup|build|test|bench|long|recall|all]     (default: all)
 #
 # What the machine cannot download comes in a kit folder (CUDA_KIT, default .gpu, ignored by git):
 #   llama-src.tgz     llama-cpp-python's sdist (the pin), unpacked; vendor/llama.cpp's models/, docs/, benches/,
@@ -18,6 +18,8 @@
 #           a Jetson Orin is 87), then edge-runtime editable against it
 #   test    pytest over the suite, less the server's tests (FastAPI, MQTT and the browser are not on the machine)
 #   bench   the import order, ingest against plain llama.cpp, the pass on the GPU -> $RESULTS
+#   long    a 36,000-frame stream (ten hours at 1 frame/s) under a 4096-token cap: GPU memory, RSS, tokens
+#   recall  the recall benchmark's held-out streams (full, InfiniPot-V and uniform at 1/8)
 # Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS.
 set -euo pipefail
 
@@ -94,6 +96,22 @@ bench() {
     "$PY" -m scripts.cuda_import_order --out "$RESULTS/import_order.json"
     "$PY" -m scripts.make_fixtures >/dev/null
     "$PY" -m scripts.benchmark_ingest --frames 60 --rounds 3 --out "$RESULTS/ingest_overhead.json"
+    "$PY" -m scripts.benchmark_compression --passes 8 --out "$RESULTS/compression_pass.json"
+}
+
+long() {  # ten hours of 1 frame/s video, capped at 4096 video tokens, a question every hour
+    model
+    cd "$REPO"
+    "$PY" -m scripts.make_fixtures >/dev/null
+    "$PY" -m scripts.benchmark_memory --frames 36000 --runs infinipot-v@4096 --ask-every 3600 \
+        --out "$RESULTS/memory_10h.json"
+}
+
+recall() {  # the held-out 120-frame streams, as results/recall_120.json ran them on the CPU (budget 1/8)
+    model
+    cd "$REPO"
+    "$PY" -m scripts.benchmark_recall --streams 16 --frames 120 --budgets 1/8 --policies full,infinipot-v,uniform \
+        --out "$RESULTS/recall_120.json"
 }
 
 case "${1:-all}" in
@@ -102,6 +120,8 @@ case "${1:-all}" in
     build) build ;;
     test) run_tests ;;
     bench) bench ;;
-    all) setup; build; run_tests; bench ;;
-    *) echo "usage: $0 [kit|setup|build|test|bench|all]" >&2; exit 2 ;;
+    long) long ;;
+    recall) recall ;;
+    all) setup; build; run_tests; bench; long; recall ;;
+    *) echo "usage: $0 [kit|setup|build|test|bench|long|recall|all]" >&2; exit 2 ;;
 esac

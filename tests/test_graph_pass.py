@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
-from test_compression import variants  # noqa: F401 - variants is a fixture
+from test_compression import open_model, variants  # noqa: F401 - variants is a fixture
 from test_direct_pass import make_session, open_host_model, tokens_per_frame
 
 from edge_runtime.sources import SyntheticSource
@@ -58,3 +59,31 @@ def test_the_graph_route_keeps_what_the_cpu_kernels_keep(case: tuple, variants: 
             # values move as bytes; those of frames decoded after a pass carry the keys' rounding through attention
             vc, vg = cpu.compressor.native.values(layer), graph.compressor.native.values(layer)
             np.testing.assert_allclose(vg, vc, rtol=0, atol=1e-2 * float(np.abs(vc).max()))
+
+
+GPU_CASES = [("llama-3x4", "mmproj-6x6", "on"), ("llama-2x2", "mmproj-4x4", "off")]
+
+
+@pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="needs a GPU build of llama.cpp")
+@pytest.mark.parametrize("case", GPU_CASES, ids=["-".join(c) for c in GPU_CASES])
+def test_on_a_gpu_the_graph_route_keeps_what_the_copy_keeps(case: tuple, variants: dict[str, Path]) -> None:  # noqa: F811
+    """The cache on the GPU: the graph route (in place, on the device) against the portable pass (the state
+    copied to the host and scored by the CPU kernels) on the same model and frames."""
+    model_name, mmproj, flash_attn = case
+    with open_model(variants, model_name, mmproj, flash_attn=flash_attn) as m_graph, \
+            open_model(variants, model_name, mmproj, flash_attn=flash_attn) as m_copy:
+        p = tokens_per_frame(m_graph)
+        graph, copy = make_session(m_graph, "infinipot-v", True, p), make_session(m_copy, "infinipot-v", False, p)
+        kept: dict[str, list[np.ndarray]] = {"graph": [], "copy": []}
+        for name, s in (("graph", graph), ("copy", copy)):
+            s.compressor.on_pass.append(lambda kv, memory, result, name=name: kept[name].append(result["kept"]))
+        for frame in SyntheticSource(seed=11, n_frames=16 + 4 * 5):
+            graph.insert_frame(frame)
+            copy.insert_frame(frame)
+        assert graph.compressor.last.path == "graph" and graph.compressor.last.backend.startswith("CUDA")
+        assert graph.compressor.native.buffer_bytes == 0  # no host copy of the state, ever
+        assert copy.compressor.last.path == "portable"
+        assert len(kept["graph"]) == 5
+        for a, b in zip(kept["graph"], kept["copy"], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert graph.ask("What moved?").text == copy.ask("What moved?").text
