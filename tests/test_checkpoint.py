@@ -24,6 +24,7 @@ import pytest
 from checkpoint_child import BUDGET, scene  # scene(): the one place that names the synthetic source's class
 from probes import probe_logits
 from test_compression import N_CTX, open_model, variants  # noqa: F401 - variants is a fixture
+from wallclock import wall_s
 
 from edge_runtime import checkpoint
 from edge_runtime.builtin import edge_vlm_files
@@ -325,7 +326,9 @@ def test_with_both_checkpoints_damaged_it_starts_fresh_in_one_line(
 
 CHILD = Path(__file__).resolve().parent / "checkpoint_child.py"
 KILLS = 22
-PAUSE_S = 0.004  # os.fsync / os.replace sleep this long in the child: save spans ~20 ms, frames ~10 ms
+# os.fsync / os.replace sleep this long in the child: save spans ~20 ms, frames ~10 ms; on a slower machine both
+# scale, so that the kills land inside a save as often
+PAUSE_S = wall_s(0.004)
 
 
 def _read_line(proc: subprocess.Popen, deadline: float) -> str:
@@ -353,7 +356,7 @@ def test_killed_at_any_moment_a_restart_finds_the_last_complete_checkpoint_or_st
                                  str(directory), str(PAUSE_S)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env)
         try:
-            first = _read_line(proc, time.monotonic() + 60)
+            first = _read_line(proc, time.monotonic() + wall_s(60))
             if first == "FRESH":
                 assert last_saved == 0, f"run {run} started fresh after checkpoint {last_saved} was saved"
                 stats["fresh"] += 1
@@ -367,12 +370,12 @@ def test_killed_at_any_moment_a_restart_finds_the_last_complete_checkpoint_or_st
                 stats["restored"] += 1
                 stats["from prev"] += name == "memory.prev.ckpt"
                 last_saved = last_saving = n
-            assert _read_line(proc, time.monotonic() + 60) == "READY", proc.stderr.read().decode()
+            assert _read_line(proc, time.monotonic() + wall_s(60)) == "READY", proc.stderr.read().decode()
             if run == KILLS:
                 break
-            time.sleep(rng.uniform(0.02, 0.4))
+            time.sleep(wall_s(rng.uniform(0.02, 0.4)))
             proc.send_signal(signal.SIGKILL)
-            out, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=wall_s(30))
         finally:
             if proc.poll() is None:
                 proc.kill()

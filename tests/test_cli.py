@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from wallclock import wall_s
 
 from edge_runtime import cli
 from edge_runtime.sources import Frame, FrameSource, SourceError, SyntheticSource
@@ -43,7 +44,7 @@ def write_video(path: Path, seconds: int = 5, fps: int = 10) -> Path:
 def test_video_file_to_json_answers_and_statuses(fixtures: dict[str, Path], tmp_path: Path) -> None:
     video = write_video(tmp_path / "clip.mp4")
     run = subprocess.run([*CMD, "--video", str(video), *models(fixtures), "--ask", "What moved?",
-                          "--ask", "Which colour?", "--json"], capture_output=True, text=True, timeout=120)
+                          "--ask", "Which colour?", "--json"], capture_output=True, text=True, timeout=wall_s(120))
     assert run.returncode == 0, run.stderr
     evs = events(run.stdout)
     statuses = [e for e in evs if e["event"] == "status"]
@@ -61,7 +62,7 @@ def test_video_file_to_json_answers_and_statuses(fixtures: dict[str, Path], tmp_
 def test_watch_prompt_asks_every_n_seconds_of_stream(fixtures: dict[str, Path]) -> None:
     run = subprocess.run([*CMD, "--synthetic", "1", "--max-frames", "10", *models(fixtures),
                           "--ask", "Anything new?", "--ask-every", "3", "--json"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=wall_s(120))
     assert run.returncode == 0, run.stderr
     answers = [e for e in events(run.stdout) if e["event"] == "answer"]
     # frames at t = 0..9 s: watch answers after t = 3, 6, 9, then the final answer at the end
@@ -92,7 +93,7 @@ def test_stdin_questions_are_answered_while_frames_keep_coming(fixtures: dict[st
         later = next_event("status")
         assert later["frames"] > answer["frames"]  # the stream went on after the answer
         proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit with a summary
-        rest, err = proc.communicate(timeout=30)
+        rest, err = proc.communicate(timeout=wall_s(30))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -165,7 +166,7 @@ def test_a_source_that_dies_keeps_the_memory_queryable(fixtures: dict[str, Path]
 
 def test_full_memory_stops_the_stream_and_still_answers(fixtures: dict[str, Path]) -> None:
     run = subprocess.run([*CMD, "--synthetic", *models(fixtures)[:-2], "--ctx", "256", "--question-room", "64",
-                          "--ask", "What was there?", "--json"], capture_output=True, text=True, timeout=120)
+                          "--ask", "What was there?", "--json"], capture_output=True, text=True, timeout=wall_s(120))
     assert run.returncode == 0, run.stderr
     evs = events(run.stdout)
     assert "video memory full after 9 frames" in next(e for e in evs if e["event"] == "notice")["message"]
@@ -206,7 +207,7 @@ def test_bad_input_is_one_clear_line(case: str, fixtures: dict[str, Path], tmp_p
     argv = [*CMD, *(a.format(**names) for a in source), "--model", model.format(**names),
             "--mmproj", mmproj.format(**names), "--ask", "hi"]
     t0 = time.monotonic()
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=wall_s(60))
     assert time.monotonic() - t0 < 30  # a time-out, never a hang
     assert run.returncode == cli.EXIT_ERROR
     lines = run.stderr.strip().splitlines()
@@ -218,7 +219,7 @@ def test_bad_input_is_one_clear_line(case: str, fixtures: dict[str, Path], tmp_p
 def test_a_budget_keeps_tokens_flat_over_a_long_stream(fixtures: dict[str, Path], positions: str) -> None:
     run = subprocess.run([*CMD, "--synthetic", "--max-frames", "200", *models(fixtures)[:-2], "--budget", "128",
                           "--positions", positions, "--ask", "What was there?", "--json"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=wall_s(120))
     assert run.returncode == 0, run.stderr
     statuses = [e for e in events(run.stdout) if e["event"] == "status"]
     assert len(statuses) == 200
@@ -232,6 +233,6 @@ def test_a_budget_keeps_tokens_flat_over_a_long_stream(fixtures: dict[str, Path]
 
 def test_ask_every_without_a_question_is_a_usage_error(fixtures: dict[str, Path]) -> None:
     run = subprocess.run([*CMD, "--synthetic", *models(fixtures), "--ask-every", "5"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=wall_s(60))
     assert run.returncode == 2 and "--ask-every needs a question" in run.stderr
     assert "Traceback" not in run.stderr

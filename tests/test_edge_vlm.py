@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from wallclock import wall_s
 
 from edge_runtime import scenes
 from edge_runtime.builtin import edge_vlm_files
@@ -71,7 +72,7 @@ def test_a_lora_for_another_model_is_one_clear_error(fixtures: dict[str, Path]) 
 
 def test_a_missing_lora_is_one_clear_error(tmp_path: Path) -> None:
     run = subprocess.run([*CMD, "--demo", "--lora", str(tmp_path / "nope.gguf")], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=wall_s(60))
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [f"edge-runtime: error: LoRA adapter not found: {tmp_path / 'nope.gguf'} "
                                               "(pass an existing GGUF file with --lora)"]
@@ -79,7 +80,7 @@ def test_a_missing_lora_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_demo_answers_with_the_truth_beside(tmp_path: Path) -> None:
     run = subprocess.run([*CMD, "--demo", "--max-frames", "24", "--threads", "2", "--json"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=wall_s(300))
     assert run.returncode == 0, run.stderr
     answers = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(answers) == 9 and {a["frames"] for a in answers} == {8, 16, 24}
@@ -89,7 +90,7 @@ def test_demo_answers_with_the_truth_beside(tmp_path: Path) -> None:
 
 def test_another_model_needs_its_mmproj(fixtures: dict[str, Path]) -> None:
     run = subprocess.run([*CMD, "--synthetic", "--model", str(fixtures["model"])], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=wall_s(60))
     assert run.returncode == 2
     assert "needs the multimodal projector made for it: add --mmproj PATH" in run.stderr
 
@@ -98,7 +99,7 @@ def test_retention_script_measures_what_each_policy_keeps(tmp_path: Path) -> Non
     out = tmp_path / "retention.json"
     run = subprocess.run([sys.executable, "-m", "scripts.retention", "--threads", "2", "--streams", "1",
                           "--frames", "24", "--budget", "1/4", "--policies", "full,infinipot-v:alpha=0.75,uniform",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--out", str(out)], capture_output=True, text=True, timeout=wall_s(300), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
     assert list(runs) == ["full", "infinipot-v:alpha=0.75", "uniform"]

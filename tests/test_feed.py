@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from wallclock import wall_s
 
 from edge_runtime.feed import FeedEnd, FeedParams, FrameFeed, Notice
 from edge_runtime.sources import Frame, SyntheticSource, open_source
@@ -30,7 +31,7 @@ def url_feed(server: MjpegServer, params: FeedParams = FAST_RETRY) -> FrameFeed:
 
 def take(feed: FrameFeed, until, limit_s: float = 20.0) -> list:
     """Items from the feed up to and including the first for which until(item) holds."""
-    items, deadline = [], time.monotonic() + limit_s
+    items, deadline = [], time.monotonic() + wall_s(limit_s)
     while time.monotonic() < deadline:
         item = feed.get(timeout=0.1)
         if item is None:

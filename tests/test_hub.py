@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from probes import probe_logits
+from wallclock import wall_s
 
 from edge_runtime.cli import build_serve_parser, session_for
 from edge_runtime.events import EventBus
@@ -30,7 +31,7 @@ def make_hub(model: VisionLanguageModel, fixtures: dict[str, Path], *extra: str)
 
 
 def wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wall_s(timeout)
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from wallclock import wall_s
 
 from scripts.page_screenshot import ask_on_page, browser, card, free_port, start_server
 
@@ -26,7 +27,7 @@ def page() -> Iterator[object]:
     finally:
         driver.quit()
         server.terminate()
-        server.wait(60)
+        server.wait(wall_s(60))
 
 
 def test_the_page_shows_the_stream_and_its_gauge_moves(page) -> None:
@@ -50,7 +51,7 @@ def test_a_question_typed_in_gets_its_streamed_answer(page) -> None:
 
 def test_the_strip_shows_the_frames_in_memory_after_a_pass(page) -> None:
     el = card(page, "door")
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + wall_s(90)
     while time.monotonic() < deadline:
         # read in one go: the page redraws the strip every 5 s
         captions = page.execute_script(

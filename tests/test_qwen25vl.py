@@ -20,6 +20,7 @@ import reference_infinipot_v as ref
 from probes import after_each_pass, everything_kept, moved_keys, probe_logits
 from test_checkpoint import assert_round_trip
 from test_compression import CheckedInfiniPotV
+from wallclock import wall_s
 
 from edge_runtime import _native
 from edge_runtime.cli import main
@@ -117,7 +118,7 @@ c.decode_tokens(m.tokenize("hello there"), 0)
 llama_cpp.llama_memory_seq_add(c.memory, 0, 0, -1, 5)
 print("survived")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=wall_s(120))
     assert done.returncode != 0 and "survived" not in done.stdout
     assert "seq_add() is only supported for n_pos_per_embd() == 1" in done.stderr
 
@@ -298,7 +299,7 @@ def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: 
     root = Path(__file__).resolve().parents[1]
     for out in ("a", "b"):
         done = subprocess.run([sys.executable, "-m", "scripts.make_fixtures_qwen25vl", "--out", str(tmp_path / out)],
-                              capture_output=True, text=True, timeout=300, cwd=root)
+                              capture_output=True, text=True, timeout=wall_s(300), cwd=root)
         assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert len(names) == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import CMD, events, models
+from wallclock import wall_s
 
 from edge_runtime.checkpoint import NEWEST, PREVIOUS, read_checkpoint
 from scripts.mjpeg_server import synthetic_camera
@@ -33,7 +34,7 @@ def start(argv: list[str]) -> subprocess.Popen:
 def wait_for(proc: subprocess.Popen, until, limit_s: float = 60.0) -> list[dict]:
     """Events from a running CLI up to the first for which until(event) holds."""
     assert proc.stdout
-    seen, deadline = [], time.monotonic() + limit_s
+    seen, deadline = [], time.monotonic() + wall_s(limit_s)
     for line in proc.stdout:
         seen.append(json.loads(line))
         if until(seen[-1]):
@@ -48,14 +49,14 @@ def test_stopped_by_sigterm_and_restarted_it_ends_in_the_memory_of_a_run_that_ne
         fixtures: dict[str, Path], tmp_path: Path) -> None:
     argv = [*CMD, *STREAM, *models(fixtures), "--max-frames", "24"]
     whole = subprocess.run([*argv, "--memory-dir", str(tmp_path / "whole")], capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+                           timeout=wall_s(120), stdin=subprocess.DEVNULL)
     assert whole.returncode == 0, whole.stderr
 
     proc = start([*argv, "--memory-dir", str(tmp_path / "cut")])
     try:
         wait_for(proc, lambda e: e["event"] == "status" and e["frames"] >= 9)
         proc.send_signal(signal.SIGTERM)  # what systemd sends to stop a service
-        rest, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=wall_s(60))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -67,7 +68,7 @@ def test_stopped_by_sigterm_and_restarted_it_ends_in_the_memory_of_a_run_that_ne
     assert "Traceback" not in err
 
     again = subprocess.run([*argv, "--memory-dir", str(tmp_path / "cut")], capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+                           timeout=wall_s(120), stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
     evs = events(again.stdout)
     restored = next(e for e in evs if e["event"] == "notice")["message"]
@@ -79,7 +80,8 @@ def test_stopped_by_sigterm_and_restarted_it_ends_in_the_memory_of_a_run_that_ne
     # Restarted with another budget: refused in one line that says what differs, the checkpoints untouched.
     files = {p: p.read_bytes() for p in (tmp_path / "cut").glob("*.ckpt")}
     other = subprocess.run([*argv[:-2], "--max-frames", "30", "--memory-dir", str(tmp_path / "cut"),
-                            "--budget", "96"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                            "--budget", "96"], capture_output=True, text=True, timeout=wall_s(60),
+                            stdin=subprocess.DEVNULL)
     assert other.returncode == 2
     line = other.stderr.strip().splitlines()
     assert len(line) == 1 and "with budget 64, this session has 96" in line[0], other.stderr
@@ -93,13 +95,13 @@ def test_one_memory_directory_has_one_writer(fixtures: dict[str, Path], tmp_path
     proc = start(argv)
     try:
         wait_for(proc, lambda e: e["event"] == "status")
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=wall_s(60), stdin=subprocess.DEVNULL)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"in use by another edge-runtime (pid {proc.pid})" in lines[0], second.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=wall_s(60))
     assert proc.returncode == 0
 
 
@@ -121,7 +123,7 @@ def test_a_camera_that_drops_twice_comes_back_and_the_stream_goes_on(
                 time.sleep(2.5)  # down: the reconnects in between are refused
                 camera.start()
                 seen += wait_for(proc, lambda e: e["event"] == "notice")
-            rest, err = proc.communicate(timeout=60)
+            rest, err = proc.communicate(timeout=wall_s(60))
         finally:
             if proc.poll() is None:
                 proc.kill()

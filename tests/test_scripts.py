@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from wallclock import wall_s
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     run = subprocess.run([sys.executable, "-m", f"scripts.{name}", *args], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+                         timeout=wall_s(300), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 
@@ -112,7 +114,7 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
     run_script("benchmark_recall", *common, "--seed", "5", "--policies", "random", "--out", str(tmp_path / "c.json"))
     refused = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                               str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "x.json")],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+                             capture_output=True, text=True, timeout=wall_s(60), cwd=ROOT)
     assert refused.returncode != 0 and "ran other streams or settings" in refused.stderr
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
     # Nor a run of another trained projector, though its file has the same name.
@@ -121,7 +123,7 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
     (tmp_path / "o.json").write_text(json.dumps(other))
     refused = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                               str(tmp_path / "a.json"), str(tmp_path / "o.json"), "--out", str(tmp_path / "x.json")],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+                             capture_output=True, text=True, timeout=wall_s(60), cwd=ROOT)
     assert refused.returncode != 0 and "mmproj_sha256" in refused.stderr
     # Single-turn answers are another measurement: not merged with multi-turn ones.
     run_script("benchmark_recall", *common, "--turns", "single", "--policies", "random",
@@ -129,9 +131,9 @@ def test_recall_results_of_split_policies_merge_into_one(fixtures: dict[str, Pat
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["turns"] == "single"
     mixed = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                             str(tmp_path / "a.json"), str(tmp_path / "s.json"), "--out", str(tmp_path / "x.json")],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+                           capture_output=True, text=True, timeout=wall_s(60), cwd=ROOT)
     assert mixed.returncode != 0 and "(turns)" in mixed.stderr
     twice = subprocess.run([sys.executable, "-m", "scripts.benchmark_recall", "--merge",
                             str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "x.json")],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+                           capture_output=True, text=True, timeout=wall_s(60), cwd=ROOT)
     assert twice.returncode != 0 and "full is in more than one result" in twice.stderr

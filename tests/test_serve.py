@@ -21,6 +21,7 @@ import httpx
 import openai
 import paho.mqtt.client as mqtt
 import pytest
+from wallclock import wall_s
 
 from edge_runtime.checkpoint import NEWEST, read_checkpoint
 
@@ -42,8 +43,8 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        deadline = time.monotonic() + 90
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=wall_s(60))
+        deadline = time.monotonic() + wall_s(90)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
@@ -64,7 +65,7 @@ class Server:
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=60)
+            _, err = self.proc.communicate(timeout=wall_s(60))
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -86,7 +87,7 @@ def broker() -> Iterator[int]:
     assert Path(binary).exists(), "the MQTT test needs Debian's mosquitto (apt-get install mosquitto; .ci/run does)"
     port = free_port()
     proc = subprocess.Popen([binary, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + wall_s(10)
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -95,7 +96,7 @@ def broker() -> Iterator[int]:
             time.sleep(0.05)
     yield port
     proc.terminate()
-    proc.wait(10)
+    proc.wait(wall_s(10))
 
 
 class Webhook(http.server.BaseHTTPRequestHandler):
@@ -133,7 +134,7 @@ def server(fixtures: dict[str, Path], broker: int, webhook: str,
 
 
 def wait(predicate, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wall_s(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return
@@ -172,7 +173,7 @@ def test_an_openai_client_gets_a_streamed_answer_while_both_streams_keep_their_b
 def test_events_carry_each_streams_statuses_and_answers_filtered_by_stream(server: Server) -> None:
     seen: list[dict] = []
     with httpx.stream("GET", server.url + "/v1/events", params={"stream": "yard"},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=wall_s(30)) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         asked = False
         for line in r.iter_lines():
@@ -236,7 +237,7 @@ def test_a_client_that_leaves_mid_answer_costs_nothing(server: Server) -> None:
     for _ in range(3):
         with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                           json={"model": "door", "stream": True, "messages": [{"role": "user", "content": "Tell."}]},
-                          timeout=30) as r:
+                          timeout=wall_s(30)) as r:
             next(r.iter_lines())  # the first chunk, then hang up
     answer = server.http.post("/v1/chat/completions", json={"model": "door", "messages": [
         {"role": "user", "content": "Still there?"}]})
@@ -311,5 +312,5 @@ def test_sigterm_saves_every_stream_and_exits_0(server: Server) -> None:
 
 def test_listening_beyond_loopback_needs_a_key(fixtures: dict[str, Path]) -> None:
     argv = [a for a in serve_argv(fixtures, free_port(), "--host", "0.0.0.0") if a not in ("--api-key", KEY)]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=wall_s(30))
     assert run.returncode == 2 and "opens the API to the network: add --api-key KEY" in run.stderr

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import test_compression
 import test_direct_pass
+from wallclock import wall_s
 
 from edge_runtime.model import ModelConfig, VisionLanguageModel
 from edge_runtime.session import Session, SessionConfig
@@ -116,7 +117,7 @@ def test_the_fixture_script_runs_on_its_own_and_repeats_byte_for_byte(tmp_path: 
     root = Path(__file__).resolve().parents[1]
     for out in ("a", "b"):
         done = subprocess.run([sys.executable, "-m", "scripts.make_fixtures_smolvlm2", "--out", str(tmp_path / out)],
-                              capture_output=True, text=True, timeout=300, cwd=root)
+                              capture_output=True, text=True, timeout=wall_s(300), cwd=root)
         assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert len(names) == 2
