@@ -145,9 +145,11 @@ step_servers() {
             mosquitto chromium chromium-driver" > "$WORK/servers_apt.log" 2>&1 ||
             { tail -n 20 "$WORK/servers_apt.log" >&2; return 1; }
     fi
-    # The extras of pyproject.toml (serve, and what test adds for the server's tests), wheels only.
-    in_root "pip install -q --only-binary :all: 'fastapi>=0.110' 'uvicorn>=0.29' 'paho-mqtt>=2.0' 'openai>=1.0' \
-        'httpx>=0.25' 'selenium>=4.10'"
+    # The extras serve and test as pyproject.toml names them (one list, read there), wheels only.
+    copy_repo
+    in_root "pip install -q --only-binary :all: \$(python -c 'import tomllib
+extras = tomllib.load(open(\"pyproject.toml\", \"rb\"))[\"project\"][\"optional-dependencies\"]
+print(\" \".join(r for r in extras[\"serve\"] + extras[\"test\"] if not r.startswith(\"edge-runtime\")))')"
 }
 
 copy_repo() {  # the working tree as git sees it (tracked and untracked, not ignored) into the root
