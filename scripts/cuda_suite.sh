@@ -2,7 +2,7 @@
 # The suite and the GPU measurements on a CUDA build of the pinned llama-cpp-python, on a machine with an
 # NVIDIA GPU and no network (the project's lent H200; a Jetson works the same way with its JetPack CUDA).
 #
-#   scripts/cuda_suite.sh [kit|setup|build|test|bench|long|recall|all]     (default: all)
+#   scripts/cuda_suite.sh [kit|setup|build|pack DIR|test|bench|long|recall|all]     (default: all)
 #
 # What the machine cannot download comes in a kit folder (CUDA_KIT, default .gpu, ignored by git):
 #   llama-src.tgz     llama-cpp-python's sdist (the pin), unpacked; vendor/llama.cpp's models/, docs/, benches/,
@@ -16,6 +16,8 @@
 #           pytest come from it: a disposable machine's own environment) (the model package is made from its parts when test or bench first needs it)
 #   build   llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH" (90: Hopper;
 #           a Jetson Orin is 87), then edge-runtime editable against it
+#   pack    (after build) the installed CUDA build in 15 MB parts into a folder (DIR): put them in the kit as
+#           llama-cuda.part* and build restores them instead of compiling (the lent machine starts bare each time)
 #   test    pytest over the suite, less the server's tests (FastAPI, MQTT and the browser are not on the machine)
 #   bench   the import order, ingest against plain llama.cpp, the pass on the GPU -> $RESULTS
 #   long    a 36,000-frame stream (ten hours at 1 frame/s) under a 4096-token cap: GPU memory, RSS, tokens
@@ -69,7 +71,21 @@ model() {  # the parts may come in separate transfers: joined when the tests or 
     log "model: $(sha256sum "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -c1-16)"
 }
 
+site() { "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])'; }
+
+pack() {  # the CUDA build, installed, in 15 MB parts under $1: a later machine restores it instead of building
+    local dest="$1"
+    mkdir -p "$dest"
+    (cd "$("$PY" -c 'import llama_cpp, os; print(os.path.dirname(os.path.dirname(llama_cpp.__file__)))')" && tar czf - llama_cpp llama_cpp_python-*.dist-info) | split -b 15M -d -a 1 - "$dest/llama-cuda.part"
+    log "pack: $(du -ch "$dest"/llama-cuda.part* | tail -n1 | cut -f1) in $dest"
+}
+
 build() {
+    if ls "$KIT"/llama-cuda.part* >/dev/null 2>&1 &&
+        ! "$PY" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())' 2>/dev/null; then
+        cat "$KIT"/llama-cuda.part* | tar xzf - -C "$(site)"
+        log "llama-cpp-python (CUDA) restored from the kit's packed build"
+    fi
     if ! "$PY" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())' 2>/dev/null; then
         rm -rf "$WORK/src" && mkdir -p "$WORK/src" && tar xzf "$KIT/llama-src.tgz" -C "$WORK/src"
         local t0=$SECONDS
@@ -118,6 +134,7 @@ case "${1:-all}" in
     kit) kit ;;
     setup) setup ;;
     build) build ;;
+    pack) pack "${2:?usage: $0 pack DIR}" ;;
     test) run_tests ;;
     bench) bench ;;
     long) long ;;
