@@ -5,9 +5,14 @@ with defaults, no long argument lists). `compress(memory)` asks the policy what 
 pass (native/kv_pass.cpp) read the cache, choose, re-rotate and write back in a single call, then records
 the result in the memory's bookkeeping (`VideoMemory.apply_pass`). Nobody else calls the native pass.
 
-The native pass reads llama.cpp's own K and V tensors in place when it can (a CPU cache in reindex mode, the
-layout it checks at every pass), and otherwise copies the sequence's state out and back through two buffers
-sized once for the budget. Whatever fails, the memory is left as it was, with a one-line reason.
+The native pass takes one of three routes (`PassReport.path`), chosen at the first pass:
+- "direct": in place on a CPU cache in reindex mode, llama.cpp's K and V tensors read and rewritten by the
+  CPU kernels (the layout is checked at every pass);
+- "graph": in place on a cache that lives on another ggml backend (a CUDA, Vulkan or Metal GPU), the
+  O(KV bytes) work done by ggml graphs on that backend, only the scores coming back to the host;
+- "portable": everything else (keep mode, M-RoPE, sliding-window and hybrid memories, a backend that lacks
+  an op): the sequence's state copied out and back through two host buffers sized once for the budget.
+Whatever fails, the memory is left as it was, with a one-line reason.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 // The compression pass over llama.cpp's KV cache, in place, for one sequence. Two ways to reach the cache:
 //
-// Direct (in place; CPU caches in reindex mode): an evaluation callback (cb_eval, public API) records
-// llama.cpp's own K and V tensors ("cache_k_l<il>", "cache_v_l<il>") during a decode. The pass scores
-// straight from them, then moves the j-th kept token of each head into cell P + j (P = prefix cells),
-// re-rotating its key to position P + j, and frees the cells after P + C with llama_memory_seq_rm. No
-// cell metadata changes: in reindex mode cell c of the sequence holds position c (see read_direct), and
-// the compacted cache keeps exactly that. The state is never copied.
+// Direct (in place; reindex mode): an evaluation callback (cb_eval, public API) records llama.cpp's own K
+// and V tensors ("cache_k_l<il>", "cache_v_l<il>") during a decode. The pass scores straight from them, then
+// moves the j-th kept token of each head into cell P + j (P = prefix cells), re-rotating its key to position
+// P + j, and frees the cells after P + C with llama_memory_seq_rm. No cell metadata changes: in reindex mode
+// cell c of the sequence holds position c (see read_direct), and the compacted cache keeps exactly that. The
+// state is never copied. Where the tensors live decides who does the O(KV bytes) work:
+//   - a CPU cache: this file's vector kernels (simd.hpp), reading and writing the tensors' host memory;
+//   - a cache on another backend (CUDA, Vulkan, Metal): ggml graphs computed by that backend (graph_pass.cpp),
+//     of which only the scores come back; the selection below is the same code either way.
 //
 // Portable (any backend, keep mode, M-RoPE, sliding-window and hybrid memories): copy the sequence's state
 // out (llama_state_seq_get_data) into buffer A, score and select, gather the kept rows of every head into
