@@ -41,17 +41,20 @@ DEFAULT_RUNS = "full,sliding-window@4096,infinipot-v@4096,infinipot-v@2048"
 FULL_CTX = 8192  # the full cache gets what a plain llama.cpp user would allocate for this model
 
 
-def gpu_mb() -> float | None:
-    """This process's GPU memory as nvidia-smi reports it (None without an NVIDIA GPU)."""
+def gpu_mb() -> tuple[float, str] | None:
+    """This process's GPU memory as nvidia-smi reports it, and what the figure covers: "process", or "device"
+    (the whole GPU's used memory) where a container hides the process list. None without an NVIDIA GPU."""
     if not shutil.which("nvidia-smi"):
         return None
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=False).stdout
+    query = ["nvidia-smi", "--format=csv,noheader,nounits"]
+    out = subprocess.run([*query, "--query-compute-apps=pid,used_memory"], capture_output=True, text=True,
+                         check=False).stdout
     for line in out.splitlines():
         pid, _, used = line.partition(",")
         if pid.strip() == str(os.getpid()):
-            return float(used)
-    return None
+            return float(used), "process"
+    out = subprocess.run([*query, "--query-gpu=memory.used"], capture_output=True, text=True, check=False).stdout
+    return (float(out.split()[0]), "device") if out.split() else None
 
 
 def make_session(args: argparse.Namespace, policy: str, budget: int | None) -> Session:
@@ -69,6 +72,7 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
                                                       "encode_ms", "decode_ms", "compress_ms")}
     questions = []
     gpu = []  # [frame, MB] samples of this process's GPU memory, a hundred over the stream
+    gpu_source = None  # what the samples cover (gpu_mb)
     gpu_every = max(1, args.frames // 100)
     pass_paths: set[str] = set()  # direct, graph or portable (see compressor.PassReport)
     stopped_at = None
@@ -95,7 +99,8 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
                               "tokens_per_s": round(answer.tokens_per_s, 1), "n_tokens": answer.n_tokens,
                               "answer": answer.text})
         if session.frames_seen % gpu_every == 0 and (used := gpu_mb()) is not None:
-            gpu.append([session.frames_seen, used])
+            gpu.append([session.frames_seen, used[0]])
+            gpu_source = used[1]
     wall_s = time.perf_counter() - t_start
     frames = session.frames_seen
     ingest = [p + e + d for p, e, d in zip(series["prepare_ms"], series["encode_ms"], series["decode_ms"],
@@ -116,6 +121,7 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
         "rss_mb_after_minute_5": [min(rss_after_5), max(rss_after_5)] if rss_after_5 else None,
         "gpu_mb_after_minute_5": ([min(m for f, m in gpu if f > minute5), max(m for f, m in gpu if f > minute5)]
                                   if any(f > minute5 for f, _ in gpu) else None),
+        "gpu_mb_covers": gpu_source,
         "video_tokens_after_first_pass": ([min(series["video_tokens"][first_pass:]),
                                            max(series["video_tokens"][first_pass:])] if first_pass else None),
         "pass_paths": sorted(pass_paths),

@@ -5,12 +5,11 @@ tiny real models (tests/test_serve.py drives the same through HTTP)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 from probes import probe_logits
-from wallclock import wall_s
+from wallclock import wait_until
 
 from edge_runtime.cli import build_serve_parser, session_for
 from edge_runtime.events import EventBus
@@ -30,19 +29,12 @@ def make_hub(model: VisionLanguageModel, fixtures: dict[str, Path], *extra: str)
     return hub, events
 
 
-def wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + wall_s(timeout)
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_frames_are_taken_one_per_stream_in_turn(tiny_model: VisionLanguageModel, fixtures: dict[str, Path]) -> None:
     hub, events = make_hub(tiny_model, fixtures)
     try:
         for name, seed in (("a", 1), ("b", 2)):  # both as fast as the model goes: each could take every turn
             hub.add(StreamSpec(name, f"synthetic:{seed}"), SyntheticSource(seed=seed, n_frames=12)).result()
-        wait(lambda: all(s.stream.ended for s in hub.streams.values()))
+        wait_until(lambda: all(s.stream.ended for s in hub.streams.values()))
     finally:
         hub.close()
     order = [e["stream"] for e in events if e["event"] == "status"]
@@ -60,7 +52,7 @@ def test_a_question_to_one_stream_leaves_every_memory_as_it_was(tiny_model: Visi
     try:
         hub.add(StreamSpec("a", "synthetic:1"), SyntheticSource(seed=1, n_frames=9)).result()
         hub.add(StreamSpec("b", "synthetic:2", budget=128), SyntheticSource(seed=2, n_frames=9)).result()
-        wait(lambda: all(s.stream.ended for s in hub.streams.values()))
+        wait_until(lambda: all(s.stream.ended for s in hub.streams.values()))
 
         def memories() -> dict:
             return {n: (s.stream.session.context.state_bytes(),
@@ -86,7 +78,7 @@ def test_a_client_that_goes_away_stops_its_answer(tiny_model: VisionLanguageMode
     hub, _ = make_hub(tiny_model, fixtures, "--max-answer-tokens", "64")
     try:
         hub.add(StreamSpec("a", "synthetic:1"), SyntheticSource(seed=1, n_frames=5)).result()
-        wait(lambda: hub.streams["a"].stream.ended is not None)
+        wait_until(lambda: hub.streams["a"].stream.ended is not None)
         state = hub.submit(lambda: hub.streams["a"].stream.session.context.state_bytes()).result()
         gone = threading.Event()
         pieces: list[str] = []
@@ -122,7 +114,7 @@ def test_the_memory_strip_keeps_pictures_of_the_newest_frames_only(tiny_model: V
     n = 2 * MAX_THUMBNAILS
     try:
         hub.add(StreamSpec("a", "synthetic:1"), SyntheticSource(seed=1, n_frames=n)).result()
-        wait(lambda: hub.streams["a"].stream.ended)
+        wait_until(lambda: hub.streams["a"].stream.ended)
         view = hub.memory_view("a").result()
     finally:
         hub.close()

@@ -21,7 +21,7 @@ import httpx
 import openai
 import paho.mqtt.client as mqtt
 import pytest
-from wallclock import wall_s
+from wallclock import wait_until, wall_s
 
 from edge_runtime.checkpoint import NEWEST, read_checkpoint
 
@@ -133,21 +133,12 @@ def server(fixtures: dict[str, Path], broker: int, webhook: str,
         s.stop()
 
 
-def wait(predicate, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + wall_s(timeout)
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 # -- the OpenAI client, two budgets -------------------------------------------------------------------------
 
 def test_an_openai_client_gets_a_streamed_answer_while_both_streams_keep_their_budgets(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
     assert sorted(m.id for m in client.models.list()) == sorted(BUDGETS)
-    wait(lambda: all(server.status(n).get("passes", 0) >= 2 for n in BUDGETS), what="a few passes on both")
+    wait_until(lambda: all(server.status(n).get("passes", 0) >= 2 for n in BUDGETS), what="a few passes on both")
     frames_before = {n: server.frames(n) for n in BUDGETS}
     pieces, finish = [], None
     for _ in range(3):
@@ -164,7 +155,7 @@ def test_an_openai_client_gets_a_streamed_answer_while_both_streams_keep_their_b
     assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content is not None
 
     # Both streams went on while they were questioned, each within its own budget.
-    wait(lambda: all(server.frames(n) > frames_before[n] for n in BUDGETS), what="frames on both streams")
+    wait_until(lambda: all(server.frames(n) > frames_before[n] for n in BUDGETS), what="frames on both streams")
     for name, budget in BUDGETS.items():
         status = server.status(name)
         assert status["budget"] == budget and 0 < status["video_tokens"] <= budget, (name, status)
@@ -230,7 +221,7 @@ def test_a_bad_request_gets_its_json_error_and_the_streams_go_on(server: Server,
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert says in error["message"] and "Traceback" not in r.text and "\n" not in error["message"]
-    wait(lambda: server.frames("door") > before, what="the stream went on")
+    wait_until(lambda: server.frames("door") > before, what="the stream went on")
 
 
 def test_a_client_that_leaves_mid_answer_costs_nothing(server: Server) -> None:
@@ -243,7 +234,7 @@ def test_a_client_that_leaves_mid_answer_costs_nothing(server: Server) -> None:
         {"role": "user", "content": "Still there?"}]})
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
     before = server.frames("door")
-    wait(lambda: server.frames("door") > before, what="the stream went on")
+    wait_until(lambda: server.frames("door") > before, what="the stream went on")
 
 
 # -- streams come and go, alerts, MQTT, webhook -------------------------------------------------------------
@@ -251,7 +242,7 @@ def test_a_client_that_leaves_mid_answer_costs_nothing(server: Server) -> None:
 def test_a_stream_added_and_removed_while_the_server_runs(server: Server) -> None:
     r = server.http.post("/v1/streams", json={"name": "porch", "source": "synthetic:9", "budget": 48})
     assert r.status_code == 201 and r.json()["budget"] == 48
-    wait(lambda: server.frames("porch") >= 5, what="porch frames")
+    wait_until(lambda: server.frames("porch") >= 5, what="porch frames")
     assert "porch" in [m["id"] for m in server.http.get("/v1/models").json()["data"]]
     assert server.status("porch")["video_tokens"] <= 48
     assert server.http.delete("/v1/streams/porch").status_code == 200
@@ -274,8 +265,8 @@ def test_alerts_fire_as_events_on_mqtt_and_the_webhook(server: Server, broker: i
         assert fires.status_code == 201 and never.status_code == 201
         listed = {a["id"]: a for a in server.http.get("/v1/alerts").json()["data"]}
         assert listed[fires.json()["id"]]["when"] == {"contains": ""}
-        wait(lambda: any(t == "edge-runtime/door/alert" for t, _, _ in messages), what="an alert on MQTT")
-        wait(lambda: len(Webhook.received) >= 1, what="an alert at the webhook")
+        wait_until(lambda: any(t == "edge-runtime/door/alert" for t, _, _ in messages), what="an alert on MQTT")
+        wait_until(lambda: len(Webhook.received) >= 1, what="an alert at the webhook")
         hook = Webhook.received[0]
         assert hook["event"] == "alert" and hook["stream"] == "door" and hook["alert"] == fires.json()["id"]
         for a in (fires, never):
@@ -293,7 +284,7 @@ def test_alerts_fire_as_events_on_mqtt_and_the_webhook(server: Server, broker: i
     late.subscribe("edge-runtime/door/status")
     late.loop_start()
     try:
-        wait(lambda: bool(got), timeout=10, what="the retained status")
+        wait_until(lambda: bool(got), 10, what="the retained status")
         assert got[0].retain
     finally:
         late.loop_stop()

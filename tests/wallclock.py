@@ -8,6 +8,8 @@ fail tests that are merely slow, so EDGE_TEST_TIME_SCALE multiplies every one of
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 
 def scale() -> float:
@@ -25,3 +27,12 @@ def scale() -> float:
 def wall_s(seconds: float) -> float:
     """A wall-clock limit of `seconds` on a fast machine, as long as it must be on this one."""
     return seconds * scale()
+
+
+def wait_until(predicate: Callable[[], object], limit_s: float = 60.0, what: str = "", poll_s: float = 0.05) -> None:
+    """Polls `predicate` until it is true; fails the test if it is not within `limit_s` (scaled)."""
+    deadline = time.monotonic() + wall_s(limit_s)
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {limit_s:g} s (x{scale():g}): {what or 'the condition'}")
+        time.sleep(poll_s)
