@@ -86,6 +86,8 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("path", &KVPass::path)
         .def_property_readonly("backend", &KVPass::backend)
         .def_property_readonly("device_bytes", &KVPass::device_bytes)
+        .def_property_readonly("graph_host_bytes", &KVPass::graph_host_bytes)
+        .def_property_readonly("graph_builds", &KVPass::graph_builds)
         .def("copy_ms", &KVPass::copy_ms, py::arg("n_bytes"), py::arg("repeats") = 5)
         .def_property_readonly("n_slots", &KVPass::n_slots)
         .def_property_readonly("n_layer", &KVPass::n_layer)

@@ -84,7 +84,8 @@ GraphPass::GraphPass(const KVCapture &cap, const GraphGeometry &g, ggml_backend_
 }
 
 GraphPass::~GraphPass() {
-    if (ctx_) ggml_free(ctx_);
+    for (Built *b : {&score_g_, &move_g_})
+        if (b->ctx) ggml_free(b->ctx);
     if (score_alloc_) ggml_gallocr_free(score_alloc_);
     if (move_alloc_) ggml_gallocr_free(move_alloc_);
     if (backend_) ggml_backend_free(backend_);
@@ -96,19 +97,28 @@ size_t GraphPass::compute_bytes() const {
     return ggml_gallocr_get_buffer_size(score_alloc_, 0) + ggml_gallocr_get_buffer_size(move_alloc_, 0);
 }
 
-// A new context for one graph's tensors (metadata only: the allocator places their data).
-ggml_context *GraphPass::begin(size_t n_tensors) {
-    if (ctx_) ggml_free(ctx_);
+size_t GraphPass::host_bytes() const {
+    return sizeof(int32_t) * (stage_pos_.capacity() + stage_pidx_.capacity() + stage_ridx_.capacity() +
+                              stage_turn_.capacity()) +
+           sizeof(float) * (stage_rw_.capacity() + scores_host_.capacity());
+}
+
+// A new context for a graph of this shape (the last one of b is freed).
+ggml_context *GraphPass::begin(Built &b, std::vector<size_t> key, size_t n_tensors) {
+    if (b.ctx) ggml_free(b.ctx);
+    b = Built{};
     ggml_init_params ip{};
     ip.mem_size = ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(kMaxNodes, false);
     ip.no_alloc = true;
-    ctx_ = ggml_init(ip);
-    if (!ctx_) throw std::runtime_error("ggml_init failed for the pass's graph");
-    return ctx_;
+    b.ctx = ggml_init(ip);
+    if (!b.ctx) throw std::runtime_error("ggml_init failed for the pass's graph");
+    b.key = std::move(key);
+    ++builds_;
+    return b.ctx;
 }
 
-ggml_tensor *GraphPass::input(ggml_context *ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2) {
-    ggml_tensor *t = ggml_new_tensor_3d(ctx, type, ne0, ne1, ne2);
+ggml_tensor *GraphPass::input(ggml_context *ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3) {
+    ggml_tensor *t = ggml_new_tensor_4d(ctx, type, ne0, ne1, ne2, ne3);
     ggml_set_input(t);
     return t;
 }
@@ -135,9 +145,11 @@ ggml_tensor *GraphPass::values(ggml_context *ctx, size_t l, size_t first, size_t
     return ggml_cont(ctx, ggml_permute(ctx, t, 1, 0, 2, 3));  // [n, Dv, H] -> [Dv, n, H]
 }
 
-void GraphPass::allocate(ggml_cgraph *gf, ggml_gallocr_t galloc) {
-    if (!ggml_gallocr_alloc_graph(galloc, gf))
+void GraphPass::allocate(Built &b, ggml_gallocr_t galloc) {
+    if (b.allocated) return;
+    if (!ggml_gallocr_alloc_graph(galloc, b.gf))
         throw std::runtime_error("could not allocate the pass's graph on the " + backend_name() + " backend");
+    b.allocated = true;
 }
 
 void GraphPass::compute(ggml_cgraph *gf, const char *which) {
@@ -148,37 +160,46 @@ void GraphPass::compute(ggml_cgraph *gf, const char *which) {
 // The score graph for N slots (from cell P), p patches a frame and up to r_max recent frames a head.
 ggml_cgraph *GraphPass::build_score(size_t P, size_t N, size_t p, size_t r_max) {
     const size_t L = n_layer_, H = size_t(g_.n_head), D = size_t(g_.dk), R = r_max * p;
-    ggml_context *ctx = begin(64 * L + 8);
-    ggml_cgraph *gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    in_pos_.assign(L, nullptr), in_ridx_.assign(L, nullptr), in_rw_.assign(L, nullptr), in_pidx_.assign(L, nullptr);
-    dot_.assign(L, nullptr), van_.assign(L, nullptr);
+    std::vector<size_t> key{P, N, p, r_max, size_t(g_.v_trans)};
+    if (score_g_.gf && score_g_.key == key) return score_g_.gf;
+    ggml_context *ctx = begin(score_g_, key, 64 * L + 16);
+    ggml_cgraph *gf = score_g_.gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    in_pos_ = input(ctx, GGML_TYPE_I32, int64_t(H * N), int64_t(L));
+    in_ridx_ = input(ctx, GGML_TYPE_I32, int64_t(R), int64_t(H), int64_t(L));
+    in_rw_ = input(ctx, GGML_TYPE_F32, 1, int64_t(R), int64_t(H), int64_t(L));
+    in_pidx_ = input(ctx, GGML_TYPE_I32, int64_t(N), int64_t(H), int64_t(L));
+    scores_ = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, int64_t(N), int64_t(H), int64_t(L), 2);
+    ggml_set_output(scores_);
+    // Layer l's scores into scores_[.., .., l, which] (0: TaR dots, 1: VaN).
+    const auto put = [&](ggml_tensor *t, size_t l, size_t which) {
+        ggml_tensor *dst = ggml_view_2d(ctx, scores_, int64_t(N), int64_t(H), scores_->nb[1],
+                                        l * scores_->nb[2] + which * scores_->nb[3]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, t, int64_t(N), int64_t(H)), dst));
+    };
     for (size_t l = 0; l < L; ++l) {
         // Keys at position 0: rope by minus each slot's stored rotation ([D, 1, H*N]: one position a head's row).
         ggml_tensor *k = ggml_cast(ctx, keys(ctx, l, P, N), GGML_TYPE_F32);
-        in_pos_[l] = input(ctx, GGML_TYPE_I32, int64_t(H * N));
-        ggml_tensor *u = ggml_rope_ext(ctx, ggml_reshape_3d(ctx, k, int64_t(D), 1, int64_t(H * N)), in_pos_[l],
-                                       nullptr, g_.n_rot, g_.rope_mode, g_.n_ctx_orig, g_.freq_base, g_.freq_scale,
+        ggml_tensor *pos = ggml_view_1d(ctx, in_pos_, int64_t(H * N), l * in_pos_->nb[1]);
+        ggml_tensor *u = ggml_rope_ext(ctx, ggml_reshape_3d(ctx, k, int64_t(D), 1, int64_t(H * N)), pos, nullptr,
+                                       g_.n_rot, g_.rope_mode, g_.n_ctx_orig, g_.freq_base, g_.freq_scale,
                                        0.0f, 1.0f, 0.0f, 0.0f);
         // cos = a.b / max(|a||b|, eps): unit keys, a zero key stays zero (as the CPU kernels do).
         ggml_tensor *unit = ggml_reshape_3d(ctx, ggml_l2_norm(ctx, u, 1e-12f), int64_t(D), int64_t(N), int64_t(H));
         // The recent frames' unit keys per patch, [D, p, r, H] (slot of recent frame f, patch q at f * p + q;
         // a head with fewer recent frames pads with weight 0), summed over the frames: S [D, p, H].
-        in_ridx_[l] = input(ctx, GGML_TYPE_I32, int64_t(R), int64_t(H));
-        in_rw_[l] = input(ctx, GGML_TYPE_F32, 1, int64_t(R), int64_t(H));
-        ggml_tensor *rec = ggml_mul(ctx, ggml_get_rows(ctx, unit, in_ridx_[l]), in_rw_[l]);
+        ggml_tensor *ridx = ggml_view_2d(ctx, in_ridx_, int64_t(R), int64_t(H), in_ridx_->nb[1], l * in_ridx_->nb[2]);
+        ggml_tensor *rw = ggml_view_3d(ctx, in_rw_, 1, int64_t(R), int64_t(H), in_rw_->nb[1], in_rw_->nb[2],
+                                       l * in_rw_->nb[3]);
+        ggml_tensor *rec = ggml_mul(ctx, ggml_get_rows(ctx, unit, ridx), rw);
         rec = ggml_reshape_4d(ctx, rec, int64_t(D), int64_t(p), int64_t(r_max), int64_t(H));
         ggml_tensor *sum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, rec, 1, 2, 0, 3)));  // [1, D, p, H]
         sum = ggml_reshape_3d(ctx, sum, int64_t(D), int64_t(p), int64_t(H));
         // Each slot's dot with the sum at its patch: TaR = -(1/r) of it.
-        in_pidx_[l] = input(ctx, GGML_TYPE_I32, int64_t(N), int64_t(H));
-        dot_[l] = ggml_sum_rows(ctx, ggml_mul(ctx, unit, ggml_get_rows(ctx, sum, in_pidx_[l])));  // [1, N, H]
+        ggml_tensor *pidx = ggml_view_2d(ctx, in_pidx_, int64_t(N), int64_t(H), in_pidx_->nb[1], l * in_pidx_->nb[2]);
+        put(ggml_sum_rows(ctx, ggml_mul(ctx, unit, ggml_get_rows(ctx, sum, pidx))), l, 0);  // [1, N, H]
         // VaN: each slot's value norm.
         ggml_tensor *v = ggml_cast(ctx, values(ctx, l, P, N), GGML_TYPE_F32);
-        van_[l] = ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, v)));  // [1, N, H]
-        ggml_set_output(dot_[l]);
-        ggml_set_output(van_[l]);
-        ggml_build_forward_expand(gf, dot_[l]);
-        ggml_build_forward_expand(gf, van_[l]);
+        put(ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, v))), l, 1);  // [1, N, H]
     }
     return gf;
 }
@@ -189,23 +210,17 @@ void GraphPass::score(const ScoreInputs &in) {
     for (size_t i = 0; i < L * H; ++i) r_max = std::max(r_max, in.recent[i]);
     const size_t R = r_max * p;  // recent slots a head can hold
     ggml_cgraph *gf = build_score(in.P, N, p, r_max);
-    allocate(gf, score_alloc_);
-    stage_i_.resize(std::max(H * N, H * R));
-    stage_f_.resize(H * R);
+    allocate(score_g_, score_alloc_);
+    stage_pos_.resize(L * H * N), stage_pidx_.resize(L * H * N);
+    stage_ridx_.assign(L * H * R, 0), stage_rw_.assign(L * H * R, 0.0f);
     for (size_t l = 0; l < L; ++l) {
         for (size_t h = 0; h < H; ++h) {
-            const size_t at = (l * H + h) * in.M;
-            for (size_t n = 0; n < N; ++n) stage_i_[h * N + n] = -in.rot_pos[at + n];
-        }
-        ggml_backend_tensor_set(in_pos_[l], stage_i_.data(), 0, H * N * sizeof(int32_t));
-        for (size_t h = 0; h < H; ++h)
-            std::copy(in.patch + (l * H + h) * in.M, in.patch + (l * H + h) * in.M + N, stage_i_.data() + h * N);
-        ggml_backend_tensor_set(in_pidx_[l], stage_i_.data(), 0, H * N * sizeof(int32_t));
-        std::fill(stage_i_.begin(), stage_i_.begin() + long(H * R), 0);
-        std::fill(stage_f_.begin(), stage_f_.end(), 0.0f);
-        for (size_t h = 0; h < H; ++h) {
-            const size_t at = (l * H + h) * in.M;
+            const size_t at = (l * H + h) * in.M, o = (l * H + h) * N;
+            for (size_t n = 0; n < N; ++n) stage_pos_[o + n] = -in.rot_pos[at + n];
+            std::copy(in.patch + at, in.patch + at + N, stage_pidx_.data() + o);
             const uint8_t *mark = in.marks + (l * H + h) * N;
+            int32_t *ridx = stage_ridx_.data() + (l * H + h) * R;
+            float *rw = stage_rw_.data() + (l * H + h) * R;
             size_t f = 0;
             int32_t last = 0;
             bool any = false;
@@ -213,40 +228,47 @@ void GraphPass::score(const ScoreInputs &in) {
                 if (!mark[n]) continue;
                 if (any && in.frame[at + n] != last) ++f;
                 last = in.frame[at + n], any = true;
-                const size_t i = h * R + f * p + size_t(in.patch[at + n]);
-                stage_i_[i] = int32_t(n);
-                stage_f_[i] = 1.0f;
+                const size_t i = f * p + size_t(in.patch[at + n]);
+                ridx[i] = int32_t(n);
+                rw[i] = 1.0f;
             }
         }
-        ggml_backend_tensor_set(in_ridx_[l], stage_i_.data(), 0, H * R * sizeof(int32_t));
-        ggml_backend_tensor_set(in_rw_[l], stage_f_.data(), 0, H * R * sizeof(float));
     }
+    ggml_backend_tensor_set(in_pos_, stage_pos_.data(), 0, ggml_nbytes(in_pos_));
+    ggml_backend_tensor_set(in_pidx_, stage_pidx_.data(), 0, ggml_nbytes(in_pidx_));
+    ggml_backend_tensor_set(in_ridx_, stage_ridx_.data(), 0, ggml_nbytes(in_ridx_));
+    ggml_backend_tensor_set(in_rw_, stage_rw_.data(), 0, ggml_nbytes(in_rw_));
     compute(gf, "score");
+    scores_host_.resize(size_t(ggml_nelements(scores_)));
+    ggml_backend_tensor_get(scores_, scores_host_.data(), 0, ggml_nbytes(scores_));
 }
 
 void GraphPass::read_scores(size_t l, float *dot, float *van) const {
-    const size_t n = size_t(ggml_nelements(dot_.at(l)));
-    ggml_backend_tensor_get(dot_[l], dot, 0, n * sizeof(float));
-    ggml_backend_tensor_get(van_[l], van, 0, n * sizeof(float));
+    const size_t n = size_t(scores_->ne[0] * scores_->ne[1]), L = n_layer_;
+    std::copy_n(scores_host_.data() + l * n, n, dot);
+    std::copy_n(scores_host_.data() + (L + l) * n, n, van);
 }
 
 // The move graph: C kept slots of N (from cell P) into cells P..P+C.
 ggml_cgraph *GraphPass::build_move(size_t P, size_t N, size_t C) {
     const size_t L = n_layer_, H = size_t(g_.n_head), D = size_t(g_.dk), Dv = size_t(g_.dv);
-    ggml_context *ctx = begin(32 * L + 8);
-    ggml_cgraph *gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    in_kept_.assign(L, nullptr), in_turn_.assign(L, nullptr);
+    std::vector<size_t> key{P, N, C, size_t(g_.v_trans)};
+    if (move_g_.gf && move_g_.key == key) return move_g_.gf;
+    ggml_context *ctx = begin(move_g_, key, 32 * L + 8);
+    ggml_cgraph *gf = move_g_.gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    in_kept_ = input(ctx, GGML_TYPE_I32, int64_t(C), int64_t(H), int64_t(L));  // kept: [L][H][C], as get_rows reads it
+    in_turn_ = input(ctx, GGML_TYPE_I32, int64_t(H * C), int64_t(L));
     for (size_t l = 0; l < L; ++l) {
-        in_kept_[l] = input(ctx, GGML_TYPE_I32, int64_t(C), int64_t(H));  // kept[l]: [H][C], as get_rows reads it
-        in_turn_[l] = input(ctx, GGML_TYPE_I32, int64_t(H * C));
+        ggml_tensor *kept = ggml_view_2d(ctx, in_kept_, int64_t(C), int64_t(H), in_kept_->nb[1], l * in_kept_->nb[2]);
+        ggml_tensor *turn = ggml_view_1d(ctx, in_turn_, int64_t(H * C), l * in_turn_->nb[1]);
         // Keys: gathered (into the graph's buffer, so no cell is overwritten before it is read), turned by
         // their new position minus the stored one, written to P..P+C.
-        ggml_tensor *k = ggml_get_rows(ctx, keys(ctx, l, P, N), in_kept_[l]);  // [D, C, H] f32
-        k = ggml_rope_ext(ctx, ggml_reshape_3d(ctx, k, int64_t(D), 1, int64_t(H * C)), in_turn_[l], nullptr,
+        ggml_tensor *k = ggml_get_rows(ctx, keys(ctx, l, P, N), kept);  // [D, C, H] f32
+        k = ggml_rope_ext(ctx, ggml_reshape_3d(ctx, k, int64_t(D), 1, int64_t(H * C)), turn, nullptr,
                           g_.n_rot, g_.rope_mode, g_.n_ctx_orig, g_.freq_base, g_.freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_reshape_3d(ctx, k, int64_t(D), int64_t(C), int64_t(H));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, k, keys(ctx, l, P, C)));
-        ggml_tensor *v = ggml_get_rows(ctx, values(ctx, l, P, N), in_kept_[l]);  // [Dv, C, H] f32
+        ggml_tensor *v = ggml_get_rows(ctx, values(ctx, l, P, N), kept);  // [Dv, C, H] f32
         ggml_tensor *dst;
         if (!g_.v_trans) {
             dst = values(ctx, l, P, C);
@@ -264,16 +286,16 @@ ggml_cgraph *GraphPass::build_move(size_t P, size_t N, size_t C) {
 void GraphPass::move(size_t P, size_t N, size_t C, const int32_t *kept, const int32_t *rot_pos, size_t M) {
     const size_t L = n_layer_, H = size_t(g_.n_head);
     ggml_cgraph *gf = build_move(P, N, C);
-    allocate(gf, move_alloc_);
-    stage_i_.resize(std::max(stage_i_.size(), H * C));
-    for (size_t l = 0; l < L; ++l) {
-        const int32_t *K = kept + l * H * C;
-        for (size_t h = 0; h < H; ++h)
+    allocate(move_g_, move_alloc_);
+    stage_turn_.resize(L * H * C);
+    for (size_t l = 0; l < L; ++l)
+        for (size_t h = 0; h < H; ++h) {
+            const int32_t *K = kept + (l * H + h) * C;
             for (size_t j = 0; j < C; ++j)
-                stage_i_[h * C + j] = int32_t(P + j) - rot_pos[(l * H + h) * M + size_t(K[h * C + j])];
-        ggml_backend_tensor_set(in_kept_[l], K, 0, H * C * sizeof(int32_t));
-        ggml_backend_tensor_set(in_turn_[l], stage_i_.data(), 0, H * C * sizeof(int32_t));
-    }
+                stage_turn_[(l * H + h) * C + j] = int32_t(P + j) - rot_pos[(l * H + h) * M + size_t(K[j])];
+        }
+    ggml_backend_tensor_set(in_kept_, kept, 0, ggml_nbytes(in_kept_));
+    ggml_backend_tensor_set(in_turn_, stage_turn_.data(), 0, ggml_nbytes(in_turn_));
     compute(gf, "move");
 }
 

@@ -70,15 +70,29 @@ class GraphPass {
 
     std::string backend_name() const;
     size_t compute_bytes() const;  // the backend's buffer the graphs ran in (device memory for a GPU)
+    size_t host_bytes() const;     // host memory the graphs' inputs and scores take (O(slots))
+    size_t builds() const { return builds_; }  // graphs built so far (the probe's included): reuse shows here
 
   private:
+    // A graph kept while the pass's shape (its key) stays the same: rebuilt, and its buffer allocated, only
+    // when the shape changes. Between passes of one memory the shape rarely does (N = |M| at every pass), so
+    // the graph's nodes stay where they are: a CUDA backend then replays the graph it captured instead of
+    // launching each kernel (its graphs are keyed by the first node, ggml-cuda.cu ggml_cuda_graph_get_key).
+    struct Built {
+        ggml_context *ctx = nullptr;  // the graph's tensors (metadata only: the allocator places their data)
+        ggml_cgraph *gf = nullptr;
+        std::vector<size_t> key;
+        bool allocated = false;
+    };
+
     GraphPass(const KVCapture &cap, const GraphGeometry &g, ggml_backend_t backend);
-    ggml_context *begin(size_t n_tensors);
+    ggml_context *begin(Built &b, std::vector<size_t> key, size_t n_tensors);
     ggml_cgraph *build_score(size_t P, size_t N, size_t p, size_t r_max);
     ggml_cgraph *build_move(size_t P, size_t N, size_t C);
-    void allocate(ggml_cgraph *gf, ggml_gallocr_t galloc);
+    void allocate(Built &b, ggml_gallocr_t galloc);
     void compute(ggml_cgraph *gf, const char *which);
-    ggml_tensor *input(ggml_context *ctx, ggml_type type, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1);
+    ggml_tensor *input(ggml_context *ctx, ggml_type type, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1,
+                       int64_t ne3 = 1);
     ggml_tensor *keys(ggml_context *ctx, size_t l, size_t first, size_t n) const;    // [D, n, H], permuted view
     ggml_tensor *values(ggml_context *ctx, size_t l, size_t first, size_t n) const;  // [Dv, n, H], view or copy
 
@@ -87,11 +101,16 @@ class GraphPass {
     size_t n_layer_;
     ggml_backend_t backend_ = nullptr;
     ggml_gallocr_t score_alloc_ = nullptr, move_alloc_ = nullptr;
-    ggml_context *ctx_ = nullptr;  // the last graph's tensors (metadata only; their data is in the allocators)
-    std::vector<ggml_tensor *> in_pos_, in_ridx_, in_rw_, in_pidx_, in_kept_, in_turn_;  // inputs, per layer
-    std::vector<ggml_tensor *> dot_, van_;  // the score graph's outputs, per layer
-    std::vector<int32_t> stage_i_;           // one layer's integer inputs on their way to the device
-    std::vector<float> stage_f_;             // one layer's weights on their way
+    Built score_g_, move_g_;
+    // Every layer's inputs in one tensor each (a layer reads a view), so a pass sets each once: one host to
+    // device copy per kind, not one per layer (each a synchronised copy on a GPU).
+    ggml_tensor *in_pos_ = nullptr, *in_ridx_ = nullptr, *in_rw_ = nullptr, *in_pidx_ = nullptr;  // score
+    ggml_tensor *in_kept_ = nullptr, *in_turn_ = nullptr;                                          // move
+    ggml_tensor *scores_ = nullptr;  // [N, H, L, 2] floats: every layer's TaR dots, then its VaN; one read
+    // Host side, O(slots) (never O(KV bytes)): the inputs on their way to the device, the scores back.
+    std::vector<int32_t> stage_pos_, stage_pidx_, stage_ridx_, stage_turn_;
+    std::vector<float> stage_rw_, scores_host_;
+    size_t builds_ = 0;
 };
 
 }  // namespace edge

@@ -142,6 +142,9 @@ class KVPass {
     std::string backend() const { return graph_ ? graph_->backend_name() : ""; }
     // The graph route's compute buffer (device memory on a GPU), 0 when it does not run.
     size_t device_bytes() const { return graph_ ? graph_->compute_bytes() : 0; }
+    // The graph route's host memory (its inputs and scores, O(slots)) and how many graphs it built so far.
+    size_t graph_host_bytes() const { return graph_ ? graph_->host_bytes() : 0; }
+    size_t graph_builds() const { return graph_ ? graph_->builds() : 0; }
     // Diagnostics: median ms of a copy of n_bytes within the backend the graph route runs on.
     double copy_ms(size_t n_bytes, int repeats) const;
     size_t state_bytes() const { return state_bytes_; }

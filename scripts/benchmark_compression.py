@@ -114,6 +114,8 @@ def main() -> None:
         "first_pass_ms": round(passes[0]["pass_ms"], 2),
         "native_buffers_mb": round(session.compressor.native.buffer_bytes / 2**20, 1),  # host copies of the state
         "graph_buffer_mb": round(session.compressor.native.device_bytes / 2**20, 1),  # the graphs' (device) buffer
+        "graph_host_mb": round(session.compressor.native.graph_host_bytes / 2**20, 2),  # their inputs and scores
+        "graph_builds": session.compressor.native.graph_builds,  # the probe's 4, then one per shape change
     }
     result = {
         "settings": {"model": model.config.model_path.name, "mmproj": args.mmproj.name, "budget": args.budget,

@@ -49,6 +49,10 @@ def test_the_graph_route_keeps_what_the_cpu_kernels_keep(case: tuple, variants: 
         assert graph.compressor.native.in_place_refusal() == ""
         assert len(kept["graph"]) == 5 and graph.compressor.last.path == "graph"
         assert graph.compressor.last.backend == "CPU" and cpu.compressor.last.path == "direct"
+        # the probe's two graphs per V layout, then each graph again only when a pass's shape changes
+        assert graph.compressor.native.graph_builds < 4 + 2 * 5, graph.compressor.native.graph_builds
+        # its host memory is O(slots): inputs and scores, a fraction of the KV bytes even at head_dim 16
+        assert 0 < graph.compressor.native.graph_host_bytes < graph.compressor.last.state_bytes / 2
         for a, b in zip(kept["cpu"], kept["graph"], strict=True):
             np.testing.assert_array_equal(a, b)
         assert graph.memory.next_pos == cpu.memory.next_pos
@@ -82,6 +86,7 @@ def test_on_a_gpu_the_graph_route_keeps_what_the_copy_keeps(case: tuple, variant
             copy.insert_frame(frame)
         assert graph.compressor.last.path == "graph" and graph.compressor.last.backend.startswith("CUDA")
         assert graph.compressor.native.buffer_bytes == 0  # no host copy of the state, ever
+        assert graph.compressor.native.graph_builds < 4 + 2 * 5  # kept while the shape stays: CUDA graphs replay
         assert copy.compressor.last.path == "portable"
         assert len(kept["graph"]) == 5
         for a, b in zip(kept["graph"], kept["copy"], strict=True):
