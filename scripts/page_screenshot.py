@@ -45,10 +45,14 @@ def start_server(argv: list[str], port: int, timeout: float = 120.0) -> subproce
     raise RuntimeError(f"the server did not answer in {timeout:g} s")
 
 
-def browser(size: tuple[int, int] = PHONE):
-    """Headless Chromium driven by selenium; Debian's chromium and chromium-driver (apt-get install)."""
+def browser(size: tuple[int, int] = PHONE, start_timeout: float = 30.0):
+    """Headless Chromium driven by selenium; Debian's chromium and chromium-driver (apt-get install).
+
+    chromedriver is started here and waited for up to `start_timeout` seconds (selenium's own Service gives
+    it a fixed ~30 s, which an emulated Arm machine needs more than); the driver's quit() stops it too.
+    """
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.remote.client_config import ClientConfig
 
     driver_path = shutil.which("chromedriver")
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -61,7 +65,40 @@ def browser(size: tuple[int, int] = PHONE):
         options.add_argument(flag)
     options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": size[0], "height": size[1],
                                                                          "pixelRatio": 2.0}})
-    return webdriver.Chrome(service=Service(driver_path), options=options)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([driver_path, f"--port={port}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + start_timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chromedriver exited with {proc.returncode} before it answered")
+        try:
+            if httpx.get(url + "/status", timeout=2).json()["value"]["ready"]:
+                break
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"chromedriver did not answer within {start_timeout:g} s")
+        time.sleep(0.2)
+    try:
+        driver = webdriver.Remote(command_executor=url, options=options,
+                                  client_config=ClientConfig(url, timeout=max(120, round(start_timeout))))
+    except Exception:
+        proc.kill()
+        raise
+    quit_session = driver.quit
+
+    def quit() -> None:  # the session, then the chromedriver this function started
+        try:
+            quit_session()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    driver.quit = quit
+    return driver
 
 
 def card(driver, stream: str, timeout: float = 60.0):

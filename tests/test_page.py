@@ -19,38 +19,40 @@ from scripts.page_screenshot import ask_on_page, browser, card, free_port, start
 def page() -> Iterator[object]:
     port = free_port()
     server = start_server(["--stream", "door=synthetic:7", "--realtime", "--fps", "4", "--budget", "256",
-                           "--threads", "2"], port)
-    driver = browser()
-    try:
+                           "--threads", "2"], port, timeout=wall_s(120))
+    driver = None
+    try:  # the server stops even when the browser does not start
+        driver = browser(start_timeout=wall_s(30))
         driver.get(f"http://127.0.0.1:{port}/")
         yield driver
     finally:
-        driver.quit()
+        if driver is not None:
+            driver.quit()
         server.terminate()
         server.wait(wall_s(60))
 
 
 def test_the_page_shows_the_stream_and_its_gauge_moves(page) -> None:
-    el = card(page, "door")
+    el = card(page, "door", timeout=wall_s(60))
     assert page.title == "edge-runtime"
     first = int(el.get_attribute("data-frames"))
-    WebDriverWait(page, 60).until(lambda d: int(el.get_attribute("data-frames")) > first + 3)
+    WebDriverWait(page, wall_s(60)).until(lambda d: int(el.get_attribute("data-frames")) > first + 3)
     tokens = el.find_element(By.CSS_SELECTOR, ".tokens").text
     assert tokens.endswith("/ 256 tokens"), tokens
     width = el.find_element(By.CSS_SELECTOR, ".gauge div").value_of_css_property("width")
     assert float(width.removesuffix("px")) > 0
     live = el.find_element(By.CSS_SELECTOR, "img.live")
-    WebDriverWait(page, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", live) > 0)
+    WebDriverWait(page, wall_s(30)).until(lambda d: d.execute_script("return arguments[0].naturalWidth", live) > 0)
 
 
 def test_a_question_typed_in_gets_its_streamed_answer(page) -> None:
-    answer = ask_on_page(page, "door", "What is in the scene?")
+    answer = ask_on_page(page, "door", "What is in the scene?", timeout=wall_s(120))
     assert answer.strip() and "error" not in answer, answer
     assert page.find_element(By.CSS_SELECTOR, ".chat .q").text == "Q: What is in the scene?"
 
 
 def test_the_strip_shows_the_frames_in_memory_after_a_pass(page) -> None:
-    el = card(page, "door")
+    el = card(page, "door", timeout=wall_s(60))
     deadline = time.monotonic() + wall_s(90)
     while time.monotonic() < deadline:
         # read in one go: the page redraws the strip every 5 s
