@@ -8,6 +8,7 @@ the answer streams in; the screenshot is what the README shows.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -50,21 +51,27 @@ def browser(size: tuple[int, int] = PHONE, start_timeout: float = 30.0):
 
     chromedriver is started here and waited for up to `start_timeout` seconds (selenium's own Service gives
     it a fixed ~30 s, which an emulated Arm machine needs more than); the driver's quit() stops it too.
+    With EDGE_TEST_WEBDRIVER set to a running chromedriver's URL, that one drives the browser instead:
+    scripts/arm64_suite.sh points it at the x86 host's, since Chromium does not run under qemu-user (the
+    page is then served by the emulated aarch64 server and shown by a host browser, as a phone shows a Pi's).
     """
     from selenium import webdriver
     from selenium.webdriver.remote.client_config import ClientConfig
 
-    driver_path = shutil.which("chromedriver")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not driver_path or not binary:
-        raise RuntimeError("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
     options = webdriver.ChromeOptions()
-    options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  f"--window-size={size[0]},{size[1]}", "--force-device-scale-factor=2"):
         options.add_argument(flag)
     options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": size[0], "height": size[1],
                                                                          "pixelRatio": 2.0}})
+    if remote := os.environ.get("EDGE_TEST_WEBDRIVER"):
+        return webdriver.Remote(command_executor=remote, options=options,
+                                client_config=ClientConfig(remote, timeout=max(120, round(start_timeout))))
+    driver_path = shutil.which("chromedriver")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not driver_path or not binary:
+        raise RuntimeError("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    options.binary_location = binary
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([driver_path, f"--port={port}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
