@@ -205,24 +205,32 @@ def select_tokens(
                 continue
             is_recent = np.isin(fr, recent)
             past = np.flatnonzero(~is_recent)  # ascending, so ties by position = ties by slot index
-
-            if use_tar and use_van:
-                s_tar = tar_scores(k_all[layer, head], pa, table, past)
-                protected = np.zeros(n_slots, dtype=bool)
-                protected[is_recent] = True
-                protected[past[tie_safe_topk(s_tar, n_tar)]] = True
-                final = van_scores(v_all[layer, head], fr, pa, nx, kernel)
-                final[protected] = np.inf
-                kept = tie_safe_topk(final, keep)
-            else:
-                if use_tar:
-                    s_past = tar_scores(k_all[layer, head], pa, table, past)
-                else:
-                    s_past = van_scores(v_all[layer, head], fr, pa, nx, kernel)[past]
-                chosen = past[tie_safe_topk(s_past, keep - n_recent)]
-                kept = np.concatenate([np.flatnonzero(is_recent), chosen])
-            out[layer, head] = np.sort(kept)
+            tar = np.full(n_slots, np.nan)
+            if use_tar:
+                tar[past] = tar_scores(k_all[layer, head], pa, table, past)
+            van = van_scores(v_all[layer, head], fr, pa, nx, kernel) if use_van else np.full(n_slots, np.nan)
+            out[layer, head] = choose_from_scores(tar, van, is_recent, keep, alpha, use_tar, use_van)
     return out
+
+
+def choose_from_scores(tar: NDArray[np.floating], van: NDArray[np.floating], is_recent: NDArray[np.bool_], keep: int,
+                       alpha: float, use_tar: bool, use_van: bool) -> NDArray[np.int64]:
+    """One (layer, head)'s choice from its scores [N] (TaR of the past slots, NaN on the recent ones; VaN of
+    all): the recent slots, then the floor(alpha * keep) - n_recent best TaR of the past, then the best VaN
+    of the rest (the full method); an ablation fills the budget from its one score. Sorted ascending."""
+    n_slots, past = is_recent.size, np.flatnonzero(~is_recent)
+    if keep == n_slots:
+        return np.arange(n_slots)
+    n_recent = int(is_recent.sum())
+    if use_tar and use_van:
+        protected = is_recent.copy()
+        protected[past[tie_safe_topk(tar[past], math.floor(alpha * keep) - n_recent)]] = True
+        final = np.where(protected, np.inf, van)
+        kept = tie_safe_topk(final, keep)
+    else:
+        s_past = tar[past] if use_tar else van[past]
+        kept = np.concatenate([np.flatnonzero(is_recent), past[tie_safe_topk(s_past, keep - n_recent)]])
+    return np.sort(kept)
 
 
 def rope_rotate(

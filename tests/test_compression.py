@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -48,6 +49,19 @@ def open_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object)
     return VisionLanguageModel(ModelConfig(variants[model], variants[mmproj], n_threads=2, **kw))
 
 
+def gpu_tar_atol(pos_max: int) -> float:
+    """How far a GPU's TaR may lie from the reference's, keys stored at positions up to pos_max.
+
+    ggml-cuda is compiled with -use_fast_math (ggml/src/ggml-cuda/CMakeLists.txt, the CUDA_FLAGS of the pinned
+    llama.cpp), so rope.cu's theta = pos * powf(theta_scale, i / 2) and its cosf/sinf become the fast
+    intrinsics: a key is stored turned by its angle plus an error that grows with the position, about
+    pos * 2^-20 radians. The graph route un-rotates with the same device RoPE, so that error cancels there;
+    the reference un-rotates with exact angles and keeps it. A cosine of two unit keys moves by at most the
+    sum of their two residual turns: 2 * pos * 2^-20, given a margin of 2. The CPU backend rounds its float
+    angles to about pos * 2^-24, the same on both sides of the CPU routes, which the reference matches exactly."""
+    return 1e-3 + pos_max * 2.0**-18
+
+
 class CheckedInfiniPotV(InfiniPotV):
     """InfiniPot-V that checks every selection against the NumPy reference and keeps what it saw.
 
@@ -87,23 +101,39 @@ class CheckedInfiniPotV(InfiniPotV):
         recent = sorted({int(f) for f in frame[0, 0] if f >= seen["oldest"]})
         expected = ref.select_tokens(unrotated, values, frame, patch, seen["grid"], recent, keep, alpha=self.alpha,
                                      pool=self.pool, use_tar=self.use_tar, use_van=self.use_van)
-        np.testing.assert_array_equal(kept, expected)
-        self.check_recorded_scores(kv.scores(), unrotated, values, frame, patch, recent, seen["grid"])
-        self.seen.append({"keys": keys, "values": values, "kept": kept, "rot_pos": rot_pos})
+        tar, van = kv.scores()
+        # The choice from the scores the pass computed is the reference's, exactly, on every route and backend.
+        for layer, head in np.ndindex(frame.shape[:2]):
+            np.testing.assert_array_equal(kept[layer, head], ref.choose_from_scores(
+                tar[layer, head], van[layer, head], frame[layer, head] >= recent[0], keep, self.alpha, self.use_tar,
+                self.use_van), err_msg=f"layer {layer}, head {head}: not the choice from the pass's own scores")
+        on_device = kv.path == "graph" and kv.backend != "CPU"
+        tar_atol = gpu_tar_atol(int(rot_pos.max())) if on_device else 1e-3
+        self.check_recorded_scores((tar, van), unrotated, values, frame, patch, recent, seen["grid"], tar_atol)
+        overlap = float(np.mean([np.isin(kept[i], expected[i]).mean() for i in np.ndindex(kept.shape[:2])]))
+        if on_device:  # scores within the bound; the reference's kept set may differ where two were that close
+            logging.getLogger(__name__).info("pass %d on %s: %.4f of the kept slots are the reference's",
+                                             len(self.seen) + 1, kv.backend, overlap)
+        else:
+            np.testing.assert_array_equal(kept, expected)
+        self.seen.append({"keys": keys, "values": values, "kept": kept, "rot_pos": rot_pos, "overlap": overlap})
 
     def check_recorded_scores(self, scores: tuple[np.ndarray, np.ndarray], keys: np.ndarray, values: np.ndarray,
-                              frame: np.ndarray, patch: np.ndarray, recent: list[int], grid: tuple[int, int]) -> None:
+                              frame: np.ndarray, patch: np.ndarray, recent: list[int], grid: tuple[int, int],
+                              tar_atol: float = 1e-3) -> None:
         """The scores the pass records for diagnostics (scripts/retention.py) are the reference's, NaN where
-        the policy computes none."""
+        the policy computes none; TaR within tar_atol (gpu_tar_atol on a GPU's graph route)."""
         tar, van = scores
+        max_dev = 0.0
         n_layer, (nx, ny) = frame.shape[0], grid
         for layer, head in np.ndindex(frame.shape[:2]):
             fr, pa = frame[layer, head], patch[layer, head]
             past = np.flatnonzero(fr < recent[0])
             if self.use_tar:
                 table = ref.recent_slot_table(fr, pa, recent, nx * ny)
-                np.testing.assert_allclose(tar[layer, head, past], ref.tar_scores(keys[layer, head], pa, table, past),
-                                           rtol=1e-3, atol=1e-3)
+                want = ref.tar_scores(keys[layer, head], pa, table, past)
+                max_dev = max(max_dev, float(np.abs(tar[layer, head, past] - want).max(initial=0.0)))
+                np.testing.assert_allclose(tar[layer, head, past], want, rtol=1e-3, atol=tar_atol)
                 assert np.isnan(tar[layer, head, fr >= recent[0]]).all()
             else:
                 assert np.isnan(tar[layer, head]).all()
@@ -113,6 +143,7 @@ class CheckedInfiniPotV(InfiniPotV):
                                            rtol=1e-3)
             else:
                 assert np.isnan(van[layer, head]).all()
+        logging.getLogger(__name__).info("TaR: max |pass - reference| %.2e (bound %.2e)", max_dev, tar_atol)
 
 
 CASES = [  # model, projector, flash attention (off: transposed V), positions, cache type, (tar, van, pool)

@@ -1,5 +1,6 @@
 """The graph route of the in-place pass (native/graph_pass.cpp: ggml graphs on the backend that owns the KV
-tensors, what a GPU cache takes) against the CPU kernels, both run here on the CPU backend.
+tensors, what a GPU cache takes) against the CPU kernels, both run here on the CPU backend; on a GPU build, the
+graph route on the device against the reference (the last test).
 
 The two routes score with the same formulas on the same bytes and the selection is the same native code, so
 they must keep the same slots in every pass; the re-rotated keys differ only by the rounding of ggml's RoPE
@@ -8,14 +9,16 @@ against the pass's tables (and the values of later frames by that rounding carri
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import pytest
-from test_compression import open_model, variants  # noqa: F401 - variants is a fixture
+from test_compression import N_CTX, CheckedInfiniPotV, open_model, variants  # noqa: F401 - variants is a fixture
 from test_direct_pass import make_session, open_host_model, tokens_per_frame
 
+from edge_runtime.session import Session, SessionConfig
 from edge_runtime.sources import SyntheticSource
 
 CASES = [  # model, projector, flash attention (off: transposed V), cache type, policy
@@ -70,17 +73,23 @@ GPU_CASES = [("llama-3x4", "mmproj-6x6", "on"), ("llama-2x2", "mmproj-4x4", "off
 
 @pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="needs a GPU build of llama.cpp")
 @pytest.mark.parametrize("case", GPU_CASES, ids=["-".join(c) for c in GPU_CASES])
-def test_on_a_gpu_the_graph_route_keeps_what_the_copy_keeps(case: tuple, variants: dict[str, Path]) -> None:  # noqa: F811
-    """The cache on the GPU: the graph route (in place, on the device) against the portable pass (the state
-    copied to the host and scored by the CPU kernels) on the same model and frames."""
+def test_on_a_gpu_the_graph_route_chooses_as_the_reference_does(case: tuple, variants: dict[str, Path]) -> None:  # noqa: F811
+    """The cache on the GPU: the graph route (in place, on the device) checked pass by pass against the NumPy
+    reference on its own cache (CheckedInfiniPotV: the choice from its scores exactly the reference's, the
+    scores within gpu_tar_atol), beside the portable pass (the state copied to the host, scored by the CPU
+    kernels), which must match the reference exactly. The two caches start alike, but once a near tie falls
+    the other way they hold different tokens: their kept sets are compared by overlap, in the first pass."""
     model_name, mmproj, flash_attn = case
     with open_model(variants, model_name, mmproj, flash_attn=flash_attn) as m_graph, \
             open_model(variants, model_name, mmproj, flash_attn=flash_attn) as m_copy:
         p = tokens_per_frame(m_graph)
-        graph, copy = make_session(m_graph, "infinipot-v", True, p), make_session(m_copy, "infinipot-v", False, p)
-        kept: dict[str, list[np.ndarray]] = {"graph": [], "copy": []}
-        for name, s in (("graph", graph), ("copy", copy)):
-            s.compressor.on_pass.append(lambda kv, memory, result, name=name: kept[name].append(result["kept"]))
+        sessions, checked = {}, {}
+        for name, model, direct in (("graph", m_graph, True), ("copy", m_copy, False)):
+            checked[name] = CheckedInfiniPotV(pool=True)
+            sessions[name] = Session(model, SessionConfig(n_ctx=N_CTX, budget=16 * p, question_room=128,
+                                                          max_answer_tokens=4, direct_pass=direct), checked[name])
+            checked[name].attach(sessions[name])
+        graph, copy = sessions["graph"], sessions["copy"]
         for frame in SyntheticSource(seed=11, n_frames=16 + 4 * 5):
             graph.insert_frame(frame)
             copy.insert_frame(frame)
@@ -88,7 +97,9 @@ def test_on_a_gpu_the_graph_route_keeps_what_the_copy_keeps(case: tuple, variant
         assert graph.compressor.native.buffer_bytes == 0  # no host copy of the state, ever
         assert graph.compressor.native.graph_builds < 4 + 2 * 5  # kept while the shape stays: CUDA graphs replay
         assert copy.compressor.last.path == "portable"
-        assert len(kept["graph"]) == 5
-        for a, b in zip(kept["graph"], kept["copy"], strict=True):
-            np.testing.assert_array_equal(a, b)
-        assert graph.ask("What moved?").text == copy.ask("What moved?").text
+        assert len(checked["graph"].seen) == len(checked["copy"].seen) == 5
+        first_g, first_c = checked["graph"].seen[0]["kept"], checked["copy"].seen[0]["kept"]
+        overlap = np.mean([np.isin(first_g[i], first_c[i]).mean() for i in np.ndindex(first_g.shape[:2])])
+        logging.getLogger(__name__).info("first pass: %.4f of the graph route's kept slots are the copy's", overlap)
+        assert overlap >= 0.95, overlap
+        assert graph.ask("What moved?").text and copy.ask("What moved?").text
