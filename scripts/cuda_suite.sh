@@ -38,7 +38,7 @@ kit() {  # on a machine that reaches PyPI; the parts keep each transfer to the G
     local tmp
     tmp="$(mktemp -d)"
     mkdir -p "$KIT/whl"
-    "$PY" -m pip download -q --no-deps --no-build-isolation --no-binary llama-cpp-python -d "$tmp" llama-cpp-python==0.3.36
+    "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$tmp" llama-cpp-python==0.3.36
     tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     local src
     src="$(basename "$tmp"/llama_cpp_python-*/)"
