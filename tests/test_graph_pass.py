@@ -102,4 +102,7 @@ def test_on_a_gpu_the_graph_route_chooses_as_the_reference_does(case: tuple, var
         overlap = np.mean([np.isin(first_g[i], first_c[i]).mean() for i in np.ndindex(first_g.shape[:2])])
         logging.getLogger(__name__).info("first pass: %.4f of the graph route's kept slots are the copy's", overlap)
         assert overlap >= 0.95, overlap
-        assert graph.ask("What moved?").text and copy.ask("What moved?").text
+        for session in (graph, copy):  # the memory the passes left answers (a tiny random model may stop at once)
+            answer = session.ask("What moved?")
+            assert answer.video_tokens == session.status().video_tokens > 0
+            assert np.isfinite(session.context.logits()).all()
