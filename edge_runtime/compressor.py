@@ -59,6 +59,7 @@ class PassReport:
     state_bytes: int  # of the sequence's state when the pass read it
     kept: int  # |C|
     backend: str = ""  # the graph route's ggml backend (CUDA0, Vulkan0, Metal, CPU), "" for the other paths
+    score_ms: float = 0.0  # of select_ms, the graph route's scoring on that backend (0 on the other paths)
 
 
 class Compressor:
@@ -129,7 +130,7 @@ class Compressor:
         memory.apply_pass(result["kept"], result["new_pos"], reindex)
         self.last = PassReport(path=result["path"], read_ms=result["read_ms"], select_ms=result["select_ms"],
                                apply_ms=result["apply_ms"], state_bytes=result["state_bytes"], kept=keep,
-                               backend=result["backend"])
+                               backend=result["backend"], score_ms=result["score_ms"])
         for f in self.on_pass:
             f(kv, memory, result)
         return self.last

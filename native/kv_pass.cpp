@@ -147,6 +147,7 @@ py::dict KVPass::compress(const I32Array &frame, const I32Array &patch, const I3
         return std::chrono::duration<double, std::milli>(b - a).count();
     };
     const auto t0 = clock::now();
+    score_ms_ = 0;
     std::string fallback;
     bool direct = false;
     if (in_place_ && reindex && capture_) {
@@ -217,6 +218,7 @@ py::dict KVPass::compress(const I32Array &frame, const I32Array &patch, const I3
     out["fallback"] = fallback;  // why the in-place pass copied this time ("" when it did not have to)
     out["read_ms"] = ms(t0, t1);
     out["select_ms"] = ms(t1, t2);
+    out["score_ms"] = score_ms_;  // the part of select_ms the graph route spends scoring on the device
     out["apply_ms"] = ms(t2, t3);
     out["state_bytes"] = state_bytes_;
     out["per_head"] = per_head;
@@ -480,7 +482,9 @@ I32Array KVPass::select(const I32Array &slot_frame, const I32Array &slot_patch, 
             ScoreInputs in;
             in.P = size_t(n_prefix_), in.N = N, in.M = M, in.p = p;
             in.frame = F, in.patch = P, in.rot_pos = R, in.marks = marks_.data(), in.recent = recent_.data();
-            graph_->score(in);
+            const auto t = std::chrono::steady_clock::now();
+            graph_->score(in);  // synchronous: ggml_backend_graph_compute waits for the backend
+            score_ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
         }
         for_layers(L, scratch_, [&](size_t l, Scratch &S) {
             int32_t *kept = o + l * H * size_t(keep);

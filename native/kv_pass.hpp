@@ -265,6 +265,7 @@ class KVPass {
     std::vector<uint8_t> fp_;
     bool plan_ = false, moved_ = false;  // plan_in_place() armed; select() moved the cells already
     size_t moved_keep_ = 0;
+    double score_ms_ = 0;  // the graph route's score graph, device to host included (inside select_ms)
     std::vector<int32_t> moved_kept_;
     // this pass, either path
     bool direct_ = false, v_trans_ = false;

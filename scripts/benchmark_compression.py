@@ -103,6 +103,7 @@ def main() -> None:
         "pass_ms_median": round(statistics.median(q["pass_ms"] for q in warm), 2),
         "read_ms_median": round(statistics.median(q["read_ms"] for q in warm), 2),
         "select_ms_median": round(statistics.median(q["select_ms"] for q in warm), 2),
+        "score_ms_median": round(statistics.median(q["score_ms"] for q in warm), 2),  # of select: on the backend
         "apply_ms_median": round(statistics.median(q["apply_ms"] for q in warm), 2),
         "memcpy_ms_median": round(statistics.median(q["memcpy_ms"] for q in warm), 4),
         "state_mb": round(warm[0]["state_bytes"] / 2**20, 1),

@@ -231,6 +231,7 @@ def test_another_lora_or_none_is_refused(tmp_path: Path) -> None:
     cfg = SessionConfig(n_ctx=1024, budget=256, question_room=128)
     for i, adapter in enumerate((lora, None, other)):
         model = VisionLanguageModel(ModelConfig(text, mmproj, lora_path=adapter, n_threads=2))
+        session = None
         try:
             session = Session(model, cfg, InfiniPotV())
             if i == 0:
@@ -243,9 +244,11 @@ def test_another_lora_or_none_is_refused(tmp_path: Path) -> None:
             expected = "with a LoRA" if adapter is None else "with another LoRA (sha256 "
             assert expected in str(refused.value) and "\n" not in str(refused.value)
             assert files_of(ckpt) == files
-            session.close()
-        finally:
+        finally:  # each memory before its model, and nothing of one model left when the next one loads
+            if session is not None:
+                session.close()
             model.close()
+            del session, model
 
 
 # -- damage ---------------------------------------------------------------------------------------------
