@@ -75,7 +75,7 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
     gpu_source = None  # what the samples cover (gpu_mb)
     gpu_every = max(1, args.frames // 100)
     pass_paths: set[str] = set()  # direct, graph or portable (see compressor.PassReport)
-    stopped_at = None
+    stopped_at = cut_at = None
     t_start = time.perf_counter()
     label = f"{policy}@{budget}" if budget else policy
     source = SyntheticSource(seed=args.seed, fps=args.fps, n_frames=args.frames, size=FRAME_SIZE)
@@ -101,6 +101,9 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
         if session.frames_seen % gpu_every == 0 and (used := gpu_mb()) is not None:
             gpu.append([session.frames_seen, used[0]])
             gpu_source = used[1]
+        if args.max_wall_s and time.perf_counter() - t_start > args.max_wall_s:
+            cut_at = session.frames_seen  # out of time (a lent GPU's minutes): report what was measured
+            break
     wall_s = time.perf_counter() - t_start
     frames = session.frames_seen
     ingest = [p + e + d for p, e, d in zip(series["prepare_ms"], series["encode_ms"], series["decode_ms"],
@@ -116,6 +119,7 @@ def run_one(args: argparse.Namespace, policy: str, budget: int | None, position:
     summary = {
         "frames": frames,
         "stopped_at_frame": stopped_at,
+        "cut_at_frame": cut_at,  # --max-wall-s ended the stream here (None: it ran to the end)
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_growth_after_minute_5": (round(max(rss_after_5) / rss_after_5[0] - 1, 4) if rss_after_5 else None),
         "rss_mb_after_minute_5": [min(rss_after_5), max(rss_after_5)] if rss_after_5 else None,
@@ -184,6 +188,8 @@ def main() -> int:
     p.add_argument("--ask-every", type=int, metavar="FRAMES", help="ask the question every FRAMES frames "
                    "(default: every tenth of the stream)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-wall-s", type=float, default=0, metavar="SECONDS",
+                   help="end each run's stream after this long and report it as cut there (default: no limit)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "memory.json")
     p.add_argument("--one", metavar="POLICY@BUDGET", help=argparse.SUPPRESS)  # a child process: one run
     p.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)
@@ -199,7 +205,8 @@ def main() -> int:
         part = args.out.with_suffix(f".part{i}.json")
         cmd = [sys.executable, __file__, "--one", spec, "--position", "0", "--model", str(args.model),
                "--mmproj", str(args.mmproj), "--frames", str(args.frames), "--fps", str(args.fps),
-               "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(part)]
+               "--threads", str(args.threads), "--seed", str(args.seed), "--max-wall-s", str(args.max_wall_s),
+               "--out", str(part)]
         if args.ask_every:
             cmd += ["--ask-every", str(args.ask_every)]
         subprocess.run(cmd, check=True)  # one process per run: its peak RSS is its own

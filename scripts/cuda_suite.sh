@@ -22,7 +22,8 @@
 #   bench   the import order, ingest against plain llama.cpp, the pass on the GPU -> $RESULTS
 #   long    a 36,000-frame stream (ten hours at 1 frame/s) under a 4096-token cap: GPU memory, RSS, tokens
 #   recall  the recall benchmark's held-out streams (full, InfiniPot-V and uniform at 1/8)
-# Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS, SUITE_LOG (suite.log).
+# Settings (environment): CUDA_KIT, CUDA_PYTHON (python3), CUDA_WORK (/tmp/cuda), CUDA_ARCH (90), RESULTS (results/gpu), PYTEST_ARGS, SUITE_LOG (suite.log),
+#   LONG_MAX_S (long: end the stream after this many seconds, reported as cut; 0: none).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -139,7 +140,7 @@ long() {  # ten hours of 1 frame/s video, capped at 4096 video tokens, a questio
     cd "$REPO"
     "$PY" -m scripts.make_fixtures >/dev/null
     "$PY" -m scripts.benchmark_memory --frames 36000 --runs infinipot-v@4096 --ask-every 3600 \
-        --out "$RESULTS/memory_10h.json"
+        --max-wall-s "${LONG_MAX_S:-0}" --out "$RESULTS/memory_10h.json"
 }
 
 recall() {  # the held-out 120-frame streams, as results/recall_120.json ran them on the CPU (budget 1/8)
