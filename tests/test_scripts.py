@@ -43,7 +43,7 @@ def test_memory_benchmark_compares_policies(fixtures: dict[str, Path], tmp_path:
 def test_a_memory_run_out_of_time_reports_where_it_was_cut(fixtures: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     run_script("benchmark_memory", *tiny(fixtures), "--frames", "100000", "--runs", "infinipot-v@128",
-               "--max-wall-s", "3", "--out", str(out))
+               "--max-wall-s", str(wall_s(3)), "--out", str(out))
     summary = json.loads(out.read_text())["runs"][0]["summary"]
     assert 0 < summary["cut_at_frame"] == summary["frames"] < 100000 and summary["stopped_at_frame"] is None
     assert summary["passes"] > 0 and summary["video_tokens_after_first_pass"][1] <= 128
